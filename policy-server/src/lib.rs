@@ -1,0 +1,1 @@
+//! Arbiter policy server (placeholder until the server lands).

@@ -1,0 +1,1 @@
+//! Arbiter end-to-end harness (placeholder until the harness lands).
