@@ -1,0 +1,217 @@
+//! Builds the `envoy.service.auth.v3.CheckRequest` the filter sends: the same message
+//! Envoy's native ext_authz sends, so any ext_authz server can answer it.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use prost::Message;
+
+use arbiter_proto::envoy::config::core::v3::{address, socket_address, Address, SocketAddress};
+use arbiter_proto::envoy::service::auth::v3::{attribute_context, AttributeContext, CheckRequest};
+
+use crate::route::ROUTE_CONTEXT_KEY;
+
+/// Prefix of the headers only Arbiter may set; client-sent ones are removed first.
+pub const RESERVED_HEADER_PREFIX: &str = "x-arbiter-";
+
+/// What the filter knows about one request, read from the host once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestInfo {
+    /// Request headers after the reserved ones were stripped (names lowercase,
+    /// pseudo-headers included as Envoy's ext_authz does).
+    pub headers: Vec<(String, String)>,
+    /// Envoy route name (empty when unnamed).
+    pub route_name: String,
+    /// Downstream peer `ip:port`.
+    pub source_address: Option<String>,
+    /// Local `ip:port` the request arrived on.
+    pub destination_address: Option<String>,
+    /// mTLS peer principal (URI SAN, e.g. a SPIFFE ID).
+    pub peer_principal: Option<String>,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub protocol: Option<String>,
+}
+
+impl RequestInfo {
+    /// First value of a header (names are lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// True for header names a client may not send (`x-arbiter-*`, any case).
+pub fn is_reserved_header(name: &str) -> bool {
+    name.len() >= RESERVED_HEADER_PREFIX.len()
+        && name.as_bytes()[..RESERVED_HEADER_PREFIX.len()]
+            .eq_ignore_ascii_case(RESERVED_HEADER_PREFIX.as_bytes())
+}
+
+/// Encodes the CheckRequest for `info` on a route with `context`.
+pub fn encode_check_request(
+    info: &RequestInfo,
+    context: &[(String, String)],
+    now: SystemTime,
+) -> Vec<u8> {
+    build_check_request(info, context, now).encode_to_vec()
+}
+
+/// Builds the CheckRequest for `info` on a route with `context`.
+pub fn build_check_request(
+    info: &RequestInfo,
+    context: &[(String, String)],
+    now: SystemTime,
+) -> CheckRequest {
+    let mut headers: HashMap<String, String> = HashMap::with_capacity(info.headers.len());
+    for (k, v) in &info.headers {
+        // Repeated headers are joined with a comma, as Envoy's ext_authz does.
+        headers
+            .entry(k.clone())
+            .and_modify(|existing| {
+                existing.push(',');
+                existing.push_str(v);
+            })
+            .or_insert_with(|| v.clone());
+    }
+    let get = |name: &str| info.header(name).unwrap_or_default().to_owned();
+
+    let mut context_extensions: HashMap<String, String> = context.iter().cloned().collect();
+    context_extensions.insert(ROUTE_CONTEXT_KEY.to_owned(), info.route_name.clone());
+
+    let http = attribute_context::HttpRequest {
+        id: get("x-request-id"),
+        method: get(":method"),
+        path: get(":path"),
+        host: get(":authority"),
+        scheme: get(":scheme"),
+        protocol: info.protocol.clone().unwrap_or_default(),
+        // No body is sent on this path; -1 matches ext_authz for "unknown".
+        size: info
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1),
+        headers,
+        ..Default::default()
+    };
+
+    let time = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| prost_types::Timestamp {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        });
+
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(attribute_context::Peer {
+                address: info.source_address.as_deref().and_then(socket_address),
+                principal: info.peer_principal.clone().unwrap_or_default(),
+                ..Default::default()
+            }),
+            destination: Some(attribute_context::Peer {
+                address: info.destination_address.as_deref().and_then(socket_address),
+                ..Default::default()
+            }),
+            request: Some(attribute_context::Request {
+                time,
+                http: Some(http),
+            }),
+            context_extensions,
+            ..Default::default()
+        }),
+    }
+}
+
+/// `ip:port` / `[v6]:port` → `Address`; anything else (a pipe, nonsense) → none.
+fn socket_address(s: &str) -> Option<Address> {
+    let addr: std::net::SocketAddr = s.parse().ok()?;
+    Some(Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                addr.port(),
+            ))),
+            ..Default::default()
+        })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> RequestInfo {
+        RequestInfo {
+            headers: vec![
+                (":method".into(), "POST".into()),
+                (":path".into(), "/v1/chat/completions?x=1".into()),
+                (":authority".into(), "llm.local".into()),
+                (":scheme".into(), "http".into()),
+                ("x-request-id".into(), "rid-1".into()),
+                ("accept".into(), "a".into()),
+                ("accept".into(), "b".into()),
+            ],
+            route_name: "chat".into(),
+            source_address: Some("127.0.0.1:4567".into()),
+            destination_address: Some("[::1]:10000".into()),
+            peer_principal: Some("spiffe://mesh/ns/a/sa/b".into()),
+            protocol: Some("HTTP/1.1".into()),
+        }
+    }
+
+    #[test]
+    fn maps_request_like_native_ext_authz() {
+        let req = build_check_request(
+            &info(),
+            &[("classification".into(), "regulated".into())],
+            SystemTime::UNIX_EPOCH,
+        );
+        let a = req.attributes.unwrap();
+        let http = a.request.unwrap().http.unwrap();
+        assert_eq!(http.method, "POST");
+        assert_eq!(http.path, "/v1/chat/completions?x=1");
+        assert_eq!(http.host, "llm.local");
+        assert_eq!(http.scheme, "http");
+        assert_eq!(http.id, "rid-1");
+        assert_eq!(http.protocol, "HTTP/1.1");
+        assert_eq!(http.size, -1);
+        assert_eq!(http.headers["accept"], "a,b");
+        assert_eq!(a.context_extensions["route"], "chat");
+        assert_eq!(a.context_extensions["classification"], "regulated");
+        let src = a.source.unwrap();
+        assert_eq!(src.principal, "spiffe://mesh/ns/a/sa/b");
+        let Some(address::Address::SocketAddress(sa)) = src.address.unwrap().address else {
+            panic!("no socket address")
+        };
+        assert_eq!(sa.address, "127.0.0.1");
+        assert_eq!(sa.port_specifier, Some(socket_address::PortSpecifier::PortValue(4567)));
+        let Some(address::Address::SocketAddress(dst)) =
+            a.destination.unwrap().address.unwrap().address
+        else {
+            panic!("no destination")
+        };
+        assert_eq!(dst.address, "::1");
+    }
+
+    #[test]
+    fn missing_optional_parts_stay_empty() {
+        let info = RequestInfo {
+            source_address: Some("not an address".into()),
+            ..RequestInfo::default()
+        };
+        let a = build_check_request(&info, &[], SystemTime::UNIX_EPOCH).attributes.unwrap();
+        assert!(a.source.unwrap().address.is_none());
+        assert_eq!(a.context_extensions["route"], "");
+    }
+
+    #[test]
+    fn reserved_headers() {
+        assert!(is_reserved_header("x-arbiter-fail-open"));
+        assert!(is_reserved_header("X-Arbiter-Anything"));
+        assert!(!is_reserved_header("x-arbite"));
+        assert!(!is_reserved_header("x-request-id"));
+    }
+}
