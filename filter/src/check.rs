@@ -187,7 +187,10 @@ mod tests {
             panic!("no socket address")
         };
         assert_eq!(sa.address, "127.0.0.1");
-        assert_eq!(sa.port_specifier, Some(socket_address::PortSpecifier::PortValue(4567)));
+        assert_eq!(
+            sa.port_specifier,
+            Some(socket_address::PortSpecifier::PortValue(4567))
+        );
         let Some(address::Address::SocketAddress(dst)) =
             a.destination.unwrap().address.unwrap().address
         else {
@@ -202,7 +205,9 @@ mod tests {
             source_address: Some("not an address".into()),
             ..RequestInfo::default()
         };
-        let a = build_check_request(&info, &[], SystemTime::UNIX_EPOCH).attributes.unwrap();
+        let a = build_check_request(&info, &[], SystemTime::UNIX_EPOCH)
+            .attributes
+            .unwrap();
         assert!(a.source.unwrap().address.is_none());
         assert_eq!(a.context_extensions["route"], "");
     }

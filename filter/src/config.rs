@@ -83,8 +83,8 @@ const KNOWN_FIELDS: &[&str] = &[
 impl FilterConfig {
     /// Parses and validates the plugin configuration bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let value: Value = serde_json::from_slice(bytes)
-            .map_err(|e| ConfigError::NotAnObject(format!("{e}")))?;
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::NotAnObject(format!("{e}")))?;
         let Value::Object(map) = value else {
             return Err(ConfigError::NotAnObject(format!(
                 "expected an object like {{\"policy_cluster\": \"arbiter_policy\"}}, got `{value}`"
@@ -177,9 +177,8 @@ impl FilterConfig {
 
 /// Accepts a whole number of milliseconds in `1..=MAX_TIMEOUT_MS`.
 pub(crate) fn timeout_ms(v: &Value) -> Result<u64, String> {
-    let n = whole_number(v).ok_or_else(|| {
-        format!("`timeout_ms` must be a whole number of milliseconds, got `{v}`")
-    })?;
+    let n = whole_number(v)
+        .ok_or_else(|| format!("`timeout_ms` must be a whole number of milliseconds, got `{v}`"))?;
     if !(1..=MAX_TIMEOUT_MS as i64).contains(&n) {
         return Err(format!(
             "`timeout_ms` must be between 1 and {MAX_TIMEOUT_MS}, got `{n}`"

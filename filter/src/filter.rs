@@ -50,7 +50,12 @@ impl Shared {
     }
 
     /// Parses (or recalls) the settings for `metadata`, logging problems once.
-    fn route(&self, host: &dyn Host, route_name: &str, metadata: Option<Vec<u8>>) -> Rc<CachedRoute> {
+    fn route(
+        &self,
+        host: &dyn Host,
+        route_name: &str,
+        metadata: Option<Vec<u8>>,
+    ) -> Rc<CachedRoute> {
         let key = metadata.unwrap_or_default();
         if let Some(hit) = self.routes.borrow().get(&key) {
             return Rc::clone(hit);
@@ -144,7 +149,9 @@ impl<H: Host> Filter<H> {
             }
         }
 
-        let route_name = self.string_property(&["xds", "route_name"]).unwrap_or_default();
+        let route_name = self
+            .string_property(&["xds", "route_name"])
+            .unwrap_or_default();
         let metadata = self.host.property(&["xds", "route_metadata"]);
         let cached = self.shared.route(&self.host, &route_name, metadata);
         let now = self.host.now();
@@ -178,14 +185,23 @@ impl<H: Host> Filter<H> {
             return Flow::Continue;
         }
         if route.refuse_without_check {
-            return self.no_decision(Reason::InvalidRouteConfig, &route, &info.route_name, &request_id);
+            return self.no_decision(
+                Reason::InvalidRouteConfig,
+                &route,
+                &info.route_name,
+                &request_id,
+            );
         }
 
         let message = encode_check_request(&info, &cached.settings.context, now);
         let metadata: [(&str, &[u8]); 1] = [("x-request-id", request_id.as_bytes())];
         match self.host.dispatch_check(
             &self.shared.config.policy_cluster,
-            if request_id.is_empty() { &[] } else { &metadata },
+            if request_id.is_empty() {
+                &[]
+            } else {
+                &metadata
+            },
             &message,
             route.timeout,
         ) {
@@ -224,8 +240,12 @@ impl<H: Host> Filter<H> {
             return Flow::Continue;
         }
         let started = *started;
-        let State::Waiting { route, route_name, request_id, .. } =
-            std::mem::replace(&mut self.state, State::Done)
+        let State::Waiting {
+            route,
+            route_name,
+            request_id,
+            ..
+        } = std::mem::replace(&mut self.state, State::Done)
         else {
             return Flow::Continue;
         };
@@ -235,7 +255,8 @@ impl<H: Host> Filter<H> {
 
         let verdict = if status_code != 0 {
             let message = self.host.grpc_status_message();
-            let reason = outcome::classify_failure(status_code, message.as_deref(), elapsed, route.timeout);
+            let reason =
+                outcome::classify_failure(status_code, message.as_deref(), elapsed, route.timeout);
             self.host.log(
                 Level::Debug,
                 &format!(
@@ -254,7 +275,12 @@ impl<H: Host> Filter<H> {
         };
 
         let flow = match verdict {
-            Verdict::Allow { headers, remove, response_headers, policy_version } => {
+            Verdict::Allow {
+                headers,
+                remove,
+                response_headers,
+                policy_version,
+            } => {
                 for name in &remove {
                     self.host.remove_request_header(name);
                 }
@@ -270,15 +296,24 @@ impl<H: Host> Filter<H> {
                 self.finish(Outcome::Allow, None);
                 Flow::Continue
             }
-            Verdict::Deny { status, headers, body, policy_version } => {
+            Verdict::Deny {
+                status,
+                headers,
+                body,
+                policy_version,
+            } => {
                 self.remember_version(policy_version);
                 self.finish(Outcome::Deny, None);
-                let headers: Vec<(&str, &str)> =
-                    headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
                 self.host.send_local_response(status, &headers, &body);
                 Flow::Pause
             }
-            Verdict::NoDecision(reason) => self.no_decision(reason, &route, &route_name, &request_id),
+            Verdict::NoDecision(reason) => {
+                self.no_decision(reason, &route, &route_name, &request_id)
+            }
         };
         if flow == Flow::Continue {
             self.host.resume_request();
@@ -293,11 +328,20 @@ impl<H: Host> Filter<H> {
         }
     }
 
-    fn no_decision(&mut self, reason: Reason, route: &Resolved, route_name: &str, request_id: &str) -> Flow {
+    fn no_decision(
+        &mut self,
+        reason: Reason,
+        route: &Resolved,
+        route_name: &str,
+        request_id: &str,
+    ) -> Flow {
         self.state = State::Done;
         self.host.increment(Metric::NoDecision(reason));
         match outcome::fail_action(reason, route, route_name, request_id) {
-            FailAction::Open { marker, override_active } => {
+            FailAction::Open {
+                marker,
+                override_active,
+            } => {
                 if override_active {
                     self.host.increment(Metric::Override);
                 }
@@ -305,9 +349,14 @@ impl<H: Host> Filter<H> {
                 self.finish(Outcome::FailOpen, Some((reason, override_active)));
                 Flow::Continue
             }
-            FailAction::Closed { status, headers, body } => {
+            FailAction::Closed {
+                status,
+                headers,
+                body,
+            } => {
                 self.finish(Outcome::FailClosed, Some((reason, false)));
-                let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 self.host.send_local_response(status, &headers, &body);
                 Flow::Pause
             }

@@ -7,7 +7,9 @@ use prost::Message;
 use prost_types::value::Kind;
 use serde_json::json;
 
-use arbiter_proto::envoy::config::core::v3::{header_value_option::HeaderAppendAction, HeaderValueOption};
+use arbiter_proto::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValueOption,
+};
 use arbiter_proto::envoy::service::auth::v3::{check_response::HttpResponse, CheckResponse};
 
 use crate::config::FailMode;
@@ -151,10 +153,15 @@ pub fn decode_response(body: &[u8]) -> Verdict {
     let Some(status) = status else {
         return Verdict::NoDecision(Reason::BadResponse);
     };
-    let policy_version = dynamic_metadata.as_ref().and_then(|s| match s.fields.get("policy_version") {
-        Some(prost_types::Value { kind: Some(Kind::StringValue(v)) }) => Some(v.clone()),
-        _ => None,
-    });
+    let policy_version =
+        dynamic_metadata
+            .as_ref()
+            .and_then(|s| match s.fields.get("policy_version") {
+                Some(prost_types::Value {
+                    kind: Some(Kind::StringValue(v)),
+                }) => Some(v.clone()),
+                _ => None,
+            });
     if status.code as u32 == GRPC_OK {
         let mut verdict = Verdict::Allow {
             headers: Vec::new(),
@@ -164,9 +171,19 @@ pub fn decode_response(body: &[u8]) -> Verdict {
         };
         match http_response {
             Some(HttpResponse::OkResponse(ok)) => {
-                if let Verdict::Allow { headers, remove, response_headers, .. } = &mut verdict {
+                if let Verdict::Allow {
+                    headers,
+                    remove,
+                    response_headers,
+                    ..
+                } = &mut verdict
+                {
                     *headers = header_ops(&ok.headers);
-                    *remove = ok.headers_to_remove.iter().map(|h| h.to_ascii_lowercase()).collect();
+                    *remove = ok
+                        .headers_to_remove
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect();
                     *response_headers = header_ops(&ok.response_headers_to_add);
                 }
                 verdict
@@ -178,7 +195,10 @@ pub fn decode_response(body: &[u8]) -> Verdict {
     } else {
         let (status_code, mut headers, mut body) = match http_response {
             Some(HttpResponse::DeniedResponse(d)) => (
-                d.status.map(|s| s.code as u32).filter(|c| (200..=599).contains(c)).unwrap_or(403),
+                d.status
+                    .map(|s| s.code as u32)
+                    .filter(|c| (200..=599).contains(c))
+                    .unwrap_or(403),
                 d.headers
                     .iter()
                     .filter_map(|h| h.header.as_ref())
@@ -204,8 +224,14 @@ pub fn decode_response(body: &[u8]) -> Verdict {
 
 /// The body the filter writes when a deny carries none.
 fn deny_body(message: &str) -> Vec<u8> {
-    let message = if message.is_empty() { "denied by policy" } else { message };
-    json!({"error": {"type": "policy_denied", "message": message}}).to_string().into_bytes()
+    let message = if message.is_empty() {
+        "denied by policy"
+    } else {
+        message
+    };
+    json!({"error": {"type": "policy_denied", "message": message}})
+        .to_string()
+        .into_bytes()
 }
 
 fn header_value(h: &arbiter_proto::envoy::config::core::v3::HeaderValue) -> String {
@@ -261,7 +287,12 @@ pub enum FailAction {
 pub const RETRY_AFTER_SECONDS: u32 = 1;
 
 /// Applies the route's fail mode to a missing decision.
-pub fn fail_action(reason: Reason, route: &Resolved, route_name: &str, request_id: &str) -> FailAction {
+pub fn fail_action(
+    reason: Reason,
+    route: &Resolved,
+    route_name: &str,
+    request_id: &str,
+) -> FailAction {
     // A request that cannot be described to policy is never let through, whatever the mode.
     let mode = if reason == Reason::InvalidRouteConfig {
         FailMode::Closed
@@ -281,9 +312,15 @@ pub fn fail_action(reason: Reason, route: &Resolved, route_name: &str, request_i
                 ),
                 Reason::Unreachable => "the policy server could not be reached".to_owned(),
                 Reason::Error => "the policy server answered with an error".to_owned(),
-                Reason::BadResponse => "the policy server's answer could not be understood".to_owned(),
-                Reason::BreakerOpen => "calls to the policy server are paused after repeated failures".to_owned(),
-                Reason::InvalidRouteConfig => "this route's arbiter settings are invalid".to_owned(),
+                Reason::BadResponse => {
+                    "the policy server's answer could not be understood".to_owned()
+                }
+                Reason::BreakerOpen => {
+                    "calls to the policy server are paused after repeated failures".to_owned()
+                }
+                Reason::InvalidRouteConfig => {
+                    "this route's arbiter settings are invalid".to_owned()
+                }
             };
             let body = json!({"error": {
                 "type": "policy_unavailable",
@@ -316,7 +353,11 @@ mod tests {
 
     fn hvo(k: &str, v: &str, action: HeaderAppendAction) -> HeaderValueOption {
         HeaderValueOption {
-            header: Some(HeaderValue { key: k.into(), value: v.into(), raw_value: vec![] }),
+            header: Some(HeaderValue {
+                key: k.into(),
+                value: v.into(),
+                raw_value: vec![],
+            }),
             append_action: action as i32,
             ..Default::default()
         }
@@ -325,52 +366,88 @@ mod tests {
     #[test]
     fn failure_classification() {
         let ms = Duration::from_millis;
-        assert_eq!(classify_failure(14, Some("upstream request timeout"), ms(100), T), Reason::Timeout);
+        assert_eq!(
+            classify_failure(14, Some("upstream request timeout"), ms(100), T),
+            Reason::Timeout
+        );
         assert_eq!(classify_failure(4, None, ms(100), T), Reason::Timeout);
         assert_eq!(
             classify_failure(14, Some("upstream connect error or disconnect/reset before headers. reset reason: connection failure"), ms(1), T),
             Reason::Unreachable
         );
-        assert_eq!(classify_failure(14, Some("no healthy upstream"), ms(1), T), Reason::Unreachable);
+        assert_eq!(
+            classify_failure(14, Some("no healthy upstream"), ms(1), T),
+            Reason::Unreachable
+        );
         assert_eq!(classify_failure(14, None, ms(1), T), Reason::Unreachable);
         assert_eq!(classify_failure(14, None, ms(100), T), Reason::Timeout);
         assert_eq!(
             classify_failure(14, Some("upstream connect error or disconnect/reset before headers. reset reason: protocol error"), ms(1), T),
             Reason::BadResponse
         );
-        assert_eq!(classify_failure(14, Some("audit log unavailable"), ms(1), T), Reason::Error);
-        assert_eq!(classify_failure(13, Some("internal"), ms(1), T), Reason::Error);
+        assert_eq!(
+            classify_failure(14, Some("audit log unavailable"), ms(1), T),
+            Reason::Error
+        );
+        assert_eq!(
+            classify_failure(13, Some("internal"), ms(1), T),
+            Reason::Error
+        );
         assert_eq!(classify_failure(7, None, ms(1), T), Reason::Error);
     }
 
     #[test]
     fn allow_with_header_mutations() {
         let resp = CheckResponse {
-            status: Some(Status { code: 0, ..Default::default() }),
+            status: Some(Status {
+                code: 0,
+                ..Default::default()
+            }),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers: vec![
-                    hvo("X-Arbiter-Audit-Id", "a1", HeaderAppendAction::OverwriteIfExistsOrAdd),
+                    hvo(
+                        "X-Arbiter-Audit-Id",
+                        "a1",
+                        HeaderAppendAction::OverwriteIfExistsOrAdd,
+                    ),
                     hvo("x-tag", "t", HeaderAppendAction::AppendIfExistsOrAdd),
                 ],
                 headers_to_remove: vec!["Authorization".into()],
-                response_headers_to_add: vec![hvo("x-r", "1", HeaderAppendAction::OverwriteIfExistsOrAdd)],
+                response_headers_to_add: vec![hvo(
+                    "x-r",
+                    "1",
+                    HeaderAppendAction::OverwriteIfExistsOrAdd,
+                )],
                 ..Default::default()
             })),
             dynamic_metadata: Some(prost_types::Struct {
                 fields: [(
                     "policy_version".to_owned(),
-                    prost_types::Value { kind: Some(Kind::StringValue("sha256:ab".into())) },
+                    prost_types::Value {
+                        kind: Some(Kind::StringValue("sha256:ab".into())),
+                    },
                 )]
                 .into_iter()
                 .collect(),
             }),
         };
-        let Verdict::Allow { headers, remove, response_headers, policy_version } =
-            decode_response(&resp.encode_to_vec())
+        let Verdict::Allow {
+            headers,
+            remove,
+            response_headers,
+            policy_version,
+        } = decode_response(&resp.encode_to_vec())
         else {
             panic!("not allowed")
         };
-        assert_eq!(headers[0], HeaderOp { name: "x-arbiter-audit-id".into(), value: "a1".into(), append: false });
+        assert_eq!(
+            headers[0],
+            HeaderOp {
+                name: "x-arbiter-audit-id".into(),
+                value: "a1".into(),
+                append: false
+            }
+        );
         assert!(headers[1].append);
         assert_eq!(remove, vec!["authorization".to_owned()]);
         assert_eq!(response_headers.len(), 1);
@@ -380,29 +457,56 @@ mod tests {
     #[test]
     fn deny_keeps_server_status_and_body() {
         let resp = CheckResponse {
-            status: Some(Status { code: 7, message: "nope".into(), ..Default::default() }),
+            status: Some(Status {
+                code: 7,
+                message: "nope".into(),
+                ..Default::default()
+            }),
             http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
                 status: Some(HttpStatus { code: 451 }),
-                headers: vec![hvo("content-type", "application/json", HeaderAppendAction::OverwriteIfExistsOrAdd)],
+                headers: vec![hvo(
+                    "content-type",
+                    "application/json",
+                    HeaderAppendAction::OverwriteIfExistsOrAdd,
+                )],
                 body: r#"{"error":{"type":"policy_denied"}}"#.into(),
             })),
             dynamic_metadata: None,
         };
-        let Verdict::Deny { status, headers, body, .. } = decode_response(&resp.encode_to_vec()) else {
+        let Verdict::Deny {
+            status,
+            headers,
+            body,
+            ..
+        } = decode_response(&resp.encode_to_vec())
+        else {
             panic!("not denied")
         };
         assert_eq!(status, 451);
-        assert_eq!(headers, vec![("content-type".into(), "application/json".into())]);
+        assert_eq!(
+            headers,
+            vec![("content-type".into(), "application/json".into())]
+        );
         assert_eq!(body, br#"{"error":{"type":"policy_denied"}}"#);
     }
 
     #[test]
     fn deny_without_body_gets_a_json_body_and_403() {
         let resp = CheckResponse {
-            status: Some(Status { code: 7, message: "forbidden by `p1`".into(), ..Default::default() }),
+            status: Some(Status {
+                code: 7,
+                message: "forbidden by `p1`".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
-        let Verdict::Deny { status, headers, body, .. } = decode_response(&resp.encode_to_vec()) else {
+        let Verdict::Deny {
+            status,
+            headers,
+            body,
+            ..
+        } = decode_response(&resp.encode_to_vec())
+        else {
             panic!("not denied")
         };
         assert_eq!(status, 403);
@@ -414,8 +518,14 @@ mod tests {
 
     #[test]
     fn undecodable_or_statusless_answers_are_bad_responses() {
-        assert_eq!(decode_response(&[0xff, 0xff, 0xff, 0xff]), Verdict::NoDecision(Reason::BadResponse));
-        assert_eq!(decode_response(&[]), Verdict::NoDecision(Reason::BadResponse));
+        assert_eq!(
+            decode_response(&[0xff, 0xff, 0xff, 0xff]),
+            Verdict::NoDecision(Reason::BadResponse)
+        );
+        assert_eq!(
+            decode_response(&[]),
+            Verdict::NoDecision(Reason::BadResponse)
+        );
         let contradictory = CheckResponse {
             status: Some(Status::default()),
             http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse::default())),
@@ -441,8 +551,16 @@ mod tests {
 
     #[test]
     fn closed_answers_503_retry_after_and_reason() {
-        let FailAction::Closed { status, headers, body } =
-            fail_action(Reason::Timeout, &resolved(FailMode::Closed, false), "chat", "rid")
+        let FailAction::Closed {
+            status,
+            headers,
+            body,
+        } = fail_action(
+            Reason::Timeout,
+            &resolved(FailMode::Closed, false),
+            "chat",
+            "rid",
+        )
         else {
             panic!("not closed")
         };
@@ -458,11 +576,24 @@ mod tests {
     #[test]
     fn open_marks_reason_and_override() {
         assert_eq!(
-            fail_action(Reason::Unreachable, &resolved(FailMode::Open, true), "r", ""),
-            FailAction::Open { marker: "unreachable", override_active: true }
+            fail_action(
+                Reason::Unreachable,
+                &resolved(FailMode::Open, true),
+                "r",
+                ""
+            ),
+            FailAction::Open {
+                marker: "unreachable",
+                override_active: true
+            }
         );
         assert!(matches!(
-            fail_action(Reason::InvalidRouteConfig, &resolved(FailMode::Open, false), "r", ""),
+            fail_action(
+                Reason::InvalidRouteConfig,
+                &resolved(FailMode::Open, false),
+                "r",
+                ""
+            ),
             FailAction::Closed { .. }
         ));
     }

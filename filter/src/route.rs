@@ -146,7 +146,10 @@ impl RouteSettings {
                 )),
             }
         }
-        for (field, slot) in [("disabled", &mut out.disabled), ("include_body", &mut out.include_body)] {
+        for (field, slot) in [
+            ("disabled", &mut out.disabled),
+            ("include_body", &mut out.include_body),
+        ] {
             if let Some(v) = map.get(field) {
                 match v.as_bool() {
                     Some(b) => *slot = b,
@@ -157,13 +160,17 @@ impl RouteSettings {
         if let Some(v) = map.get("max_body_bytes") {
             match config::whole_number(v) {
                 Some(n) if n > 0 => out.max_body_bytes = Some(n as u64),
-                _ => p.push(format!("`max_body_bytes` must be a positive whole number, got `{v}`")),
+                _ => p.push(format!(
+                    "`max_body_bytes` must be a positive whole number, got `{v}`"
+                )),
             }
         }
         if let Some(v) = map.get("cache_ttl_ms") {
             match config::whole_number(v) {
                 Some(n) if n >= 0 => out.cache_ttl_ms = n as u64,
-                _ => p.push(format!("`cache_ttl_ms` must be a whole number >= 0, got `{v}`")),
+                _ => p.push(format!(
+                    "`cache_ttl_ms` must be a whole number >= 0, got `{v}`"
+                )),
             }
         }
         if let Some(v) = map.get("context") {
@@ -260,11 +267,16 @@ fn context_entries(v: &Json) -> Result<Vec<(String, String)>, String> {
 fn to_json(v: &prost_types::Value) -> Json {
     match &v.kind {
         None | Some(Kind::NullValue(_)) => Json::Null,
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number),
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number)
+        }
         Some(Kind::StringValue(s)) => Json::String(s.clone()),
         Some(Kind::BoolValue(b)) => Json::Bool(*b),
         Some(Kind::StructValue(s)) => Json::Object(
-            s.fields.iter().map(|(k, v)| (k.clone(), to_json(v))).collect(),
+            s.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), to_json(v)))
+                .collect(),
         ),
         Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(to_json).collect()),
     }
@@ -302,25 +314,36 @@ mod tests {
         let mut fields = std::collections::BTreeMap::new();
         fields.insert(
             "fail_mode".to_owned(),
-            prost_types::Value { kind: Some(Kind::StringValue("open".into())) },
+            prost_types::Value {
+                kind: Some(Kind::StringValue("open".into())),
+            },
         );
         fields.insert(
             "timeout_ms".to_owned(),
-            prost_types::Value { kind: Some(Kind::NumberValue(50.0)) },
+            prost_types::Value {
+                kind: Some(Kind::NumberValue(50.0)),
+            },
         );
         let mut md = Metadata::default();
-        md.filter_metadata.insert("arbiter".into(), prost_types::Struct { fields });
+        md.filter_metadata
+            .insert("arbiter".into(), prost_types::Struct { fields });
         let bytes = md.encode_to_vec();
         let s = RouteSettings::from_metadata_bytes(Some(&bytes), "arbiter");
         assert_eq!(s.fail_mode, Some(FailMode::Open));
         assert_eq!(s.timeout, Some(Duration::from_millis(50)));
         assert!(s.problems.is_empty());
         // Another namespace is ignored.
-        assert_eq!(RouteSettings::from_metadata_bytes(Some(&bytes), "other"), RouteSettings::default());
+        assert_eq!(
+            RouteSettings::from_metadata_bytes(Some(&bytes), "other"),
+            RouteSettings::default()
+        );
         // Garbage is a problem, not a panic.
         let bad = RouteSettings::from_metadata_bytes(Some(&[0xff, 0xff, 0xff]), "arbiter");
         assert!(!bad.problems.is_empty());
-        assert_eq!(bad.resolve(&defaults(), at(NOW)).fail_mode, FailMode::Closed);
+        assert_eq!(
+            bad.resolve(&defaults(), at(NOW)).fail_mode,
+            FailMode::Closed
+        );
     }
 
     #[test]
@@ -393,17 +416,25 @@ mod tests {
     #[test]
     fn override_active_expired_and_too_far() {
         let d = defaults();
-        let active = settings(json!({"fail_mode":"closed","fail_open_until":"2026-11-22T06:00:00Z"}));
+        let active =
+            settings(json!({"fail_mode":"closed","fail_open_until":"2026-11-22T06:00:00Z"}));
         let r = active.resolve(&d, at(NOW));
         assert_eq!(r.fail_mode, FailMode::Open);
         assert!(r.override_active && !r.invalid);
 
         let r = active.resolve(&d, at("2026-11-22T06:00:00Z"));
-        assert_eq!(r.fail_mode, FailMode::Closed, "expires exactly at the instant");
+        assert_eq!(
+            r.fail_mode,
+            FailMode::Closed,
+            "expires exactly at the instant"
+        );
         assert!(!r.override_active);
 
         let offset = settings(json!({"fail_open_until":"2026-11-22T07:00:00+02:00"}));
-        assert!(offset.resolve(&d, at(NOW)).override_active, "05:00Z is ahead of 02:00Z");
+        assert!(
+            offset.resolve(&d, at(NOW)).override_active,
+            "05:00Z is ahead of 02:00Z"
+        );
 
         let far = settings(json!({"fail_open_until":"2026-11-23T02:00:01Z"}));
         let r = far.resolve(&d, at(NOW));
@@ -412,7 +443,10 @@ mod tests {
         assert!(far.time_problem(at(NOW)).unwrap().contains("24 h"));
 
         let edge = settings(json!({"fail_open_until":"2026-11-23T02:00:00Z"}));
-        assert!(edge.resolve(&d, at(NOW)).override_active, "exactly 24 h is allowed");
+        assert!(
+            edge.resolve(&d, at(NOW)).override_active,
+            "exactly 24 h is allowed"
+        );
         assert!(edge.time_problem(at(NOW)).is_none());
     }
 

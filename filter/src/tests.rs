@@ -9,7 +9,9 @@ use prost::Message;
 use prost_types::value::Kind;
 
 use arbiter_proto::envoy::config::core::v3::{HeaderValue, HeaderValueOption, Metadata};
-use arbiter_proto::envoy::service::auth::v3::{check_response::HttpResponse, CheckRequest, CheckResponse, OkHttpResponse};
+use arbiter_proto::envoy::service::auth::v3::{
+    check_response::HttpResponse, CheckRequest, CheckResponse, OkHttpResponse,
+};
 use arbiter_proto::google::rpc::Status;
 
 use crate::config::FilterConfig;
@@ -52,16 +54,25 @@ impl Host for MockHost {
         self.add_request_header(name, value);
     }
     fn add_request_header(&self, name: &str, value: &str) {
-        self.0.borrow_mut().headers.push((name.into(), value.as_bytes().to_vec()));
+        self.0
+            .borrow_mut()
+            .headers
+            .push((name.into(), value.as_bytes().to_vec()));
     }
     fn add_response_header(&self, name: &str, value: &str) {
-        self.0.borrow_mut().response_headers.push((name.into(), value.into()));
+        self.0
+            .borrow_mut()
+            .response_headers
+            .push((name.into(), value.into()));
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.0.borrow().properties.get(&path.join(".")).cloned()
     }
     fn set_log_field(&self, key: &str, value: &str) {
-        self.0.borrow_mut().log_fields.insert(key.into(), value.into());
+        self.0
+            .borrow_mut()
+            .log_fields
+            .insert(key.into(), value.into());
     }
     fn dispatch_check(
         &self,
@@ -74,7 +85,8 @@ impl Host for MockHost {
         if r.dispatch_fails {
             return Err(DispatchError("ParseFailure".into()));
         }
-        r.dispatched.push((cluster.into(), message.to_vec(), timeout));
+        r.dispatched
+            .push((cluster.into(), message.to_vec(), timeout));
         Ok(7)
     }
     fn grpc_response_body(&self, _size: usize) -> Option<Vec<u8>> {
@@ -86,7 +98,10 @@ impl Host for MockHost {
     fn send_local_response(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         self.0.borrow_mut().local = Some((
             status,
-            headers.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            headers
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
             body.to_vec(),
         ));
     }
@@ -94,7 +109,10 @@ impl Host for MockHost {
         self.0.borrow_mut().resumed += 1;
     }
     fn now(&self) -> SystemTime {
-        self.0.borrow().now.unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000))
+        self.0
+            .borrow()
+            .now
+            .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000))
     }
     fn log(&self, level: Level, message: &str) {
         self.0.borrow_mut().logs.push((level, message.into()));
@@ -114,14 +132,25 @@ fn metadata(fields: &[(&str, Kind)]) -> Vec<u8> {
         prost_types::Struct {
             fields: fields
                 .iter()
-                .map(|(k, v)| ((*k).to_owned(), prost_types::Value { kind: Some(v.clone()) }))
+                .map(|(k, v)| {
+                    (
+                        (*k).to_owned(),
+                        prost_types::Value {
+                            kind: Some(v.clone()),
+                        },
+                    )
+                })
                 .collect(),
         },
     );
     md.encode_to_vec()
 }
 
-fn request(route: &str, md: Option<Vec<u8>>, extra_headers: &[(&str, &str)]) -> (Filter<MockHost>, MockHost) {
+fn request(
+    route: &str,
+    md: Option<Vec<u8>>,
+    extra_headers: &[(&str, &str)],
+) -> (Filter<MockHost>, MockHost) {
     let shared = Rc::new(Shared::new(
         FilterConfig::parse(br#"{"policy_cluster":"arbiter_policy","timeout_ms":100}"#).unwrap(),
     ));
@@ -149,11 +178,13 @@ fn request_with(
         {
             r.headers.push(((*k).into(), v.as_bytes().to_vec()));
         }
-        r.properties.insert("xds.route_name".into(), route.as_bytes().to_vec());
+        r.properties
+            .insert("xds.route_name".into(), route.as_bytes().to_vec());
         if let Some(md) = md {
             r.properties.insert("xds.route_metadata".into(), md);
         }
-        r.properties.insert("source.address".into(), b"127.0.0.1:5555".to_vec());
+        r.properties
+            .insert("source.address".into(), b"127.0.0.1:5555".to_vec());
     }
     (Filter::new(host.clone(), shared), host)
 }
@@ -163,15 +194,24 @@ fn ok_response() -> Vec<u8> {
         status: Some(Status::default()),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
             headers: vec![HeaderValueOption {
-                header: Some(HeaderValue { key: "x-arbiter-audit-id".into(), value: "a-1".into(), raw_value: vec![] }),
+                header: Some(HeaderValue {
+                    key: "x-arbiter-audit-id".into(),
+                    value: "a-1".into(),
+                    raw_value: vec![],
+                }),
                 ..Default::default()
             }],
             ..Default::default()
         })),
         dynamic_metadata: Some(prost_types::Struct {
-            fields: [("policy_version".to_owned(), prost_types::Value { kind: Some(Kind::StringValue("v1".into())) })]
-                .into_iter()
-                .collect(),
+            fields: [(
+                "policy_version".to_owned(),
+                prost_types::Value {
+                    kind: Some(Kind::StringValue("v1".into())),
+                },
+            )]
+            .into_iter()
+            .collect(),
         }),
     }
     .encode_to_vec()
@@ -192,7 +232,11 @@ fn metric(host: &MockHost, m: Metric) -> u64 {
 
 #[test]
 fn allow_applies_server_headers_and_strips_forged_markers() {
-    let (mut f, host) = request("chat", None, &[("x-arbiter-fail-open", "yes"), ("X-Arbiter-Other", "1")]);
+    let (mut f, host) = request(
+        "chat",
+        None,
+        &[("x-arbiter-fail-open", "yes"), ("X-Arbiter-Other", "1")],
+    );
     assert_eq!(f.on_request_headers(), Flow::Pause);
     assert_eq!(header(&host, "x-arbiter-fail-open"), None);
     assert_eq!(header(&host, "X-Arbiter-Other"), None);
@@ -202,7 +246,13 @@ fn allow_applies_server_headers_and_strips_forged_markers() {
     let req = CheckRequest::decode(msg.as_slice()).unwrap();
     let attrs = req.attributes.unwrap();
     assert_eq!(attrs.context_extensions["route"], "chat");
-    assert!(!attrs.request.unwrap().http.unwrap().headers.contains_key("x-arbiter-fail-open"));
+    assert!(!attrs
+        .request
+        .unwrap()
+        .http
+        .unwrap()
+        .headers
+        .contains_key("x-arbiter-fail-open"));
 
     host.0.borrow_mut().response_body = Some(ok_response());
     assert_eq!(f.on_check_response(7, 0, 10), Flow::Continue);
@@ -240,13 +290,21 @@ fn no_metadata_fails_closed_with_retry_after() {
 
 #[test]
 fn open_route_marks_upstream_request() {
-    let md = metadata(&[("fail_mode", Kind::StringValue("open".into())), ("timeout_ms", Kind::NumberValue(50.0))]);
+    let md = metadata(&[
+        ("fail_mode", Kind::StringValue("open".into())),
+        ("timeout_ms", Kind::NumberValue(50.0)),
+    ]);
     let (mut f, host) = request("embeddings", Some(md), &[]);
     f.on_request_headers();
     assert_eq!(host.0.borrow().dispatched[0].2, Duration::from_millis(50));
-    host.0.borrow_mut().now = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000) + Duration::from_millis(50));
+    host.0.borrow_mut().now = Some(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000) + Duration::from_millis(50),
+    );
     assert_eq!(f.on_check_response(7, 14, 0), Flow::Continue);
-    assert_eq!(header(&host, "x-arbiter-fail-open").as_deref(), Some("timeout"));
+    assert_eq!(
+        header(&host, "x-arbiter-fail-open").as_deref(),
+        Some("timeout")
+    );
     assert_eq!(host.0.borrow().resumed, 1);
     assert_eq!(metric(&host, Metric::Outcome(Outcome::FailOpen)), 1);
     assert_eq!(metric(&host, Metric::Override), 0);
@@ -254,13 +312,19 @@ fn open_route_marks_upstream_request() {
 
 #[test]
 fn invalid_metadata_is_counted_logged_once_and_closed() {
-    let shared = Rc::new(Shared::new(FilterConfig::parse(br#"{"policy_cluster":"p","fail_mode":"open"}"#).unwrap()));
+    let shared = Rc::new(Shared::new(
+        FilterConfig::parse(br#"{"policy_cluster":"p","fail_mode":"open"}"#).unwrap(),
+    ));
     let md = metadata(&[("fail_mode", Kind::StringValue("sometimes".into()))]);
     for i in 0..2 {
         let (mut f, host) = request_with(Rc::clone(&shared), "bad", Some(md.clone()), &[]);
         f.on_request_headers();
         assert_eq!(metric(&host, Metric::InvalidRouteConfig), 1);
-        assert_eq!(host.0.borrow().logs.len(), if i == 0 { 1 } else { 0 }, "logged once per VM");
+        assert_eq!(
+            host.0.borrow().logs.len(),
+            if i == 0 { 1 } else { 0 },
+            "logged once per VM"
+        );
         f.on_check_response(7, 14, 0);
         assert_eq!(host.0.borrow().local.as_ref().unwrap().0, 503);
     }
@@ -283,7 +347,11 @@ fn disabled_route_makes_no_call() {
     let (mut f, host) = request("health", Some(md), &[("x-arbiter-fail-open", "yes")]);
     assert_eq!(f.on_request_headers(), Flow::Continue);
     assert!(host.0.borrow().dispatched.is_empty());
-    assert_eq!(header(&host, "x-arbiter-fail-open"), None, "markers are stripped even when disabled");
+    assert_eq!(
+        header(&host, "x-arbiter-fail-open"),
+        None,
+        "markers are stripped even when disabled"
+    );
     assert_eq!(metric(&host, Metric::Outcome(Outcome::Disabled)), 1);
 }
 
@@ -293,22 +361,40 @@ fn dispatch_failure_applies_fail_mode_synchronously() {
     let (mut f, host) = request("r", Some(md), &[]);
     host.0.borrow_mut().dispatch_fails = true;
     assert_eq!(f.on_request_headers(), Flow::Continue);
-    assert_eq!(header(&host, "x-arbiter-fail-open").as_deref(), Some("unreachable"));
-    assert_eq!(host.0.borrow().resumed, 0, "continue is returned, not resumed");
-    assert!(host.0.borrow().logs.iter().any(|(l, m)| *l == Level::Error && m.contains("cannot call policy cluster")));
+    assert_eq!(
+        header(&host, "x-arbiter-fail-open").as_deref(),
+        Some("unreachable")
+    );
+    assert_eq!(
+        host.0.borrow().resumed,
+        0,
+        "continue is returned, not resumed"
+    );
+    assert!(host
+        .0
+        .borrow()
+        .logs
+        .iter()
+        .any(|(l, m)| *l == Level::Error && m.contains("cannot call policy cluster")));
 }
 
 #[test]
 fn override_is_marked_and_counted() {
     let md = metadata(&[
         ("fail_mode", Kind::StringValue("closed".into())),
-        ("fail_open_until", Kind::StringValue("2026-11-18T13:00:00Z".into())),
+        (
+            "fail_open_until",
+            Kind::StringValue("2026-11-18T13:00:00Z".into()),
+        ),
     ]);
     let (mut f, host) = request("o", Some(md), &[]);
     // 1_795_000_000 is 2026-11-18T11:06:40Z: the override is ~2 h ahead.
     f.on_request_headers();
     f.on_check_response(7, 14, 0);
-    assert_eq!(header(&host, "x-arbiter-fail-open").as_deref(), Some("unreachable"));
+    assert_eq!(
+        header(&host, "x-arbiter-fail-open").as_deref(),
+        Some("unreachable")
+    );
     assert_eq!(metric(&host, Metric::Override), 1);
     assert_eq!(host.0.borrow().log_fields["arbiter_override"], "true");
 }
@@ -331,7 +417,10 @@ fn bad_response_and_error() {
 #[test]
 fn non_utf8_header_values_do_not_break_the_request() {
     let (mut f, host) = request("chat", None, &[]);
-    host.0.borrow_mut().headers.push(("x-bin".into(), vec![0xff, 0xfe]));
+    host.0
+        .borrow_mut()
+        .headers
+        .push(("x-bin".into(), vec![0xff, 0xfe]));
     assert_eq!(f.on_request_headers(), Flow::Pause);
     assert_eq!(host.0.borrow().dispatched.len(), 1);
 }

@@ -95,7 +95,8 @@ struct Http {
 
 impl Context for Http {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        self.filter.on_check_response(token_id, status_code, response_size);
+        self.filter
+            .on_check_response(token_id, status_code, response_size);
     }
 }
 

