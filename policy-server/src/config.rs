@@ -1,0 +1,70 @@
+//! Command-line flags; each one can also be set with an `ARBITER_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Server configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "arbiter-policy-server", version, about)]
+pub struct Config {
+    /// Address to serve gRPC (ext_authz and health) on.
+    #[arg(long, env = "ARBITER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Policy bundle directory (`*.cedar`, optional `entities.json` and `*.cedarschema`).
+    #[arg(long, env = "ARBITER_POLICIES")]
+    pub policies: PathBuf,
+    /// Log line format (logs go to stderr).
+    #[arg(long, env = "ARBITER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` env-filter syntax (e.g. `info,arbiter::decision=debug`).
+    #[arg(long, env = "ARBITER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// A configuration with the defaults, serving `policies`.
+    pub fn new(listen: SocketAddr, policies: impl Into<PathBuf>) -> Self {
+        Self {
+            listen,
+            policies: policies.into(),
+            log_format: LogFormat::Plain,
+            log: "info".to_owned(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_and_defaults() {
+        let config = Config::try_parse_from(["arbiter-policy-server", "--policies", "p"]).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.policies, PathBuf::from("p"));
+        assert_eq!(config.log_format, LogFormat::Plain);
+        let config = Config::try_parse_from([
+            "arbiter-policy-server",
+            "--policies",
+            "p",
+            "--listen",
+            "0.0.0.0:9000",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["arbiter-policy-server"]).is_err());
+    }
+}

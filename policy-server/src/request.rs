@@ -1,0 +1,340 @@
+//! The boundary: an ext_authz `CheckRequest` becomes an [`AuthzRequest`] once, here.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    address, socket_address::PortSpecifier, Address, SocketAddress,
+};
+use envoy_types::pb::envoy::service::auth::v3::{
+    attribute_context::{HttpRequest, Peer, Request},
+    AttributeContext, CheckRequest,
+};
+
+/// Principal used when the request carries no mTLS peer identity.
+pub const ANONYMOUS: &str = "anonymous";
+/// Resource used when the filter did not name the route.
+pub const UNKNOWN_ROUTE: &str = "unknown";
+/// `context_extensions` key that overrides the derived action.
+pub const ACTION_KEY: &str = "action";
+/// `context_extensions` key carrying the Envoy route name.
+pub const ROUTE_KEY: &str = "route";
+/// Action for any request that is not a known OpenAI-style call.
+pub const DEFAULT_ACTION: &str = "http.request";
+
+/// Why a `CheckRequest` cannot be decided.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The request has no `attributes`.
+    #[error("check request has no `attributes`")]
+    MissingAttributes,
+    /// The attributes have no `request`.
+    #[error("check request has no `attributes.request`")]
+    MissingRequest,
+    /// The request is not an HTTP request.
+    #[error("check request has no `attributes.request.http`")]
+    MissingHttp,
+}
+
+/// What policy decides on: the caller, the action, the route and the request context.
+///
+/// Holds no headers and no body, so nothing secret can leak from here into logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzRequest {
+    /// Caller id: the mTLS peer principal (SPIFFE ID) or [`ANONYMOUS`].
+    pub principal: String,
+    /// Action name, e.g. `chat.completions`.
+    pub action: String,
+    /// Route name from `context_extensions["route"]`, or [`UNKNOWN_ROUTE`].
+    pub route: String,
+    /// HTTP method.
+    pub method: String,
+    /// Request path without the query string.
+    pub path: String,
+    /// Host (`:authority`).
+    pub host: String,
+    /// Scheme (`http` / `https`).
+    pub scheme: String,
+    /// Downstream socket address as `ip:port`, or empty.
+    pub source: String,
+    /// Envoy's request id (`x-request-id`).
+    pub request_id: String,
+    /// Every other `context_extensions` entry (route-level context such as `classification`).
+    pub route_context: BTreeMap<String, String>,
+}
+
+impl TryFrom<CheckRequest> for AuthzRequest {
+    type Error = RequestError;
+
+    fn try_from(check: CheckRequest) -> Result<Self, Self::Error> {
+        let CheckRequest { attributes } = check;
+        // Without attributes or the HTTP request there is nothing to decide on; the service
+        // answers INVALID_ARGUMENT rather than guessing a decision from an empty request.
+        let AttributeContext {
+            source,
+            destination: _,
+            request,
+            mut context_extensions,
+            metadata_context: _,
+            route_metadata_context: _,
+            tls_session: _,
+        } = attributes.ok_or(RequestError::MissingAttributes)?;
+        let Request { time: _, http } = request.ok_or(RequestError::MissingRequest)?;
+        let HttpRequest {
+            id,
+            method,
+            // Headers and body may hold API keys, tokens, cookies and prompt text; identity from
+            // them comes in a later issue, through verified paths only.
+            headers: _,
+            header_map: _,
+            path,
+            host,
+            scheme,
+            query: _,
+            fragment: _,
+            size: _,
+            protocol: _,
+            body: _,
+            raw_body: _,
+        } = http.ok_or(RequestError::MissingHttp)?;
+
+        let (principal, source) = match source {
+            Some(Peer {
+                address,
+                service: _,
+                labels: _,
+                principal,
+                certificate: _,
+            }) => (
+                principal,
+                address.as_ref().map(socket_address).unwrap_or_default(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let principal = if principal.is_empty() {
+            ANONYMOUS.to_owned()
+        } else {
+            principal
+        };
+
+        // Envoy's `path` is the request target; the query string may carry secrets.
+        let path = match path.split_once('?') {
+            Some((path, _query)) => path.to_owned(),
+            None => path,
+        };
+        let action = context_extensions
+            .remove(ACTION_KEY)
+            .unwrap_or_else(|| action_for(&method, &path).to_owned());
+        let route = context_extensions
+            .remove(ROUTE_KEY)
+            .unwrap_or_else(|| UNKNOWN_ROUTE.to_owned());
+
+        Ok(Self {
+            principal,
+            action,
+            route,
+            method,
+            path,
+            host,
+            scheme,
+            source,
+            request_id: id,
+            route_context: context_extensions.into_iter().collect(),
+        })
+    }
+}
+
+/// The action of an OpenAI-style call, matched on the path suffix so a route prefix
+/// (`/regulated/v1/chat/completions`) does not matter.
+pub fn action_for(method: &str, path: &str) -> &'static str {
+    match method {
+        "POST" if path.ends_with("/v1/chat/completions") => "chat.completions",
+        "POST" if path.ends_with("/v1/completions") => "completions",
+        "POST" if path.ends_with("/v1/embeddings") => "embeddings",
+        "GET" if path.ends_with("/v1/models") || path.contains("/v1/models/") => "models.list",
+        _ => DEFAULT_ACTION,
+    }
+}
+
+fn socket_address(address: &Address) -> String {
+    match &address.address {
+        Some(address::Address::SocketAddress(SocketAddress {
+            address,
+            port_specifier,
+            ..
+        })) => {
+            let port = match port_specifier {
+                Some(PortSpecifier::PortValue(port)) => port.to_string(),
+                Some(PortSpecifier::NamedPort(name)) => name.clone(),
+                None => String::new(),
+            };
+            if address.contains(':') {
+                format!("[{address}]:{port}")
+            } else {
+                format!("{address}:{port}")
+            }
+        }
+        // Pipes and internal addresses have no ip:port.
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn check(method: &str, path: &str, extensions: &[(&str, &str)]) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: Some(Peer {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: "10.0.0.7".into(),
+                            port_specifier: Some(PortSpecifier::PortValue(41000)),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                }),
+                request: Some(Request {
+                    time: None,
+                    http: Some(HttpRequest {
+                        id: "req-1".into(),
+                        method: method.into(),
+                        path: path.into(),
+                        host: "llm.local".into(),
+                        scheme: "https".into(),
+                        headers: HashMap::from([("authorization".into(), "Bearer sk-1".into())]),
+                        ..Default::default()
+                    }),
+                }),
+                context_extensions: extensions
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn action(method: &str, path: &str) -> String {
+        AuthzRequest::try_from(check(method, path, &[]))
+            .unwrap()
+            .action
+    }
+
+    #[test]
+    fn maps_every_action() {
+        assert_eq!(action("POST", "/v1/chat/completions"), "chat.completions");
+        assert_eq!(action("POST", "/v1/completions"), "completions");
+        assert_eq!(action("POST", "/v1/embeddings"), "embeddings");
+        assert_eq!(action("GET", "/v1/models"), "models.list");
+        assert_eq!(action("GET", "/v1/models/gpt-4o"), "models.list");
+        assert_eq!(action("GET", "/v1/chat/completions"), "http.request");
+        assert_eq!(action("POST", "/v1/models"), "http.request");
+        assert_eq!(action("DELETE", "/v1/files/1"), "http.request");
+        assert_eq!(action("GET", "/"), "http.request");
+    }
+
+    #[test]
+    fn ignores_query_and_route_prefix() {
+        assert_eq!(
+            action("POST", "/v1/chat/completions?api-version=1"),
+            "chat.completions"
+        );
+        assert_eq!(
+            action("POST", "/regulated/v1/chat/completions"),
+            "chat.completions"
+        );
+        assert_eq!(action("POST", "/a/b/v1/embeddings"), "embeddings");
+        assert_eq!(action("GET", "/tenant/v1/models?x=1"), "models.list");
+        let req = AuthzRequest::try_from(check("POST", "/v1/embeddings?key=secret", &[])).unwrap();
+        assert_eq!(req.path, "/v1/embeddings");
+    }
+
+    #[test]
+    fn context_extension_action_wins() {
+        let req = AuthzRequest::try_from(check(
+            "POST",
+            "/v1/chat/completions",
+            &[("action", "batch.create")],
+        ))
+        .unwrap();
+        assert_eq!(req.action, "batch.create");
+        assert!(req.route_context.is_empty());
+    }
+
+    #[test]
+    fn maps_context() {
+        let req = AuthzRequest::try_from(check(
+            "POST",
+            "/regulated/v1/chat/completions",
+            &[("route", "regulated_chat"), ("classification", "regulated")],
+        ))
+        .unwrap();
+        assert_eq!(
+            req,
+            AuthzRequest {
+                principal: "anonymous".into(),
+                action: "chat.completions".into(),
+                route: "regulated_chat".into(),
+                method: "POST".into(),
+                path: "/regulated/v1/chat/completions".into(),
+                host: "llm.local".into(),
+                scheme: "https".into(),
+                source: "10.0.0.7:41000".into(),
+                request_id: "req-1".into(),
+                route_context: BTreeMap::from([("classification".into(), "regulated".into())]),
+            }
+        );
+    }
+
+    #[test]
+    fn principal_comes_from_mtls_peer_only() {
+        let mut check = check("GET", "/v1/models", &[]);
+        let attributes = check.attributes.as_mut().unwrap();
+        attributes.source.as_mut().unwrap().principal = "spiffe://corp/ns/app/sa/bot".into();
+        let req = AuthzRequest::try_from(check).unwrap();
+        assert_eq!(req.principal, "spiffe://corp/ns/app/sa/bot");
+        assert_eq!(req.route, "unknown");
+    }
+
+    #[test]
+    fn ipv6_source() {
+        let address = Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: "::1".into(),
+                port_specifier: Some(PortSpecifier::PortValue(8080)),
+                ..Default::default()
+            })),
+        };
+        assert_eq!(socket_address(&address), "[::1]:8080");
+    }
+
+    #[test]
+    fn rejects_incomplete_requests() {
+        assert_eq!(
+            AuthzRequest::try_from(CheckRequest::default()),
+            Err(RequestError::MissingAttributes)
+        );
+        let mut no_http = check("GET", "/", &[]);
+        no_http
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http = None;
+        assert_eq!(
+            AuthzRequest::try_from(no_http),
+            Err(RequestError::MissingHttp)
+        );
+        let mut no_request = check("GET", "/", &[]);
+        no_request.attributes.as_mut().unwrap().request = None;
+        assert_eq!(
+            AuthzRequest::try_from(no_request),
+            Err(RequestError::MissingRequest)
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! The `envoy.service.auth.v3.Authorization` gRPC service.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+};
+use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode as HttpStatusCode};
+use envoy_types::pb::envoy::service::auth::v3::{
+    authorization_server::Authorization, check_response::HttpResponse, CheckRequest, CheckResponse,
+    DeniedHttpResponse, OkHttpResponse,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use envoy_types::pb::google::rpc;
+use tonic::{Code, Request, Response, Status};
+use uuid::Uuid;
+
+use crate::engine::{Decision, PolicyEngine};
+use crate::request::AuthzRequest;
+
+/// Header naming the decision's audit record, on allowed requests.
+pub const AUDIT_ID_HEADER: &str = "x-arbiter-audit-id";
+/// Header naming the bundle version that decided.
+pub const POLICY_VERSION_HEADER: &str = "x-arbiter-policy-version";
+/// `tracing` target of the one event per decision.
+pub const DECISION_TARGET: &str = "arbiter::decision";
+
+/// Answers ext_authz `Check` calls with the engine's decision.
+#[derive(Debug, Clone)]
+pub struct AuthorizationService {
+    engine: Arc<PolicyEngine>,
+}
+
+impl AuthorizationService {
+    /// A service deciding with `engine`.
+    pub fn new(engine: Arc<PolicyEngine>) -> Self {
+        Self { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthorizationService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        // A request without attributes or an HTTP request is a caller bug, not a policy
+        // question: INVALID_ARGUMENT is "no decision", so the filter applies the route's fail
+        // mode instead of reading an allow or a deny into it.
+        let req = AuthzRequest::try_from(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Same for a request Cedar cannot express: no decision rather than a guessed one.
+        let decision = self
+            .engine
+            .decide(&req)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let audit_id = Uuid::now_v7().to_string();
+
+        for error in &decision.errors {
+            tracing::debug!(target: DECISION_TARGET, id = %audit_id, %error, "policy skipped");
+        }
+        tracing::info!(
+            target: DECISION_TARGET,
+            id = %audit_id,
+            request_id = %req.request_id,
+            decision = outcome(&decision),
+            policy_ids = %decision.policy_ids.join(","),
+            principal = %req.principal,
+            route = %req.route,
+            method = %req.method,
+            path = %req.path,
+            policy_version = %decision.policy_version,
+            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "decision"
+        );
+        Ok(Response::new(check_response(&req, &decision, &audit_id)))
+    }
+}
+
+fn outcome(decision: &Decision) -> &'static str {
+    if decision.allowed {
+        "allow"
+    } else {
+        "deny"
+    }
+}
+
+/// The answer Envoy (or the Arbiter filter) acts on.
+fn check_response(req: &AuthzRequest, decision: &Decision, audit_id: &str) -> CheckResponse {
+    let version = decision.policy_version.as_str();
+    let (code, message, http_response) = if decision.allowed {
+        let ok = OkHttpResponse {
+            headers: vec![
+                header(AUDIT_ID_HEADER, audit_id),
+                header(POLICY_VERSION_HEADER, version),
+            ],
+            ..Default::default()
+        };
+        (Code::Ok, String::new(), HttpResponse::OkResponse(ok))
+    } else {
+        let message = deny_message(req, decision);
+        let body = serde_json::json!({
+            "error": {
+                "type": "policy_denied",
+                "message": message,
+                "audit_id": audit_id,
+                "policy_ids": decision.policy_ids,
+            }
+        });
+        let denied = DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: HttpStatusCode::Forbidden.into(),
+            }),
+            headers: vec![
+                header("content-type", "application/json"),
+                header(POLICY_VERSION_HEADER, version),
+            ],
+            body: body.to_string(),
+        };
+        (
+            Code::PermissionDenied,
+            message,
+            HttpResponse::DeniedResponse(denied),
+        )
+    };
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: code.into(),
+            message,
+            details: Vec::new(),
+        }),
+        http_response: Some(http_response),
+        dynamic_metadata: Some(Struct {
+            fields: [
+                ("policy_version", version),
+                ("decision", outcome(decision)),
+                ("audit_id", audit_id),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), string_value(v)))
+            .collect(),
+        }),
+    }
+}
+
+fn deny_message(req: &AuthzRequest, decision: &Decision) -> String {
+    let quoted = |ids: &[String]| {
+        ids.iter()
+            .map(|id| format!("`{id}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match decision.policy_ids.as_slice() {
+        [] => format!(
+            "no policy permits `{}` on route `{}`",
+            req.action, req.route
+        ),
+        [_] => format!("denied by policy {}", quoted(&decision.policy_ids)),
+        ids => format!("denied by policies {}", quoted(ids)),
+    }
+}
+
+fn header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            raw_value: Vec::new(),
+        }),
+        // Our headers replace whatever came before them; they are never lists.
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd.into(),
+        ..Default::default()
+    }
+}
+
+fn string_value(value: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(value.to_owned())),
+    }
+}
