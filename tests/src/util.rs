@@ -1,0 +1,116 @@
+//! Small shared helpers: workspace paths, deadlines, poison-tolerant locks.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// The cargo workspace root (the parent of this crate's manifest directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// The cargo target directory: `CARGO_TARGET_DIR` if set, else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Polls `check` until it yields `Some`, failing with `what` once `timeout` has passed.
+///
+/// The poll interval starts at 5 ms and grows to 50 ms, so fast things are seen fast and
+/// slow things do not burn the CPU the system under test needs.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Reserves a free loopback port for a process that must be told its port up front.
+///
+/// The port is free when this returns but nothing holds it; prefer binding `:0` yourself
+/// whenever the listener lives in this process.
+pub fn free_port() -> Result<u16> {
+    let listener = StdTcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Locks a mutex, ignoring poisoning: a panicking test must not cascade into every other
+/// user of the harness state.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where a process keeps its config and logs: a temp dir removed on drop, or a fixed
+/// directory that is kept.
+pub(crate) enum RunDir {
+    /// Removed on drop unless kept.
+    Temp(tempfile::TempDir),
+    /// Kept.
+    Fixed(PathBuf),
+}
+
+impl RunDir {
+    /// A fresh temp dir named `<prefix>…`, or `fixed` (created if missing).
+    pub(crate) fn new(prefix: &str, fixed: Option<&std::path::Path>) -> Result<RunDir> {
+        match fixed {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                Ok(RunDir::Fixed(dir.to_owned()))
+            }
+            None => Ok(RunDir::Temp(
+                tempfile::Builder::new().prefix(prefix).tempdir()?,
+            )),
+        }
+    }
+
+    pub(crate) fn path(&self) -> &std::path::Path {
+        match self {
+            RunDir::Temp(dir) => dir.path(),
+            RunDir::Fixed(dir) => dir,
+        }
+    }
+
+    /// Turns a temp dir into a kept one (for post-mortems); returns the path.
+    pub(crate) fn keep(&mut self) -> PathBuf {
+        if let RunDir::Temp(_) = self {
+            let placeholder = RunDir::Fixed(PathBuf::new());
+            if let RunDir::Temp(dir) = std::mem::replace(self, placeholder) {
+                *self = RunDir::Fixed(dir.keep());
+            }
+        }
+        self.path().to_owned()
+    }
+}
