@@ -149,7 +149,7 @@ async fn binary_logs_listening_once_ready() {
     assert!(log["fields"]["policy_version"]
         .as_str()
         .unwrap()
-        .starts_with("sha256:"));
+        .starts_with("ai-gateway@sha256:"));
 
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
