@@ -134,6 +134,25 @@ impl Bundle {
         )
         .map_err(|e| EngineError::Request(e.to_string()))?;
         let entities = self.request_entities(principal.entity.clone(), &action)?;
+        #[cfg(test)]
+        if UNINDEXED.with(std::cell::Cell::get) {
+            let response = authorizer.is_authorized(&request, &self.policies, &entities);
+            let mut policy_ids: Vec<String> =
+                response.diagnostics().reason().map(ToString::to_string).collect();
+            policy_ids.sort();
+            let mut errors: Vec<String> =
+                response.diagnostics().errors().map(ToString::to_string).collect();
+            errors.sort();
+            return Ok(Decision {
+                allowed: response.decision() == cedar_policy::Decision::Allow,
+                policy_ids,
+                errors,
+                policy_version: self.version().to_owned(),
+                principal: principal.uid.id().unescaped().to_owned(),
+                identity_source: principal.source,
+                shadow: None,
+            });
+        }
         let evaluation = self.index.evaluate(
             authorizer,
             &request,
@@ -180,6 +199,12 @@ impl Bundle {
         );
         Entities::from_entities(entities, None).map_err(|e| EngineError::Request(e.to_string()))
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests compare the index against Cedar evaluating the whole policy set.
+    static UNINDEXED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The Cedar context record (`Arbiter::RequestContext`).
@@ -354,5 +379,268 @@ impl PolicyEngine {
             }
         }
         Ok(decision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ai::BodyAttributes;
+    use crate::identity::{Identity, api_key_sha256};
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    fn bundle(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn request(action: &str, route: &str) -> AuthzRequest {
+        AuthzRequest {
+            principal: "anonymous".into(),
+            identity: Identity::default(),
+            action: action.into(),
+            route: route.into(),
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            host: "llm.local".into(),
+            scheme: "http".into(),
+            source: "10.1.2.3:5000".into(),
+            request_id: "r1".into(),
+            route_context: BTreeMap::new(),
+            requested_tenant: None,
+            body: BodyAttributes::default(),
+            time: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+        }
+    }
+
+    const ENTITIES: &str = r#"[
+      {"uid":{"type":"Arbiter::Group","id":"staff"},"attrs":{},"parents":[]},
+      {"uid":{"type":"Arbiter::Group","id":"eng"},"attrs":{},"parents":[{"type":"Arbiter::Group","id":"staff"}]},
+      {"uid":{"type":"Arbiter::Caller","id":"spiffe://t/a"},"attrs":{"tenant":"acme"},"parents":[{"type":"Arbiter::Group","id":"eng"}]},
+      {"uid":{"type":"Arbiter::Caller","id":"keyed"},"attrs":{"tenant":"globex","api_key_sha256":["a8a1f5e4bf6b4ec96d4e3bb0ac22a4ee69e7bd15f1a1bcb0ac1bd1b1c4bd7d1a"]},"parents":[]}
+    ]"#;
+
+    fn keyed_entities() -> String {
+        ENTITIES.replace(
+            "a8a1f5e4bf6b4ec96d4e3bb0ac22a4ee69e7bd15f1a1bcb0ac1bd1b1c4bd7d1a",
+            &api_key_sha256(b"k-1"),
+        )
+    }
+
+    #[test]
+    fn identities_resolve_strongest_first() {
+        let dir = bundle(&[
+            ("p.cedar", r#"
+                @id("staff") permit(principal in Arbiter::Group::"staff", action, resource);
+                @id("acme") permit(principal is Arbiter::Caller, action, resource) when { principal has tenant && principal.tenant == "acme" };
+                @id("anon") forbid(principal is Arbiter::Anonymous, action, resource) when { context.identity_source == "none" };
+                @id("keyed") permit(principal == Arbiter::Caller::"keyed", action, resource) when { context.identity_source == "api_key" };
+            "#),
+            ("entities.json", &keyed_entities()),
+        ]);
+        let engine = PolicyEngine::load(dir.path()).unwrap();
+        let decide = |identity: Identity| {
+            let mut req = request("http.request", "r");
+            req.identity = identity;
+            engine.decide(&req).unwrap()
+        };
+        let jwt = json!({"iss": "https://idp", "sub": "bob", "tenant": "acme", "groups": ["eng"]})
+            .as_object()
+            .unwrap()
+            .clone();
+
+        // mTLS beats JWT and API key.
+        let d = decide(Identity {
+            mtls: Some("spiffe://t/a".into()),
+            jwt: Some(jwt.clone()),
+            api_key_sha256: Some(api_key_sha256(b"k-1")),
+        });
+        assert_eq!((d.principal.as_str(), d.identity_source), ("spiffe://t/a", IdentitySource::Mtls));
+        assert_eq!(d.policy_ids, ["acme", "staff"]);
+
+        // JWT: groups from claims, with their parents from the bundle.
+        let d = decide(Identity {
+            jwt: Some(jwt),
+            api_key_sha256: Some(api_key_sha256(b"k-1")),
+            ..Identity::default()
+        });
+        assert_eq!((d.principal.as_str(), d.identity_source), ("https://idp#bob", IdentitySource::Jwt));
+        assert_eq!(d.policy_ids, ["acme", "staff"]);
+
+        let d = decide(Identity {
+            api_key_sha256: Some(api_key_sha256(b"k-1")),
+            ..Identity::default()
+        });
+        assert_eq!((d.principal.as_str(), d.identity_source), ("keyed", IdentitySource::ApiKey));
+        assert_eq!(d.policy_ids, ["keyed"]);
+
+        // An unknown key identifies nobody.
+        let d = decide(Identity {
+            api_key_sha256: Some(api_key_sha256(b"wrong")),
+            ..Identity::default()
+        });
+        assert_eq!((d.principal.as_str(), d.identity_source), ("anonymous", IdentitySource::None));
+        assert_eq!(d.policy_ids, ["anon"]);
+        assert!(!d.allowed);
+
+        // An unknown mTLS caller is a caller without tenant or groups.
+        let d = decide(Identity {
+            mtls: Some("spiffe://t/stranger".into()),
+            ..Identity::default()
+        });
+        assert!(!d.allowed);
+        assert!(d.policy_ids.is_empty());
+    }
+
+    #[test]
+    fn context_attributes_reach_policies() {
+        let dir = bundle(&[
+            ("s.cedarschema", "namespace Arbiter { type RouteContext = { tier?: String }; }"),
+            ("p.cedar", r#"
+                @id("all") permit(principal, action, resource) when {
+                  context.route == "chat" && context.route_context has tier && context.route_context.tier == "gold" &&
+                  context has source_ip && context.source_ip.isInRange(ip("10.0.0.0/8")) &&
+                  context.time > datetime("2023-01-01") && context.time < datetime("2024-01-01") &&
+                  context has model && context.model == "m" && context has stream && context.stream &&
+                  context has max_tokens && context.max_tokens == 5 && context has message_count && context.message_count == 1 &&
+                  context.body_bytes > 10 && !context.body_truncated && !context.body_parse_error &&
+                  context has requested_tenant && context.requested_tenant == "acme"
+                };
+            "#),
+        ]);
+        let engine = PolicyEngine::load(dir.path()).unwrap();
+        let mut req = request("chat.completions", "chat");
+        req.route_context.insert("tier".into(), "gold".into());
+        req.requested_tenant = Some("acme".into());
+        let body = br#"{"model":"m","stream":true,"max_tokens":5,"messages":[{}]}"#;
+        req.body = BodyAttributes::from_body(body, 0, false);
+        let d = engine.decide(&req).unwrap();
+        assert!(d.allowed, "{d:?}");
+        req.source = "[::1]:80".into();
+        assert!(!engine.decide(&req).unwrap().allowed);
+    }
+
+    #[test]
+    fn index_decides_like_the_whole_policy_set() {
+        // Every kind of scope, overlapping permits and forbids, conditions that error.
+        let mut text = String::new();
+        let actions = ["chat.completions", "embeddings", "models.list", "http.request"];
+        for i in 0..60 {
+            let effect = if i % 4 == 0 { "forbid" } else { "permit" };
+            let principal = match i % 5 {
+                0 => "principal".to_owned(),
+                1 => "principal == Arbiter::Caller::\"spiffe://t/a\"".to_owned(),
+                2 => "principal in Arbiter::Group::\"staff\"".to_owned(),
+                3 => "principal is Arbiter::Caller in Arbiter::Group::\"eng\"".to_owned(),
+                _ => "principal is Arbiter::Anonymous".to_owned(),
+            };
+            let action = match i % 3 {
+                0 => "action".to_owned(),
+                1 => format!("action == Arbiter::Action::\"{}\"", actions[i % 4]),
+                _ => format!(
+                    "action in [Arbiter::Action::\"{}\", Arbiter::Action::\"{}\"]",
+                    actions[i % 4],
+                    actions[(i + 1) % 4]
+                ),
+            };
+            let resource = match i % 4 {
+                0 => "resource".to_owned(),
+                1 => format!("resource == Arbiter::Route::\"r{}\"", i % 3),
+                2 => "resource is Arbiter::Route".to_owned(),
+                _ => format!("resource in Arbiter::Route::\"r{}\"", i % 2),
+            };
+            let condition = match i % 6 {
+                0 => "true".to_owned(),
+                1 => format!("context.path == \"/p{}\"", i % 2),
+                2 => "context has model && context.model == \"m\"".to_owned(),
+                // Errors at run time when the caller has no tenant: skipped, not fatal.
+                3 => "principal is Arbiter::Caller && principal.tenant == \"acme\"".to_owned(),
+                _ => "context.body_bytes >= 0".to_owned(),
+            };
+            text.push_str(&format!(
+                "@id(\"p{i}\") {effect}({principal}, {action}, {resource}) when {{ {condition} }};\n"
+            ));
+        }
+        // `principal.tenant` without `has` does not validate strictly; such policies are
+        // legal Cedar but refused by the bundle, so keep only the validating ones.
+        let text: String = text
+            .lines()
+            .filter(|l| !l.contains("principal.tenant"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let dir = bundle(&[("p.cedar", &text), ("entities.json", &keyed_entities())]);
+        let engine = PolicyEngine::load(dir.path()).unwrap();
+        assert!(engine.bundle().index_buckets() > 10);
+        let mut compared = 0;
+        for action in actions {
+            for route in ["r0", "r1", "r2", "other"] {
+                for identity in [
+                    Identity::default(),
+                    Identity { mtls: Some("spiffe://t/a".into()), ..Identity::default() },
+                    Identity { mtls: Some("spiffe://t/b".into()), ..Identity::default() },
+                    Identity { api_key_sha256: Some(api_key_sha256(b"k-1")), ..Identity::default() },
+                ] {
+                    for path in ["/p0", "/p1"] {
+                        let mut req = request(action, route);
+                        req.identity = identity.clone();
+                        req.path = path.into();
+                        let indexed = engine.decide(&req).unwrap();
+                        UNINDEXED.with(|u| u.set(true));
+                        let whole = engine.decide(&req).unwrap();
+                        UNINDEXED.with(|u| u.set(false));
+                        assert_eq!(indexed, whole, "{action} {route} {identity:?} {path}");
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 128);
+    }
+
+    #[test]
+    fn shadow_never_changes_the_answer() {
+        let active = bundle(&[("a.cedar", "@id(\"all\") permit(principal, action, resource);")]);
+        let candidate = bundle(&[(
+            "a.cedar",
+            "@id(\"chat\") permit(principal, action == Arbiter::Action::\"chat.completions\", resource);",
+        )]);
+        let engine = PolicyEngine::load(active.path()).unwrap();
+        engine.set_shadow(Some(Arc::new(Bundle::load(candidate.path()).unwrap())));
+        let chat = engine.decide(&request("chat.completions", "r")).unwrap();
+        assert!(chat.allowed);
+        assert_eq!(chat.shadow.as_ref().unwrap().outcome(), "allow");
+        assert_eq!(chat.shadow_disagreement(), None);
+        let other = engine.decide(&request("embeddings", "r")).unwrap();
+        assert!(other.allowed);
+        assert_eq!(other.policy_ids, ["all"]);
+        let shadow = other.shadow.as_ref().unwrap();
+        assert_eq!(shadow.outcome(), "deny");
+        assert_ne!(shadow.policy_version, other.policy_version);
+        assert_eq!(other.shadow_disagreement(), Some(Disagreement::WouldDeny));
+        let metrics = engine.metrics().encode();
+        assert!(metrics.contains("arbiter_shadow_disagreements_total{direction=\"would_deny\"} 1"), "{metrics}");
+        assert!(metrics.contains("arbiter_shadow_decisions_total 2"), "{metrics}");
+        engine.set_shadow(None);
+        assert_eq!(engine.decide(&request("embeddings", "r")).unwrap().shadow, None);
+    }
+
+    #[test]
+    fn replace_swaps_the_bundle() {
+        let first = bundle(&[("a.cedar", "permit(principal, action, resource);")]);
+        let second = bundle(&[("a.cedar", "forbid(principal, action, resource);")]);
+        let engine = PolicyEngine::load(first.path()).unwrap();
+        let old = engine.replace(Arc::new(Bundle::load(second.path()).unwrap()));
+        assert_ne!(old.version(), engine.bundle().version());
+        assert!(!engine.decide(&request("chat.completions", "r")).unwrap().allowed);
+    }
+
+    #[test]
+    fn datetime_format() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(cedar_datetime(at), "2023-11-14T22:13:20.123Z");
     }
 }
