@@ -30,7 +30,7 @@ use crate::engine::Disagreement;
 use crate::reload::StatusBoard;
 
 /// Which bundle a metric is about.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum BundleRole {
     /// The bundle that decides (`--policies`).
     Active,
@@ -45,6 +45,16 @@ impl BundleRole {
             Self::Active => "active",
             Self::Shadow => "shadow",
         }
+    }
+}
+
+impl EncodeLabelValue for BundleRole {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(self.as_str())
     }
 }
 
