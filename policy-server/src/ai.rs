@@ -72,6 +72,16 @@ impl BodyAttributes {
         if truncated {
             return attributes;
         }
+        // Serde also reads a struct from a JSON array (`[]` would parse as an empty
+        // request): only an object is an OpenAI request.
+        let is_object = body
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b == b'{');
+        if !is_object {
+            attributes.parse_error = true;
+            return attributes;
+        }
         match serde_json::from_slice::<OpenAiBody>(body) {
             Ok(parsed) => {
                 attributes.model = parsed.model;
@@ -133,6 +143,8 @@ mod tests {
         for body in [
             &b"not json"[..],
             b"[1,2]",
+            b"[]",
+            b"  [\"gpt-4o\"]",
             b"\"text\"",
             br#"{"model": 5}"#,
             br#"{"messages": "hi"}"#,

@@ -656,10 +656,11 @@ fn api_key_index(
             }
             if let Some(other) = index.insert(hash.clone(), uid.clone()) {
                 if other != uid {
+                    let mut callers = [other.id().unescaped(), uid.id().unescaped()];
+                    callers.sort_unstable();
                     return Err(BundleError::Entities(format!(
                         "api_key_sha256 `{hash}` is listed by callers `{}` and `{}`",
-                        other.id().unescaped(),
-                        uid.id().unescaped()
+                        callers[0], callers[1]
                     )));
                 }
             }
