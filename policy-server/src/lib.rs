@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod probe;
 pub mod request;
 pub mod service;
 
