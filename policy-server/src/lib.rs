@@ -17,6 +17,7 @@ pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod reload;
+pub mod probe;
 pub mod request;
 pub mod schema;
 pub mod service;
