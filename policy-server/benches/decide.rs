@@ -54,7 +54,11 @@ fn write_bundle(dir: &Path, n: usize, scoped: bool) {
         "attrs": {"tenant": "acme", "api_key_sha256": [arbiter_policy_server::identity::api_key_sha256(b"bench-key")]},
         "parents": [{"type": "Arbiter::Group", "id": "team-5"}]
     }));
-    std::fs::write(dir.join("entities.json"), serde_json::to_string(&entities).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("entities.json"),
+        serde_json::to_string(&entities).unwrap(),
+    )
+    .unwrap();
 }
 
 fn request(route: usize) -> AuthzRequest {
@@ -63,7 +67,9 @@ fn request(route: usize) -> AuthzRequest {
         route: Some(format!("route-{route}")),
         api_key: Some("bench-key".into()),
         headers: [("x-tenant-id".to_owned(), "acme".to_owned())].into(),
-        body: Some(json!({"model": "m-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hello"}]})),
+        body: Some(
+            json!({"model": "m-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hello"}]}),
+        ),
         ..RequestSpec::default()
     };
     AuthzRequest::try_from(spec.to_check_request().unwrap()).unwrap()

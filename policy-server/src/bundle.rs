@@ -63,7 +63,9 @@ pub enum BundleError {
     #[error("`{0}` is not UTF-8 text")]
     NotUtf8(String),
     /// The bundle is larger than [`MAX_BUNDLE_BYTES`].
-    #[error("bundle is too large: with `{file}` it has {bytes} bytes, the limit is {MAX_BUNDLE_BYTES}")]
+    #[error(
+        "bundle is too large: with `{file}` it has {bytes} bytes, the limit is {MAX_BUNDLE_BYTES}"
+    )]
     TooLarge {
         /// The file that crossed the limit.
         file: String,
@@ -206,8 +208,8 @@ pub struct BundleConfig {
 
 impl BundleConfig {
     fn parse(text: &str) -> Result<Self, BundleError> {
-        let config: Self =
-            toml::from_str(text).map_err(|e| BundleError::Config(e.to_string().trim().to_owned()))?;
+        let config: Self = toml::from_str(text)
+            .map_err(|e| BundleError::Config(e.to_string().trim().to_owned()))?;
         if let Some(name) = &config.name {
             let valid = !name.is_empty()
                 && name.len() <= 64
@@ -325,7 +327,7 @@ impl Bundle {
                 .cloned()
                 .collect()
         })
-        .map_err(|e| BundleError::Internal(e.to_string()))?;
+        .map_err(BundleError::Internal)?;
 
         let mut literals: HashSet<EntityUid> = HashSet::new();
         for policy in policies.policies() {
@@ -429,7 +431,10 @@ fn read_bundle_files(dir: &Path) -> Result<Vec<File>, BundleError> {
     for (name, path, len) in paths {
         total = total.saturating_add(len);
         if total > MAX_BUNDLE_BYTES {
-            return Err(BundleError::TooLarge { file: name, bytes: total });
+            return Err(BundleError::TooLarge {
+                file: name,
+                bytes: total,
+            });
         }
         let mut bytes = Vec::new();
         let file = std::fs::File::open(&path).map_err(|source| BundleError::ReadFile {
@@ -707,9 +712,16 @@ mod tests {
 
     #[test]
     fn bundle_toml_names_the_version_and_is_strict() {
-        let named = bundle(&[("a.cedar", PERMIT_CHAT), ("bundle.toml", "name = \"team-a\"\n")]);
+        let named = bundle(&[
+            ("a.cedar", PERMIT_CHAT),
+            ("bundle.toml", "name = \"team-a\"\n"),
+        ]);
         let loaded = Bundle::load(named.path()).unwrap();
-        assert!(loaded.version().starts_with("team-a@sha256:"), "{}", loaded.version());
+        assert!(
+            loaded.version().starts_with("team-a@sha256:"),
+            "{}",
+            loaded.version()
+        );
         assert_eq!(loaded.name(), Some("team-a"));
         for (text, expected) in [
             ("nmae = \"x\"", "unknown field `nmae`"),
@@ -736,10 +748,15 @@ mod tests {
         ]);
         let err = Bundle::load(dir.path()).unwrap_err();
         assert!(
-            err.to_string().starts_with("cannot parse policies: `bad.cedar:3:"),
+            err.to_string()
+                .starts_with("cannot parse policies: `bad.cedar:3:"),
             "{err}"
         );
-        assert!(err.problems()[0].starts_with("bad.cedar:3:"), "{:?}", err.problems());
+        assert!(
+            err.problems()[0].starts_with("bad.cedar:3:"),
+            "{:?}",
+            err.problems()
+        );
     }
 
     #[test]
@@ -776,7 +793,11 @@ mod tests {
             Err(BundleError::Template { .. })
         ));
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a.cedar"), b"permit(principal, action, resource) when { context.path == \"\xff\" };").unwrap();
+        std::fs::write(
+            dir.path().join("a.cedar"),
+            b"permit(principal, action, resource) when { context.path == \"\xff\" };",
+        )
+        .unwrap();
         assert_eq!(
             Bundle::load(dir.path()).unwrap_err().to_string(),
             "`a.cedar` is not UTF-8 text"
@@ -819,7 +840,10 @@ mod tests {
 
         let dir = bundle(&[("a.cedar", PERMIT_CHAT), ("s.cedarschema", "namespace {")]);
         let err = Bundle::load(dir.path()).unwrap_err().to_string();
-        assert!(err.starts_with("invalid schema: `s.cedarschema:1:"), "{err}");
+        assert!(
+            err.starts_with("invalid schema: `s.cedarschema:1:"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -864,7 +888,10 @@ mod tests {
             err.starts_with("bundle is too large: with `entities.json` it has"),
             "{err}"
         );
-        assert!(err.ends_with(&format!("the limit is {MAX_BUNDLE_BYTES}")), "{err}");
+        assert!(
+            err.ends_with(&format!("the limit is {MAX_BUNDLE_BYTES}")),
+            "{err}"
+        );
     }
 
     #[test]

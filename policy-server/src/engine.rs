@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use cedar_policy::{Authorizer, Context, Entities, Entity, EntityUid, Request, RestrictedExpression};
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityUid, Request, RestrictedExpression,
+};
 
 use crate::bundle::Bundle;
 pub use crate::bundle::BundleError;
@@ -112,7 +114,11 @@ fn outcome(allowed: bool) -> &'static str {
 
 impl Bundle {
     /// Decides `req` with this bundle alone.
-    pub fn decide(&self, authorizer: &Authorizer, req: &AuthzRequest) -> Result<Decision, EngineError> {
+    pub fn decide(
+        &self,
+        authorizer: &Authorizer,
+        req: &AuthzRequest,
+    ) -> Result<Decision, EngineError> {
         let directory = Directory {
             entities: &self.entities,
             api_keys: &self.api_keys,
@@ -137,11 +143,17 @@ impl Bundle {
         #[cfg(test)]
         if UNINDEXED.with(std::cell::Cell::get) {
             let response = authorizer.is_authorized(&request, &self.policies, &entities);
-            let mut policy_ids: Vec<String> =
-                response.diagnostics().reason().map(ToString::to_string).collect();
+            let mut policy_ids: Vec<String> = response
+                .diagnostics()
+                .reason()
+                .map(ToString::to_string)
+                .collect();
             policy_ids.sort();
-            let mut errors: Vec<String> =
-                response.diagnostics().errors().map(ToString::to_string).collect();
+            let mut errors: Vec<String> = response
+                .diagnostics()
+                .errors()
+                .map(ToString::to_string)
+                .collect();
             errors.sort();
             return Ok(Decision {
                 allowed: response.decision() == cedar_policy::Decision::Allow,
@@ -153,15 +165,13 @@ impl Bundle {
                 shadow: None,
             });
         }
-        let evaluation = self.index.evaluate(
-            authorizer,
-            &request,
-            &entities,
-            &action,
-            &route,
-            &principal.uid,
-            &principal.ancestors,
-        );
+        let scope = crate::index::Scope {
+            action: &action,
+            route: &route,
+            principal: &principal.uid,
+            ancestors: &principal.ancestors,
+        };
+        let evaluation = self.index.evaluate(authorizer, &request, &entities, &scope);
         Ok(Decision {
             allowed: evaluation.allowed,
             policy_ids: evaluation.reasons.iter().map(ToString::to_string).collect(),
@@ -227,13 +237,19 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
         ("scheme", string(&req.scheme)),
         ("source", string(&req.source)),
         ("request_id", string(&req.request_id)),
-        ("time", RestrictedExpression::new_datetime(cedar_datetime(req.time))),
+        (
+            "time",
+            RestrictedExpression::new_datetime(cedar_datetime(req.time)),
+        ),
         ("identity_source", string(source.as_str())),
         (
             "body_bytes",
             long(i64::try_from(body.bytes).unwrap_or(i64::MAX)),
         ),
-        ("body_truncated", RestrictedExpression::new_bool(body.truncated)),
+        (
+            "body_truncated",
+            RestrictedExpression::new_bool(body.truncated),
+        ),
         (
             "body_parse_error",
             RestrictedExpression::new_bool(body.parse_error),
@@ -386,7 +402,7 @@ impl PolicyEngine {
 mod tests {
     use super::*;
     use crate::ai::BodyAttributes;
-    use crate::identity::{Identity, api_key_sha256};
+    use crate::identity::{api_key_sha256, Identity};
     use serde_json::json;
     use std::collections::BTreeMap;
 
@@ -434,12 +450,15 @@ mod tests {
     #[test]
     fn identities_resolve_strongest_first() {
         let dir = bundle(&[
-            ("p.cedar", r#"
+            (
+                "p.cedar",
+                r#"
                 @id("staff") permit(principal in Arbiter::Group::"staff", action, resource);
                 @id("acme") permit(principal is Arbiter::Caller, action, resource) when { principal has tenant && principal.tenant == "acme" };
                 @id("anon") forbid(principal is Arbiter::Anonymous, action, resource) when { context.identity_source == "none" };
                 @id("keyed") permit(principal == Arbiter::Caller::"keyed", action, resource) when { context.identity_source == "api_key" };
-            "#),
+            "#,
+            ),
             ("entities.json", &keyed_entities()),
         ]);
         let engine = PolicyEngine::load(dir.path()).unwrap();
@@ -459,7 +478,10 @@ mod tests {
             jwt: Some(jwt.clone()),
             api_key_sha256: Some(api_key_sha256(b"k-1")),
         });
-        assert_eq!((d.principal.as_str(), d.identity_source), ("spiffe://t/a", IdentitySource::Mtls));
+        assert_eq!(
+            (d.principal.as_str(), d.identity_source),
+            ("spiffe://t/a", IdentitySource::Mtls)
+        );
         assert_eq!(d.policy_ids, ["acme", "staff"]);
 
         // JWT: groups from claims, with their parents from the bundle.
@@ -468,14 +490,20 @@ mod tests {
             api_key_sha256: Some(api_key_sha256(b"k-1")),
             ..Identity::default()
         });
-        assert_eq!((d.principal.as_str(), d.identity_source), ("https://idp#bob", IdentitySource::Jwt));
+        assert_eq!(
+            (d.principal.as_str(), d.identity_source),
+            ("https://idp#bob", IdentitySource::Jwt)
+        );
         assert_eq!(d.policy_ids, ["acme", "staff"]);
 
         let d = decide(Identity {
             api_key_sha256: Some(api_key_sha256(b"k-1")),
             ..Identity::default()
         });
-        assert_eq!((d.principal.as_str(), d.identity_source), ("keyed", IdentitySource::ApiKey));
+        assert_eq!(
+            (d.principal.as_str(), d.identity_source),
+            ("keyed", IdentitySource::ApiKey)
+        );
         assert_eq!(d.policy_ids, ["keyed"]);
 
         // An unknown key identifies nobody.
@@ -483,7 +511,10 @@ mod tests {
             api_key_sha256: Some(api_key_sha256(b"wrong")),
             ..Identity::default()
         });
-        assert_eq!((d.principal.as_str(), d.identity_source), ("anonymous", IdentitySource::None));
+        assert_eq!(
+            (d.principal.as_str(), d.identity_source),
+            ("anonymous", IdentitySource::None)
+        );
         assert_eq!(d.policy_ids, ["anon"]);
         assert!(!d.allowed);
 
@@ -499,8 +530,13 @@ mod tests {
     #[test]
     fn context_attributes_reach_policies() {
         let dir = bundle(&[
-            ("s.cedarschema", "namespace Arbiter { type RouteContext = { tier?: String }; }"),
-            ("p.cedar", r#"
+            (
+                "s.cedarschema",
+                "namespace Arbiter { type RouteContext = { tier?: String }; }",
+            ),
+            (
+                "p.cedar",
+                r#"
                 @id("all") permit(principal, action, resource) when {
                   context.route == "chat" && context.route_context has tier && context.route_context.tier == "gold" &&
                   context has source_ip && context.source_ip.isInRange(ip("10.0.0.0/8")) &&
@@ -510,7 +546,8 @@ mod tests {
                   context.body_bytes > 10 && !context.body_truncated && !context.body_parse_error &&
                   context has requested_tenant && context.requested_tenant == "acme"
                 };
-            "#),
+            "#,
+            ),
         ]);
         let engine = PolicyEngine::load(dir.path()).unwrap();
         let mut req = request("chat.completions", "chat");
@@ -528,7 +565,12 @@ mod tests {
     fn index_decides_like_the_whole_policy_set() {
         // Every kind of scope, overlapping permits and forbids, conditions that error.
         let mut text = String::new();
-        let actions = ["chat.completions", "embeddings", "models.list", "http.request"];
+        let actions = [
+            "chat.completions",
+            "embeddings",
+            "models.list",
+            "http.request",
+        ];
         for i in 0..60 {
             let effect = if i % 4 == 0 { "forbid" } else { "permit" };
             let principal = match i % 5 {
@@ -580,9 +622,18 @@ mod tests {
             for route in ["r0", "r1", "r2", "other"] {
                 for identity in [
                     Identity::default(),
-                    Identity { mtls: Some("spiffe://t/a".into()), ..Identity::default() },
-                    Identity { mtls: Some("spiffe://t/b".into()), ..Identity::default() },
-                    Identity { api_key_sha256: Some(api_key_sha256(b"k-1")), ..Identity::default() },
+                    Identity {
+                        mtls: Some("spiffe://t/a".into()),
+                        ..Identity::default()
+                    },
+                    Identity {
+                        mtls: Some("spiffe://t/b".into()),
+                        ..Identity::default()
+                    },
+                    Identity {
+                        api_key_sha256: Some(api_key_sha256(b"k-1")),
+                        ..Identity::default()
+                    },
                 ] {
                     for path in ["/p0", "/p1"] {
                         let mut req = request(action, route);
@@ -603,7 +654,10 @@ mod tests {
 
     #[test]
     fn shadow_never_changes_the_answer() {
-        let active = bundle(&[("a.cedar", "@id(\"all\") permit(principal, action, resource);")]);
+        let active = bundle(&[(
+            "a.cedar",
+            "@id(\"all\") permit(principal, action, resource);",
+        )]);
         let candidate = bundle(&[(
             "a.cedar",
             "@id(\"chat\") permit(principal, action == Arbiter::Action::\"chat.completions\", resource);",
@@ -622,10 +676,19 @@ mod tests {
         assert_ne!(shadow.policy_version, other.policy_version);
         assert_eq!(other.shadow_disagreement(), Some(Disagreement::WouldDeny));
         let metrics = engine.metrics().encode();
-        assert!(metrics.contains("arbiter_shadow_disagreements_total{direction=\"would_deny\"} 1"), "{metrics}");
-        assert!(metrics.contains("arbiter_shadow_decisions_total 2"), "{metrics}");
+        assert!(
+            metrics.contains("arbiter_shadow_disagreements_total{direction=\"would_deny\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("arbiter_shadow_decisions_total 2"),
+            "{metrics}"
+        );
         engine.set_shadow(None);
-        assert_eq!(engine.decide(&request("embeddings", "r")).unwrap().shadow, None);
+        assert_eq!(
+            engine.decide(&request("embeddings", "r")).unwrap().shadow,
+            None
+        );
     }
 
     #[test]
@@ -635,7 +698,12 @@ mod tests {
         let engine = PolicyEngine::load(first.path()).unwrap();
         let old = engine.replace(Arc::new(Bundle::load(second.path()).unwrap()));
         assert_ne!(old.version(), engine.bundle().version());
-        assert!(!engine.decide(&request("chat.completions", "r")).unwrap().allowed);
+        assert!(
+            !engine
+                .decide(&request("chat.completions", "r"))
+                .unwrap()
+                .allowed
+        );
     }
 
     #[test]

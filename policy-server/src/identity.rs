@@ -95,9 +95,7 @@ impl Identity {
         Self {
             mtls: (!mtls.is_empty()).then(|| mtls.to_owned()),
             jwt,
-            api_key_sha256: api_key
-                .filter(|key| !key.is_empty())
-                .map(api_key_sha256),
+            api_key_sha256: api_key.filter(|key| !key.is_empty()).map(api_key_sha256),
         }
     }
 
@@ -240,7 +238,7 @@ impl Directory<'_> {
         if let Some(claims) = &identity.jwt {
             // Verified claims without a subject identify nobody; weaker evidence decides.
             if let Some(id) = jwt_caller_id(claims) {
-                return self.from_claims(EntityTypes::uid(&self.types.caller, &id), claims);
+                return self.jwt_caller(EntityTypes::uid(&self.types.caller, &id), claims);
             }
             tracing::debug!("jwt claims without a string `sub` ignored");
         }
@@ -280,7 +278,7 @@ impl Directory<'_> {
         }
     }
 
-    fn from_claims(&self, uid: EntityUid, claims: &Claims) -> Result<Principal, IdentityError> {
+    fn jwt_caller(&self, uid: EntityUid, claims: &Claims) -> Result<Principal, IdentityError> {
         let mut attrs = HashMap::new();
         if let Some(Value::String(tenant)) = claim(claims, &self.jwt.tenant_claim) {
             attrs.insert(
@@ -332,7 +330,9 @@ fn proto_to_json(value: &ProtoValue) -> Value {
             .map(Value::Number)
             .unwrap_or(Value::Null),
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::ListValue(list)) => Value::Array(list.values.iter().map(proto_to_json).collect()),
+        Some(Kind::ListValue(list)) => {
+            Value::Array(list.values.iter().map(proto_to_json).collect())
+        }
         Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
     }
 }
@@ -399,7 +399,8 @@ mod tests {
 
     #[test]
     fn metadata_round_trip() {
-        let value = json!({"sub": "a", "n": 1.5, "groups": ["x", "y"], "o": {"k": null, "b": true}});
+        let value =
+            json!({"sub": "a", "n": 1.5, "groups": ["x", "y"], "o": {"k": null, "b": true}});
         let proto = json_to_struct(&value);
         assert_eq!(Value::Object(struct_to_json(&proto)), value);
     }

@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Entities, EntityUid, Policy, PolicyId, PolicySet,
-    PrincipalConstraint, Request, ResourceConstraint,
+    ActionConstraint, Authorizer, Entities, EntityUid, PolicyId, PolicySet, PrincipalConstraint,
+    Request, ResourceConstraint,
 };
 
 /// One level of the index: policies for any value, and per named value.
@@ -49,6 +49,20 @@ pub struct PolicyIndex {
     buckets: usize,
 }
 
+/// What a request's scope lookups need: its action, route, principal and the principal's
+/// ancestors (groups).
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// The action.
+    pub action: &'a EntityUid,
+    /// The route (resource).
+    pub route: &'a EntityUid,
+    /// The principal.
+    pub principal: &'a EntityUid,
+    /// Every group the principal is in, transitively.
+    pub ancestors: &'a [EntityUid],
+}
+
 /// The combined answer of the buckets a request touched.
 #[derive(Debug, Default)]
 pub struct Evaluation {
@@ -67,7 +81,7 @@ impl PolicyIndex {
     pub fn new(
         policies: &PolicySet,
         members: impl Fn(&EntityUid) -> Vec<EntityUid>,
-    ) -> Result<Self, cedar_policy::PolicySetError> {
+    ) -> Result<Self, String> {
         let mut index = Self::default();
         for policy in policies.policies() {
             let actions: Vec<Option<EntityUid>> = match policy.action_constraint() {
@@ -101,7 +115,7 @@ impl PolicyIndex {
                 if set.is_empty() {
                     index.buckets += 1;
                 }
-                add(set, policy)?;
+                set.add(policy.clone()).map_err(|e| e.to_string())?;
             }
         }
         Ok(index)
@@ -112,29 +126,31 @@ impl PolicyIndex {
         self.buckets
     }
 
-    /// Decides `request` (whose principal is `principal` with `ancestors`) with the policies
-    /// whose scope can match it.
+    /// Decides `request` with the policies whose scope can match `scope`.
     pub fn evaluate(
         &self,
         authorizer: &Authorizer,
         request: &Request,
         entities: &Entities,
-        action: &EntityUid,
-        route: &EntityUid,
-        principal: &EntityUid,
-        ancestors: &[EntityUid],
+        scope: &Scope<'_>,
     ) -> Evaluation {
+        let Scope {
+            action,
+            route,
+            principal,
+            ancestors,
+        } = scope;
         let mut forbids: Vec<PolicyId> = Vec::new();
         let mut permits: Vec<PolicyId> = Vec::new();
         let mut errors = Vec::new();
-        let actions = [self.root.by.get(action), self.root.any.as_ref()];
+        let actions = [self.root.by.get(*action), self.root.any.as_ref()];
         for by_route in actions.into_iter().flatten() {
-            for by_principal in [by_route.by.get(route), by_route.any.as_ref()]
+            for by_principal in [by_route.by.get(*route), by_route.any.as_ref()]
                 .into_iter()
                 .flatten()
             {
                 let principals = std::iter::once(by_principal.any.as_ref())
-                    .chain(std::iter::once(by_principal.by.get(principal)))
+                    .chain(std::iter::once(by_principal.by.get(*principal)))
                     .chain(ancestors.iter().map(|a| by_principal.by.get(a)));
                 for set in principals.flatten() {
                     let response = authorizer.is_authorized(request, set, entities);
@@ -168,8 +184,4 @@ impl PolicyIndex {
             errors,
         }
     }
-}
-
-fn add(set: &mut PolicySet, policy: &Policy) -> Result<(), cedar_policy::PolicySetError> {
-    set.add(policy.clone())
 }

@@ -16,8 +16,8 @@ pub mod engine;
 pub mod identity;
 pub mod index;
 pub mod metrics;
-pub mod reload;
 pub mod probe;
+pub mod reload;
 pub mod request;
 pub mod schema;
 pub mod service;
@@ -152,7 +152,10 @@ pub async fn serve_with(
         .set_serving::<AuthorizationServer<AuthorizationService>>()
         .await;
     health
-        .set_service_status(reload::BUNDLE_HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+        .set_service_status(
+            reload::BUNDLE_HEALTH_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
         .await;
 
     // Background tasks end with the server (aborted below), not on their own.

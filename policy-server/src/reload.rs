@@ -31,16 +31,19 @@ use crate::metrics::BundleRole;
 /// use, and `NOT_SERVING` while a newer one on disk is rejected.
 pub const BUNDLE_HEALTH_SERVICE: &str = "arbiter.PolicyBundle";
 
+/// One bundle file as a reload sees it: name, size, modification time, inode.
+type FileStamp = (String, u64, Option<SystemTime>, u64);
+
 /// What a reload saw of a bundle directory: each bundle file's name, size, modification
 /// time and inode (symlinks followed). Any write changes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fingerprint(Result<Vec<(String, u64, Option<SystemTime>, u64)>, String>);
+pub struct Fingerprint(Result<Vec<FileStamp>, String>);
 
 impl Fingerprint {
     /// The fingerprint of `dir` now. A directory that cannot be read has a fingerprint too
     /// (its error), so its disappearance is a change that gets loaded and rejected.
     pub fn of(dir: &Path) -> Self {
-        let read = || -> std::io::Result<Vec<(String, u64, Option<SystemTime>, u64)>> {
+        let read = || -> std::io::Result<Vec<FileStamp>> {
             let mut files = Vec::new();
             for entry in std::fs::read_dir(dir)? {
                 let path = entry?.path();

@@ -138,7 +138,8 @@ impl TryFrom<CheckRequest> for AuthzRequest {
         let api_key = header(API_KEY_HEADER);
         let requested_tenant =
             header(TENANT_HEADER).map(|t| String::from_utf8_lossy(&t).into_owned());
-        let truncated = header(PARTIAL_BODY_HEADER).is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
+        let truncated =
+            header(PARTIAL_BODY_HEADER).is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
         let body = if raw_body.is_empty() {
             BodyAttributes::from_body(body.as_bytes(), size, truncated)
         } else {
@@ -372,7 +373,8 @@ mod tests {
         });
         let http = request.http.as_mut().unwrap();
         http.headers.insert("X-Api-Key".into(), "key-1".into());
-        http.headers.insert("x-envoy-auth-partial-body".into(), "true".into());
+        http.headers
+            .insert("x-envoy-auth-partial-body".into(), "true".into());
         // Raw (non-UTF-8) values arrive in header_map.
         http.header_map = Some(HeaderMap {
             headers: vec![HeaderValue {

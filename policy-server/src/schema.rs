@@ -253,15 +253,23 @@ mod tests {
         let err = build(vec![fragment("namespace Arbiter { entity Team; }")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("may not declare entity types (`Team`)"), "{err}");
-        let err = build(vec![fragment("entity Team;")]).unwrap_err().to_string();
+        assert!(
+            err.contains("may not declare entity types (`Team`)"),
+            "{err}"
+        );
+        let err = build(vec![fragment("entity Team;")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("only extend `namespace Arbiter`"), "{err}");
         let err = build(vec![fragment(
             "namespace Arbiter { action \"x\" appliesTo { principal: [Caller], resource: [Route], context: {} }; }",
         )])
         .unwrap_err()
         .to_string();
-        assert!(err.contains("action `x`: `context` must be `RequestContext`"), "{err}");
+        assert!(
+            err.contains("action `x`: `context` must be `RequestContext`"),
+            "{err}"
+        );
         let err = build(vec![fragment(
             "namespace Arbiter { action \"x\" appliesTo { principal: [Route], resource: [Route], context: RequestContext }; }",
         )])

@@ -109,11 +109,25 @@ async fn bad_bodies_and_headers_are_decided() {
 
     // Over the limit: the filter cut it and said so.
     let prefix = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"aaaaaaaa"#;
-    let response = check(with_body(chat(), prefix, 1_000_000, true)).await;
+    let strict = check_request(
+        "",
+        "POST",
+        "/v1/chat/completions",
+        &[("route", "chat"), ("body_policy", "strict")],
+    );
+    let response = check(with_body(strict, prefix, 1_000_000, true)).await;
     assert_eq!(denied_by(&response), ["body-must-be-readable"]);
+    // Routes that do not ask for it let a cut body through (with the other rules).
+    let response = check(with_body(chat(), prefix, 1_000_000, true)).await;
+    assert_eq!(response.status.unwrap().code, 0);
 
     // Not JSON, not UTF-8, JSON of the wrong shape.
-    for body in [&b"{\"model\": gpt-4o}"[..], b"\xff\xfe\x00\x01", b"[]", b"{\"model\":{}}"] {
+    for body in [
+        &b"{\"model\": gpt-4o}"[..],
+        b"\xff\xfe\x00\x01",
+        b"[]",
+        b"{\"model\":{}}",
+    ] {
         let response = check(with_body(chat(), body, body.len() as i64, false)).await;
         assert_eq!(denied_by(&response), ["body-must-be-readable"], "{body:?}");
     }
@@ -126,11 +140,28 @@ async fn bad_bodies_and_headers_are_decided() {
     // Header values that are not UTF-8 arrive as raw bytes in `header_map`: the tenant
     // (lossily decoded) matches no tenant, the API key (hashed as bytes) no caller.
     let mut request = chat();
-    let http = request.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
     http.header_map = Some(HeaderMap {
         headers: vec![
-            HeaderValue { key: "x-tenant-id".into(), value: String::new(), raw_value: b"acme\xc0".to_vec() },
-            HeaderValue { key: "x-api-key".into(), value: String::new(), raw_value: b"demo-key-acme-batch\xff".to_vec() },
+            HeaderValue {
+                key: "x-tenant-id".into(),
+                value: String::new(),
+                raw_value: b"acme\xc0".to_vec(),
+            },
+            HeaderValue {
+                key: "x-api-key".into(),
+                value: String::new(),
+                raw_value: b"demo-key-acme-batch\xff".to_vec(),
+            },
         ],
     });
     let response = check(request).await;
@@ -144,7 +175,16 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
 
     // A header value with invalid UTF-8 in a protobuf `string` field.
     let mut request = chat();
-    let http = request.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
     http.headers.insert("x-tenant-id".into(), "MARKER".into());
     let mut bytes = request.encode_to_vec();
     let at = bytes.windows(6).position(|w| w == b"MARKER").unwrap();

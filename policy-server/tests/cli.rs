@@ -26,7 +26,11 @@ fn validate_accepts_the_example_and_names_each_problem() {
     let example = example_bundle();
     let output = arbiter(&["validate", example.to_str().unwrap()]);
     assert!(output.status.success(), "{}", text(&output));
-    assert!(text(&output).contains("8 policies, 6 entities, version ai-gateway@sha256:"), "{}", text(&output));
+    assert!(
+        text(&output).contains("8 policies, 6 entities, version ai-gateway@sha256:"),
+        "{}",
+        text(&output)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -34,11 +38,18 @@ fn validate_accepts_the_example_and_names_each_problem() {
         "permit(principal, action, resource)\n  when { context.modle == \"gpt-4o\" };\n",
     )
     .unwrap();
-    std::fs::write(dir.path().join("b.cedar"), "\n\nforbid(principal action, resource);\n").unwrap();
+    std::fs::write(
+        dir.path().join("b.cedar"),
+        "\n\nforbid(principal action, resource);\n",
+    )
+    .unwrap();
     let output = arbiter(&["validate", dir.path().to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.lines().any(|l| l.starts_with("b.cedar:3:")), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.starts_with("b.cedar:3:")),
+        "{stderr}"
+    );
     assert!(stderr.ends_with("is not a valid bundle\n"), "{stderr}");
 
     std::fs::remove_file(dir.path().join("b.cedar")).unwrap();
@@ -56,22 +67,50 @@ fn check_prints_decision_policies_and_reason() {
     let example = example_bundle();
     let dir = example.to_str().unwrap();
     let output = arbiter(&[
-        "check", dir, "--method", "POST", "--path", "/regulated/v1/chat/completions",
-        "--route", "regulated_chat", "--context", "classification=regulated",
-        "--api-key", "demo-key-globex-intern", "--expect", "deny",
+        "check",
+        dir,
+        "--method",
+        "POST",
+        "--path",
+        "/regulated/v1/chat/completions",
+        "--route",
+        "regulated_chat",
+        "--context",
+        "classification=regulated",
+        "--api-key",
+        "demo-key-globex-intern",
+        "--expect",
+        "deny",
     ]);
     assert!(output.status.success(), "{}", text(&output));
     let out = text(&output);
     assert!(out.starts_with("deny\n"), "{out}");
-    assert!(out.contains("denied by policy `regulated-requires-approval`"), "{out}");
-    assert!(out.contains("regulated-requires-approval (regulated.cedar:"), "{out}");
+    assert!(
+        out.contains("denied by policy `regulated-requires-approval`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("regulated-requires-approval (regulated.cedar:"),
+        "{out}"
+    );
     assert!(out.contains("globex-intern (identity: api_key)"), "{out}");
-    assert!(!out.contains("demo-key-globex-intern"), "the key leaked: {out}");
+    assert!(
+        !out.contains("demo-key-globex-intern"),
+        "the key leaked: {out}"
+    );
 
     // --expect turns the decision into the exit code.
     let output = arbiter(&[
-        "check", dir, "--method", "POST", "--path", "/v1/chat/completions", "--route", "chat",
-        "--expect", "deny",
+        "check",
+        dir,
+        "--method",
+        "POST",
+        "--path",
+        "/v1/chat/completions",
+        "--route",
+        "chat",
+        "--expect",
+        "deny",
     ]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
 
@@ -85,7 +124,13 @@ fn check_prints_decision_policies_and_reason() {
             "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "secret prompt"}]}}"#,
     )
     .unwrap();
-    let output = arbiter(&["check", dir, "--request", request.to_str().unwrap(), "--json"]);
+    let output = arbiter(&[
+        "check",
+        dir,
+        "--request",
+        request.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(output.status.success(), "{}", text(&output));
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["decision"], "allow");
@@ -98,8 +143,16 @@ fn check_prints_decision_policies_and_reason() {
     let body = files.path().join("body.json");
     std::fs::write(&body, r#"{"model":"o3-mini","messages":[]}"#).unwrap();
     let output = arbiter(&[
-        "check", dir, "--path", "/v1/chat/completions", "--route", "chat", "--body",
-        body.to_str().unwrap(), "--expect", "deny",
+        "check",
+        dir,
+        "--path",
+        "/v1/chat/completions",
+        "--route",
+        "chat",
+        "--body",
+        body.to_str().unwrap(),
+        "--expect",
+        "deny",
     ]);
     assert!(output.status.success(), "{}", text(&output));
     assert!(text(&output).contains("model-allow-list"));
@@ -114,7 +167,11 @@ fn check_reports_bad_input_with_exit_code_2() {
     std::fs::write(&request, r#"{"path": "/", "principle": "x"}"#).unwrap();
     let output = arbiter(&["check", dir, "--request", request.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output).contains("unknown field `principle`"), "{}", text(&output));
+    assert!(
+        text(&output).contains("unknown field `principle`"),
+        "{}",
+        text(&output)
+    );
 
     let output = arbiter(&["check", dir, "--path", "/", "--jwt-claims", "[1]"]);
     assert_eq!(output.status.code(), Some(2));
@@ -122,7 +179,11 @@ fn check_reports_bad_input_with_exit_code_2() {
 
     let output = arbiter(&["check", "/nonexistent-bundle", "--path", "/"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output).contains("cannot read bundle directory"), "{}", text(&output));
+    assert!(
+        text(&output).contains("cannot read bundle directory"),
+        "{}",
+        text(&output)
+    );
 }
 
 #[test]

@@ -59,7 +59,12 @@ fn every_fixture_decides_as_expected() {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     paths.sort();
-    assert!(paths.len() >= 20, "only {} fixtures in {}", paths.len(), dir.display());
+    assert!(
+        paths.len() >= 20,
+        "only {} fixtures in {}",
+        paths.len(),
+        dir.display()
+    );
 
     let mut bundles: HashMap<PathBuf, Bundle> = HashMap::new();
     let mut failures = Vec::new();
@@ -85,10 +90,17 @@ fn every_fixture_decides_as_expected() {
             }
         };
         let d = &report.decision;
-        let got = if d.allowed { Decision::Allow } else { Decision::Deny };
+        let got = if d.allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        };
         let mut problems = Vec::new();
         if got != fixture.expect.decision {
-            problems.push(format!("decision {got:?}, expected {:?}", fixture.expect.decision));
+            problems.push(format!(
+                "decision {got:?}, expected {:?}",
+                fixture.expect.decision
+            ));
         }
         if d.policy_ids != fixture.expect.policy_ids {
             problems.push(format!(
@@ -98,7 +110,10 @@ fn every_fixture_decides_as_expected() {
         }
         if let Some(principal) = &fixture.expect.principal {
             if &d.principal != principal {
-                problems.push(format!("principal `{}`, expected `{principal}`", d.principal));
+                problems.push(format!(
+                    "principal `{}`, expected `{principal}`",
+                    d.principal
+                ));
             }
         }
         if let Some(source) = &fixture.expect.identity_source {

@@ -38,7 +38,12 @@ fn version(response: &CheckResponse) -> String {
 
 async fn chat(client: &mut AuthorizationClient<tonic::transport::Channel>) -> CheckResponse {
     client
-        .check(check_request("", "POST", "/v1/chat/completions", &[("route", "chat")]))
+        .check(check_request(
+            "",
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "chat")],
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -104,7 +109,8 @@ async fn invalid_bundles_are_rejected_and_the_last_good_one_keeps_serving() {
 
     let oversized = |dir: &Path| {
         let file = std::fs::File::create(dir.join("entities.json")).unwrap();
-        file.set_len(arbiter_policy_server::bundle::MAX_BUNDLE_BYTES + 1).unwrap();
+        file.set_len(arbiter_policy_server::bundle::MAX_BUNDLE_BYTES + 1)
+            .unwrap();
     };
     type Breaker = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Breaker, &str)> = vec![
@@ -147,9 +153,11 @@ async fn invalid_bundles_are_rejected_and_the_last_good_one_keeps_serving() {
     for (n, (what, breaker, error)) in cases.iter().enumerate() {
         breaker(dir.path());
         let rejected = (n + 1) as f64;
-        eventually(Duration::from_secs(5), &format!("{what} to be rejected"), || async {
-            (server.metric(REJECTED).await >= rejected).then_some(())
-        })
+        eventually(
+            Duration::from_secs(5),
+            &format!("{what} to be rejected"),
+            || async { (server.metric(REJECTED).await >= rejected).then_some(()) },
+        )
         .await;
         // Still decided by the last good bundle.
         let response = chat(&mut client).await;
@@ -161,11 +169,22 @@ async fn invalid_bundles_are_rejected_and_the_last_good_one_keeps_serving() {
         assert_eq!(status["active"]["version"], good.as_str());
         let message = status["active"]["rejected"]["error"].as_str().unwrap();
         assert!(message.contains(error), "{what}: {message}");
-        assert_eq!(server.metric("arbiter_bundle_rejected{bundle=\"active\"}").await, 1.0);
-        assert_eq!(bundle_health(&server).await, ServingStatus::NotServing as i32, "{what}");
+        assert_eq!(
+            server
+                .metric("arbiter_bundle_rejected{bundle=\"active\"}")
+                .await,
+            1.0
+        );
+        assert_eq!(
+            bundle_health(&server).await,
+            ServingStatus::NotServing as i32,
+            "{what}"
+        );
         // Overall health stays SERVING: the server decides with the last good bundle.
         let overall = HealthClient::new(server.channel().await)
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -174,7 +193,9 @@ async fn invalid_bundles_are_rejected_and_the_last_good_one_keeps_serving() {
     }
     assert!(
         server
-            .metric(&format!("arbiter_bundle_info{{bundle=\"active\",version=\"{good}\"}}"))
+            .metric(&format!(
+                "arbiter_bundle_info{{bundle=\"active\",version=\"{good}\"}}"
+            ))
             .await
             == 1.0
     );
@@ -187,7 +208,12 @@ async fn invalid_bundles_are_rejected_and_the_last_good_one_keeps_serving() {
         async move { (!allowed(&chat(&mut client).await)).then_some(()) }
     })
     .await;
-    assert_eq!(server.metric("arbiter_bundle_rejected{bundle=\"active\"}").await, 0.0);
+    assert_eq!(
+        server
+            .metric("arbiter_bundle_rejected{bundle=\"active\"}")
+            .await,
+        0.0
+    );
     assert_eq!(bundle_health(&server).await, ServingStatus::Serving as i32);
     server.stop().await;
 }
@@ -211,7 +237,12 @@ async fn a_storm_of_changes_under_load_fails_no_check() {
             while !stop.load(Ordering::Relaxed) {
                 // Any error fails the test: no Check may fail during reloads.
                 let response = client
-                    .check(check_request("", "POST", "/v1/chat/completions", &[("route", "chat")]))
+                    .check(check_request(
+                        "",
+                        "POST",
+                        "/v1/chat/completions",
+                        &[("route", "chat")],
+                    ))
                     .await
                     .expect("check failed during the reload storm")
                     .into_inner();

@@ -237,14 +237,22 @@ async fn binary_runs_a_shadow_bundle_and_serves_metrics() {
         .strip_prefix("listening on ")
         .unwrap()
         .to_owned();
-    assert!(log["fields"]["shadow_version"].as_str().unwrap().starts_with("sha256:"));
+    assert!(log["fields"]["shadow_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
     let response = AuthorizationClient::new(channel)
-        .check(check_request("", "GET", "/v1/models", &[("route", "models")]))
+        .check(check_request(
+            "",
+            "GET",
+            "/v1/models",
+            &[("route", "models")],
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -265,8 +273,17 @@ async fn binary_runs_a_shadow_bundle_and_serves_metrics() {
     assert_eq!(event["fields"]["shadow_decision"], "deny");
     assert_eq!(event["fields"]["shadow_disagreement"], "would_deny");
     let text = common::http_get(metrics, "/metrics").await;
-    assert!(text.contains("arbiter_decisions_total{decision=\"allow\"} 1"), "{text}");
-    assert!(text.contains("arbiter_shadow_disagreements_total{direction=\"would_deny\"} 1"), "{text}");
-    assert!(text.contains("arbiter_decision_duration_seconds_count 1"), "{text}");
+    assert!(
+        text.contains("arbiter_decisions_total{decision=\"allow\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("arbiter_shadow_disagreements_total{direction=\"would_deny\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("arbiter_decision_duration_seconds_count 1"),
+        "{text}"
+    );
     child.kill().await.unwrap();
 }

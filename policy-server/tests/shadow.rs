@@ -72,25 +72,36 @@ async fn a_stricter_candidate_shows_disagreements_and_changes_no_answer() {
     .unwrap();
 
     let plain = Running::start(&example_bundle(), None, Duration::ZERO).await;
-    let shadowed =
-        Running::start(&example_bundle(), Some(candidate.path()), Duration::from_millis(50)).await;
+    let shadowed = Running::start(
+        &example_bundle(),
+        Some(candidate.path()),
+        Duration::from_millis(50),
+    )
+    .await;
     let expected = answers(plain.channel().await).await;
     let got = answers(shadowed.channel().await).await;
     assert_eq!(got, expected, "the shadow bundle changed an answer");
     // The active bundle allows the three embeddings calls' routes differently: two routine
     // embeddings are allowed and the candidate denies them; the regulated one is allowed too.
     assert_eq!(
-        shadowed.metric("arbiter_shadow_disagreements_total{direction=\"would_deny\"}").await,
+        shadowed
+            .metric("arbiter_shadow_disagreements_total{direction=\"would_deny\"}")
+            .await,
         3.0
     );
     assert_eq!(
-        shadowed.metric("arbiter_shadow_disagreements_total{direction=\"would_allow\"}").await,
+        shadowed
+            .metric("arbiter_shadow_disagreements_total{direction=\"would_allow\"}")
+            .await,
         0.0
     );
     assert_eq!(shadowed.metric("arbiter_shadow_decisions_total").await, 6.0);
     assert_eq!(plain.metric("arbiter_shadow_decisions_total").await, 0.0);
     let metrics = shadowed.http_get("/metrics").await;
-    assert!(metrics.contains("arbiter_bundle_info{bundle=\"shadow\",version=\"ai-gateway@sha256:"), "{metrics}");
+    assert!(
+        metrics.contains("arbiter_bundle_info{bundle=\"shadow\",version=\"ai-gateway@sha256:"),
+        "{metrics}"
+    );
     let status: serde_json::Value =
         serde_json::from_str(&shadowed.http_get("/status").await).unwrap();
     assert_eq!(status["shadow"]["state"], "current");
@@ -98,29 +109,48 @@ async fn a_stricter_candidate_shows_disagreements_and_changes_no_answer() {
 
     // The candidate is reloaded like the active bundle: drop the extra forbid, and it agrees.
     std::fs::remove_file(candidate.path().join("no-embeddings.cedar")).unwrap();
-    eventually(Duration::from_secs(5), "the candidate to reload", || async {
-        (shadowed
-            .metric("arbiter_bundle_reloads_total{bundle=\"shadow\",result=\"success\"}")
-            .await
-            >= 1.0)
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the candidate to reload",
+        || async {
+            (shadowed
+                .metric("arbiter_bundle_reloads_total{bundle=\"shadow\",result=\"success\"}")
+                .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
     .await;
     let got = answers(shadowed.channel().await).await;
     assert_eq!(got, expected);
     assert_eq!(
-        shadowed.metric("arbiter_shadow_disagreements_total{direction=\"would_deny\"}").await,
+        shadowed
+            .metric("arbiter_shadow_disagreements_total{direction=\"would_deny\"}")
+            .await,
         3.0
     );
 
     // A broken candidate is rejected like an active one; answers are unaffected.
     std::fs::write(candidate.path().join("routine.cedar"), "permit(").unwrap();
-    eventually(Duration::from_secs(5), "the broken candidate to be rejected", || async {
-        (shadowed.metric("arbiter_bundle_rejected{bundle=\"shadow\"}").await == 1.0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the broken candidate to be rejected",
+        || async {
+            (shadowed
+                .metric("arbiter_bundle_rejected{bundle=\"shadow\"}")
+                .await
+                == 1.0)
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(answers(shadowed.channel().await).await, expected);
-    assert_eq!(shadowed.metric("arbiter_bundle_rejected{bundle=\"active\"}").await, 0.0);
+    assert_eq!(
+        shadowed
+            .metric("arbiter_bundle_rejected{bundle=\"active\"}")
+            .await,
+        0.0
+    );
     plain.stop().await;
     shadowed.stop().await;
 }

@@ -76,8 +76,16 @@ async fn api_keys_identify_callers_on_the_regulated_route() -> Result<()> {
     // Only the two allowed requests reached a provider.
     assert_eq!(stack.upstream_requests(), 2);
     let log = stack.policy()?.log();
-    assert!(log.contains("\"identity_source\":\"api_key\"") || log.contains("identity_source=\"api_key\"") || log.contains("identity_source=api_key"), "{log}");
-    assert!(!log.contains(APPROVED_KEY) && !log.contains(INTERN_KEY), "an API key reached the log");
+    assert!(
+        log.contains("\"identity_source\":\"api_key\"")
+            || log.contains("identity_source=\"api_key\"")
+            || log.contains("identity_source=api_key"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(APPROVED_KEY) && !log.contains(INTERN_KEY),
+        "an API key reached the log"
+    );
     Ok(())
 }
 
@@ -124,7 +132,10 @@ async fn request_bodies_reach_policy_through_envoy() -> Result<()> {
 
     assert_eq!(stack.upstream_requests(), 2);
     let log = stack.policy()?.log();
-    assert!(!log.contains("the prompt") && !log.contains("xxxxxxxx"), "prompt text reached the log");
+    assert!(
+        !log.contains("the prompt") && !log.contains("xxxxxxxx"),
+        "prompt text reached the log"
+    );
     assert!(log.contains("gpt-4o"), "the model is logged: {log}");
     Ok(())
 }
@@ -140,10 +151,21 @@ impl Idp {
         // A fresh key per test run, from the OS's randomness via the process's hasher keys
         // and the clock; any 32 bytes below the curve order make a valid key.
         let mut seed = Sha256::new();
-        seed.update(format!("{kid}{:?}{}", SystemTime::now(), std::process::id()));
-        seed.update(std::collections::hash_map::RandomState::new().hash_one(kid).to_be_bytes());
+        seed.update(format!(
+            "{kid}{:?}{}",
+            SystemTime::now(),
+            std::process::id()
+        ));
+        seed.update(
+            std::collections::hash_map::RandomState::new()
+                .hash_one(kid)
+                .to_be_bytes(),
+        );
         let key = SigningKey::from_slice(&seed.finalize()).unwrap();
-        Idp { key, kid: kid.to_owned() }
+        Idp {
+            key,
+            kid: kid.to_owned(),
+        }
     }
 
     fn jwks(&self) -> String {
@@ -158,7 +180,10 @@ impl Idp {
 
     fn token(&self, claims: Value) -> String {
         let header = json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let mut claims = claims;
         claims["iss"] = json!(ISSUER);
         claims["iat"] = json!(now);
@@ -169,7 +194,10 @@ impl Idp {
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
         let signature: Signature = self.key.sign(signing_input.as_bytes());
-        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+        format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(signature.to_bytes())
+        )
     }
 }
 
@@ -187,15 +215,24 @@ async fn jwt_claims_verified_by_jwt_authn_identify_callers() -> Result<()> {
     let bearer = |token: &str| format!("Bearer {token}");
     let regulated = "/regulated/v1/chat/completions";
 
-    let approved = idp.token(json!({"sub": "alice", "tenant": "acme", "groups": ["regulated-approved"]}));
+    let approved =
+        idp.token(json!({"sub": "alice", "tenant": "acme", "groups": ["regulated-approved"]}));
     let reply = stack
-        .post_json_with(regulated, &[("authorization", &bearer(&approved))], &chat_body())
+        .post_json_with(
+            regulated,
+            &[("authorization", &bearer(&approved))],
+            &chat_body(),
+        )
         .await?;
     assert_eq!(reply.status, 200, "{}", reply.text());
 
     let plain = idp.token(json!({"sub": "bob", "tenant": "acme", "groups": ["engineering"]}));
     let reply = stack
-        .post_json_with(regulated, &[("authorization", &bearer(&plain))], &chat_body())
+        .post_json_with(
+            regulated,
+            &[("authorization", &bearer(&plain))],
+            &chat_body(),
+        )
         .await?;
     assert_eq!(reply.status, 403, "{}", reply.text());
     assert_eq!(policy_ids(&reply), json!(["regulated-requires-approval"]));
@@ -206,18 +243,27 @@ async fn jwt_claims_verified_by_jwt_authn_identify_callers() -> Result<()> {
     assert_eq!(policy_ids(&reply), json!(["regulated-requires-identity"]));
 
     // A token signed by someone else never reaches policy: jwt_authn refuses it.
-    let forged = Idp::new("test-key-1").token(json!({"sub": "mallory", "groups": ["regulated-approved"]}));
+    let forged =
+        Idp::new("test-key-1").token(json!({"sub": "mallory", "groups": ["regulated-approved"]}));
     let reply = stack
-        .post_json_with(regulated, &[("authorization", &bearer(&forged))], &chat_body())
+        .post_json_with(
+            regulated,
+            &[("authorization", &bearer(&forged))],
+            &chat_body(),
+        )
         .await?;
     assert_eq!(reply.status, 401, "{}", reply.text());
 
     // Claims drive tenant isolation and the model allow-list (the chat route sends bodies).
-    let premium = idp.token(json!({"sub": "carol", "tenant": "acme", "groups": ["premium-models"]}));
+    let premium =
+        idp.token(json!({"sub": "carol", "tenant": "acme", "groups": ["premium-models"]}));
     let reply = stack
         .post_json_with(
             "/v1/chat/completions",
-            &[("authorization", &bearer(&premium)), ("x-tenant-id", "acme")],
+            &[
+                ("authorization", &bearer(&premium)),
+                ("x-tenant-id", "acme"),
+            ],
             &chat("gpt-4o"),
         )
         .await?;
@@ -234,7 +280,10 @@ async fn jwt_claims_verified_by_jwt_authn_identify_callers() -> Result<()> {
     let reply = stack
         .post_json_with(
             "/v1/chat/completions",
-            &[("authorization", &bearer(&premium)), ("x-tenant-id", "globex")],
+            &[
+                ("authorization", &bearer(&premium)),
+                ("x-tenant-id", "globex"),
+            ],
             &chat("gpt-4o-mini"),
         )
         .await?;
@@ -244,6 +293,9 @@ async fn jwt_claims_verified_by_jwt_authn_identify_callers() -> Result<()> {
     assert_eq!(stack.upstream_requests(), 2);
     let log = stack.policy()?.log();
     assert!(log.contains(&format!("{ISSUER}#alice")), "{log}");
-    assert!(!log.contains(&approved) && !log.contains(&premium), "a token reached the log");
+    assert!(
+        !log.contains(&approved) && !log.contains(&premium),
+        "a token reached the log"
+    );
     Ok(())
 }

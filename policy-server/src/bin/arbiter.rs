@@ -8,7 +8,11 @@ use arbiter_policy_server::cli::policy::{self, key_value, RequestSpec};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "arbiter", version, about = "Arbiter policy tools: validate and try policy bundles")]
+#[command(
+    name = "arbiter",
+    version,
+    about = "Arbiter policy tools: validate and try policy bundles"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -174,6 +178,9 @@ fn spec(args: &CheckArgs) -> Result<RequestSpec, policy::CliError> {
 }
 
 fn fail(error: &policy::CliError) -> ExitCode {
-    eprintln!("error: {}", arbiter_policy_server::schema::error_chain(error));
+    eprintln!(
+        "error: {}",
+        arbiter_policy_server::schema::error_chain(error)
+    );
     ExitCode::from(2)
 }

@@ -116,9 +116,10 @@ impl RequestSpec {
     /// The `CheckRequest` the Arbiter filter would send for this request.
     pub fn to_check_request(&self) -> Result<CheckRequest, CliError> {
         let body = self.body_bytes().unwrap_or_default();
-        let method = self.method.clone().unwrap_or_else(|| {
-            if body.is_empty() { "GET" } else { "POST" }.to_owned()
-        });
+        let method = self
+            .method
+            .clone()
+            .unwrap_or_else(|| if body.is_empty() { "GET" } else { "POST" }.to_owned());
         let mut headers: std::collections::HashMap<String, String> = self
             .headers
             .iter()
@@ -276,7 +277,10 @@ pub fn check_with(bundle: &Bundle, spec: &RequestSpec) -> Result<CheckReport, Cl
         .policy_ids
         .iter()
         .map(|id| {
-            let at = bundle.origin(id).map(ToString::to_string).unwrap_or_default();
+            let at = bundle
+                .origin(id)
+                .map(ToString::to_string)
+                .unwrap_or_default();
             (id.clone(), at)
         })
         .collect();
@@ -318,7 +322,10 @@ impl CheckReport {
             d.identity_source.as_str()
         ));
         out.push_str(&format!("  action:          {}\n", r.action));
-        out.push_str(&format!("  resource:        Arbiter::Route::\"{}\"\n", r.route));
+        out.push_str(&format!(
+            "  resource:        Arbiter::Route::\"{}\"\n",
+            r.route
+        ));
         let body = &r.body;
         if body.bytes > 0 || body.model.is_some() {
             out.push_str(&format!(

@@ -78,7 +78,9 @@ impl Running {
         shadow: Option<&std::path::Path>,
         interval: std::time::Duration,
     ) -> Running {
-        use arbiter_policy_server::{Bundle, BundleRole, Extras, Metrics, PolicyEngine, StatusBoard, Watch};
+        use arbiter_policy_server::{
+            Bundle, BundleRole, Extras, Metrics, PolicyEngine, StatusBoard, Watch,
+        };
         use std::sync::Arc;
         let status = Arc::new(StatusBoard::default());
         let mut watches = vec![Watch::new(BundleRole::Active, policies)];
@@ -169,12 +171,18 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
         .await
         .unwrap();
     let mut response = String::new();
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_string(&mut response))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
     body.to_owned()
 }
 
@@ -198,7 +206,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
