@@ -4,8 +4,12 @@
 //! A `CheckRequest` is mapped once into an [`AuthzRequest`] (caller, action, route, context),
 //! the [`PolicyEngine`] decides it with the current [`Bundle`], and the [`AuthorizationService`]
 //! turns the decision into an allow (headers naming the audit id and policy version) or a
-//! `403` with a JSON body. See the crate README for the Cedar model.
+//! `403` with a JSON body. Every decision is first written to the [`AuditLog`] (see
+//! [`audit`]); a decision that cannot be recorded is not given. See the crate README for the
+//! Cedar model and the audit record.
 
+pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod request;
@@ -21,6 +25,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+pub use audit::{AuditConfig, AuditError, AuditLog, AuditMetrics, AuditSync, Redactor};
 pub use config::{Config, LogFormat};
 pub use engine::{Bundle, Decision, EngineError, PolicyEngine};
 pub use request::{AuthzRequest, RequestError};
@@ -48,6 +53,12 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("grpc server failed")]
     Serve(#[from] tonic::transport::Error),
+    /// The audit log cannot be opened or continued.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The OTLP exporter is misconfigured.
+    #[error(transparent)]
+    Export(#[from] audit::export::ExportError),
 }
 
 /// Loads the bundle, binds `config.listen` and serves until `shutdown` completes.
@@ -59,21 +70,33 @@ pub async fn run(
         dir: config.policies.clone(),
         source,
     })?;
+    let audit = AuditLog::open(&config.audit(), AuditMetrics::default())?;
+    if let Some(endpoint) = &config.otlp_endpoint {
+        let exporter = audit::export::Exporter::new(
+            audit::export::ExportConfig::new(endpoint.clone(), &config.audit_log),
+            audit.metrics().clone(),
+        )?;
+        tokio::spawn(exporter.run(audit.written()));
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
             addr: config.listen,
             source,
         })?;
-    serve(listener, Arc::new(engine), shutdown).await
+    let redactor = Redactor::new(&config.redact_headers);
+    serve(listener, Arc::new(engine), audit, redactor, shutdown).await
 }
 
-/// Serves ext_authz and health on `listener` with `engine` until `shutdown` completes.
+/// Serves ext_authz and health on `listener` with `engine`, recording every decision to
+/// `audit`, until `shutdown` completes.
 ///
 /// Logs `listening on <addr>` once the server is ready to take calls.
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<PolicyEngine>,
+    audit: AuditLog,
+    redactor: Redactor,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let addr = listener.local_addr().map_err(|source| ServerError::Bind {
@@ -86,6 +109,8 @@ pub async fn serve(
     health
         .set_serving::<AuthorizationServer<AuthorizationService>>()
         .await;
+    // NOT_SERVING while the audit log cannot be written (no decision can be given then).
+    let mirror = tokio::spawn(audit::mirror_health(audit.writable(), health));
 
     let bundle = engine.bundle();
     tracing::info!(
@@ -96,11 +121,14 @@ pub async fn serve(
     drop(bundle);
     Server::builder()
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(AuthorizationService::new(engine)))
+        .add_service(AuthorizationServer::new(AuthorizationService::new(
+            engine, audit, redactor,
+        )))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await?;
+    mirror.abort();
     Ok(())
 }
