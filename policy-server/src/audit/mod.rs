@@ -5,7 +5,7 @@
 //! - [`redact`]: what a record may take from a `CheckRequest` (secrets never in clear).
 //! - [`verify`] and [`replay`]: the `arbiter audit` subcommands' logic.
 //! - [`export`]: the OTLP outbox.
-//! - [`metrics`]: [`AuditMetrics`].
+//! - [`metrics`]: the audit metrics ([`AuditMetrics`]).
 
 pub mod export;
 pub mod metrics;

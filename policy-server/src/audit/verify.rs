@@ -198,13 +198,12 @@ fn check(
             if link.seq != expected {
                 let why = if link.seq > expected {
                     format!(
-                        "expected seq {expected}, found {}: {} record(s) missing after {at}",
-                        link.seq,
-                        link.seq - expected
+                        "expected seq {expected}, found {}: record(s) missing or out of order after {at}",
+                        link.seq
                     )
                 } else {
                     format!(
-                        "expected seq {expected}, found {}: records out of order or repeated (the record before is {at})",
+                        "expected seq {expected}, found {}: record repeated or out of order after {at}",
                         link.seq
                     )
                 };
