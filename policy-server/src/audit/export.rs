@@ -124,7 +124,10 @@ impl Exporter {
             .set(i64::try_from(position).unwrap_or(i64::MAX));
         let mut backoff = Duration::from_millis(100);
         loop {
-            let batch = match self.read_batch(position) {
+            // Only records the writer has finished (fsynced in `fsync` mode): a record whose
+            // write then failed is cut from the file and must not have been shipped.
+            let durable = *written.borrow_and_update();
+            let batch = match self.read_batch(position, durable) {
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::warn!(path = %self.config.log_path.display(), "cannot read the audit log for export: {e}");
@@ -133,7 +136,10 @@ impl Exporter {
             };
             if batch.is_empty() {
                 // Wait for the writer, or poll (a rotation or a restart may need a look).
-                let _ = tokio::time::timeout(IDLE_POLL, written.changed()).await;
+                if let Ok(Err(_)) = tokio::time::timeout(IDLE_POLL, written.changed()).await {
+                    // The writer is gone (shutting down): nothing new will come.
+                    return;
+                }
                 continue;
             }
             let last = batch.iter().map(|(seq, _)| *seq).max().unwrap_or(position);
@@ -195,8 +201,15 @@ impl Exporter {
         }
     }
 
-    /// Up to [`BATCH`] records with seq > `position`, in order.
-    fn read_batch(&mut self, position: u64) -> std::io::Result<Vec<(u64, LogRecord)>> {
+    /// Up to [`BATCH`] records with `position` < seq <= `durable`, in order.
+    fn read_batch(
+        &mut self,
+        position: u64,
+        durable: u64,
+    ) -> std::io::Result<Vec<(u64, LogRecord)>> {
+        if durable <= position {
+            return Ok(Vec::new());
+        }
         let mut batch = Vec::new();
         // A few files at most per call: each pass reads one.
         for _ in 0..4 {
@@ -222,9 +235,14 @@ impl Exporter {
                     // End of the file, or a line still being written (or torn).
                     break;
                 }
-                offset += read as u64;
                 let bytes = &line[..line.len() - 1];
-                match record::parse_line(bytes) {
+                let parsed = record::parse_line(bytes);
+                if matches!(&parsed, Ok(record) if record.seq > durable) {
+                    // Written but not yet acknowledged by the writer: read it next time.
+                    break;
+                }
+                offset += read as u64;
+                match parsed {
                     Ok(record) if record.seq > position => {
                         let text = String::from_utf8_lossy(bytes).into_owned();
                         batch.push((record.seq, log_record(&record, text)));
