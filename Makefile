@@ -39,7 +39,7 @@ wasm: rust-target ## Build the filter (wasm32-wasip1, size-optimized)
 
 .PHONY: build
 build: wasm ## Build the filter, the policy server and the test harness binaries
-	$(CARGO) build -p arbiter-policy-server -p arbiter-e2e --bins
+	$(CARGO) build --workspace --bins
 
 # --- run --------------------------------------------------------------------------------
 
@@ -49,8 +49,13 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 
 # --- test -------------------------------------------------------------------------------
 
+# One cargo invocation for every tier: the whole workspace resolves features once, so
+# nothing is compiled twice (per-package runs, or a separate `cargo build`, would rebuild
+# shared dependencies with other features). It also builds the policy server and harness
+# binaries the end-to-end tests start.
 .PHONY: test
-test: setup build test-unit test-server test-e2e ## Run every test tier (unit, server, end-to-end)
+test: setup wasm ## Run every test tier (unit, server, end-to-end)
+	$(CARGO) test --workspace -- --test-threads=2
 
 .PHONY: test-unit
 test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
@@ -61,7 +66,8 @@ test-server: ## Policy server tests (service calls and real gRPC on loopback)
 	$(CARGO) test -p arbiter-policy-server
 
 .PHONY: test-e2e
-test-e2e: setup build ## End-to-end: real Envoy + real wasm + real policy server
+test-e2e: setup wasm ## End-to-end: real Envoy + real wasm + real policy server
+	$(CARGO) build -p arbiter-policy-server --bins
 	$(CARGO) test -p arbiter-e2e -- --test-threads=2
 
 .PHONY: lint

@@ -45,6 +45,16 @@ pub const MAX_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_STATUS_ON_ERROR: u32 = 503;
 /// Default route metadata namespace.
 pub const DEFAULT_METADATA_NAMESPACE: &str = "arbiter";
+/// Dynamic metadata namespace of Envoy's `jwt_authn` filter.
+pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+/// Default consecutive failures that open the breaker.
+pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
+/// Default breaker cool-down.
+pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 2_000;
+/// Default probe calls after the cool-down.
+pub const DEFAULT_BREAKER_PROBES: u32 = 1;
+/// Default allow-cache slots.
+pub const DEFAULT_CACHE_MAX_ENTRIES: u32 = 10_000;
 
 /// VM-wide defaults, compiled from the plugin configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +69,34 @@ pub struct FilterConfig {
     pub status_on_error: u32,
     /// Route metadata namespace holding the per-route settings.
     pub metadata_namespace: String,
+    /// Dynamic metadata namespaces forwarded as the CheckRequest's `metadata_context`
+    /// (verified JWT claims from `jwt_authn` by default).
+    pub metadata_namespaces: Vec<String>,
+    /// Breaker toward the policy server.
+    pub breaker: BreakerConfig,
+    /// Slots of the shared allow-cache (used only by routes with `cache_ttl_ms`).
+    pub cache_max_entries: u32,
+}
+
+/// When the filter stops calling a failing policy server, and how it tries again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failed calls that open the breaker; 0 disables it.
+    pub threshold: u32,
+    /// How long an open breaker answers every request with the route's fail mode.
+    pub cooldown: Duration,
+    /// Calls let through at once after the cool-down to test the server.
+    pub probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            threshold: DEFAULT_BREAKER_THRESHOLD,
+            cooldown: Duration::from_millis(DEFAULT_BREAKER_COOLDOWN_MS),
+            probes: DEFAULT_BREAKER_PROBES,
+        }
+    }
 }
 
 /// Why a plugin configuration was refused.
@@ -78,6 +116,11 @@ const KNOWN_FIELDS: &[&str] = &[
     "fail_mode",
     "status_on_error",
     "metadata_namespace",
+    "metadata_namespaces",
+    "breaker_threshold",
+    "breaker_cooldown_ms",
+    "breaker_probes",
+    "cache_max_entries",
 ];
 
 impl FilterConfig {
@@ -162,6 +205,67 @@ impl FilterConfig {
             }
         };
 
+        let metadata_namespaces = match map.get("metadata_namespaces") {
+            None => vec![JWT_AUTHN_NAMESPACE.to_owned()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::String(s) if !s.is_empty() => Some(s.clone()),
+                    other => {
+                        problems.push(format!(
+                            "`metadata_namespaces` entries must be non-empty strings, got `{other}`"
+                        ));
+                        None
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                problems.push(format!(
+                    "`metadata_namespaces` must be a list of strings, got `{other}`"
+                ));
+                Vec::new()
+            }
+        };
+
+        let mut bounded = |field: &str, default: u64, range: std::ops::RangeInclusive<i64>| {
+            match map.get(field) {
+                None => default,
+                Some(v) => match whole_number(v) {
+                    Some(n) if range.contains(&n) => n as u64,
+                    _ => {
+                        problems.push(format!(
+                            "`{field}` must be a whole number between {} and {}, got `{v}`",
+                            range.start(),
+                            range.end()
+                        ));
+                        default
+                    }
+                },
+            }
+        };
+        let breaker = BreakerConfig {
+            threshold: bounded(
+                "breaker_threshold",
+                u64::from(DEFAULT_BREAKER_THRESHOLD),
+                0..=10_000,
+            ) as u32,
+            cooldown: Duration::from_millis(bounded(
+                "breaker_cooldown_ms",
+                DEFAULT_BREAKER_COOLDOWN_MS,
+                1..=600_000,
+            )),
+            probes: bounded(
+                "breaker_probes",
+                u64::from(DEFAULT_BREAKER_PROBES),
+                1..=1_000,
+            ) as u32,
+        };
+        let cache_max_entries = bounded(
+            "cache_max_entries",
+            u64::from(DEFAULT_CACHE_MAX_ENTRIES),
+            1..=1_000_000,
+        ) as u32;
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -171,6 +275,9 @@ impl FilterConfig {
             fail_mode,
             status_on_error,
             metadata_namespace,
+            metadata_namespaces,
+            breaker,
+            cache_max_entries,
         })
     }
 }
@@ -218,6 +325,35 @@ mod tests {
         assert_eq!(c.fail_mode, FailMode::Closed);
         assert_eq!(c.status_on_error, 503);
         assert_eq!(c.metadata_namespace, "arbiter");
+        assert_eq!(c.metadata_namespaces, vec![JWT_AUTHN_NAMESPACE.to_owned()]);
+        assert_eq!(c.breaker, BreakerConfig::default());
+        assert_eq!(c.cache_max_entries, DEFAULT_CACHE_MAX_ENTRIES);
+    }
+
+    #[test]
+    fn breaker_cache_and_namespaces() {
+        let c = FilterConfig::parse(
+            br#"{"policy_cluster":"p","breaker_threshold":0,"breaker_cooldown_ms":500,"breaker_probes":2,"cache_max_entries":16,"metadata_namespaces":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.breaker.threshold, 0);
+        assert_eq!(c.breaker.cooldown, Duration::from_millis(500));
+        assert_eq!(c.breaker.probes, 2);
+        assert_eq!(c.cache_max_entries, 16);
+        assert!(c.metadata_namespaces.is_empty());
+        let msg = FilterConfig::parse(
+            br#"{"policy_cluster":"p","breaker_cooldown_ms":0,"breaker_probes":-1,"cache_max_entries":0,"metadata_namespaces":"x"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "`breaker_cooldown_ms`",
+            "`breaker_probes`",
+            "`cache_max_entries`",
+            "`metadata_namespaces` must be a list",
+        ] {
+            assert!(msg.contains(needle), "{msg} lacks {needle}");
+        }
     }
 
     #[test]

@@ -1,11 +1,20 @@
 //! The per-request state machine, written against [`Host`] so it runs natively in tests.
+//!
+//! headers ─▶ (body, when the route sends it) ─▶ cache? ─▶ breaker? ─▶ Check ─▶ outcome
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::SystemTime;
 
-use crate::check::{encode_check_request, is_reserved_header, RequestInfo};
+use prost::Message;
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::breaker::{Admit, Breaker, Transition};
+use crate::cache::{self, CacheKey, Entry};
+use crate::check::{build_check_request, is_reserved_header, RequestInfo};
 use crate::config::FilterConfig;
 use crate::host::{Host, Level, Metric, Outcome};
 use crate::outcome::{self, FailAction, HeaderOp, Reason, Verdict};
@@ -13,6 +22,8 @@ use crate::route::{Resolved, RouteSettings};
 
 /// Header that tells the upstream a request passed without a decision.
 pub const FAIL_OPEN_HEADER: &str = "x-arbiter-fail-open";
+/// Header ext_authz servers read as "the body was cut at the limit".
+pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
 
 /// Distinct route metadata values remembered per VM (routes are few; this bounds memory
 /// if something generates metadata per request).
@@ -32,15 +43,18 @@ pub struct Shared {
     pub config: FilterConfig,
     routes: RefCell<HashMap<Vec<u8>, Rc<CachedRoute>>>,
     policy_version: RefCell<Option<String>>,
+    breaker: RefCell<Breaker>,
 }
 
 impl Shared {
     /// Wraps a validated configuration.
     pub fn new(config: FilterConfig) -> Self {
+        let breaker = RefCell::new(Breaker::new(config.breaker));
         Self {
             config,
             routes: RefCell::new(HashMap::new()),
             policy_version: RefCell::new(None),
+            breaker,
         }
     }
 
@@ -92,19 +106,32 @@ impl Shared {
 pub enum Flow {
     /// Let the request continue now.
     Continue,
-    /// Hold it (waiting for the policy server, or answered locally).
+    /// Hold it (waiting for the body or the policy server, or answered locally).
     Pause,
+}
+
+/// Everything known about a request between its headers and its outcome.
+#[derive(Debug)]
+struct Pending {
+    info: RequestInfo,
+    route: Resolved,
+    settings: Rc<CachedRoute>,
+    request_id: String,
+    /// Forwarded dynamic metadata (`metadata_context`), encoded.
+    metadata: Option<prost_types::Struct>,
+    /// Body bytes sent to policy, when the route includes the body.
+    body: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
 enum State {
     Idle,
+    AwaitingBody(Box<Pending>),
     Waiting {
         token: u32,
         started: SystemTime,
-        route: Resolved,
-        route_name: String,
-        request_id: String,
+        cache_key: Option<CacheKey>,
+        pending: Box<Pending>,
     },
     Done,
 }
@@ -134,8 +161,9 @@ impl<H: Host> Filter<H> {
         &self.host
     }
 
-    /// Request headers arrived: strip forged markers, resolve the route, ask for a decision.
-    pub fn on_request_headers(&mut self) -> Flow {
+    /// Request headers arrived: strip forged markers, resolve the route, then ask for a
+    /// decision (or wait for the body first when the route sends it).
+    pub fn on_request_headers(&mut self, end_of_stream: bool) -> Flow {
         if !matches!(self.state, State::Idle) {
             return Flow::Continue;
         }
@@ -153,11 +181,11 @@ impl<H: Host> Filter<H> {
             .string_property(&["xds", "route_name"])
             .unwrap_or_default();
         let metadata = self.host.property(&["xds", "route_metadata"]);
-        let cached = self.shared.route(&self.host, &route_name, metadata);
+        let settings = self.shared.route(&self.host, &route_name, metadata);
         let now = self.host.now();
-        let route = cached.settings.resolve(&self.shared.config, now);
-        if let Some(problem) = cached.settings.time_problem(now) {
-            if !cached.time_problem_logged.replace(true) {
+        let route = settings.settings.resolve(&self.shared.config, now);
+        if let Some(problem) = settings.settings.time_problem(now) {
+            if !settings.time_problem_logged.replace(true) {
                 self.host.log(
                     Level::Warn,
                     &format!("route `{route_name}`: {problem}; handling the route as `closed`"),
@@ -166,6 +194,13 @@ impl<H: Host> Filter<H> {
         }
         if route.invalid {
             self.host.increment(Metric::InvalidRouteConfig);
+        }
+        if route.override_active {
+            self.host.increment(Metric::OverrideActive);
+        }
+        if route.disabled {
+            self.finish(Outcome::Disabled, None);
+            return Flow::Continue;
         }
 
         let info = RequestInfo {
@@ -178,40 +213,141 @@ impl<H: Host> Filter<H> {
                 .filter(|p| !p.is_empty()),
             protocol: self.string_property(&["request", "protocol"]),
         };
-        let request_id = info.header("x-request-id").unwrap_or_default().to_owned();
+        let pending = Box::new(Pending {
+            request_id: info.header("x-request-id").unwrap_or_default().to_owned(),
+            metadata: self.forwarded_metadata(),
+            info,
+            route,
+            settings,
+            body: None,
+        });
+        if pending.route.refuse_without_check {
+            return self.no_decision(Reason::InvalidRouteConfig, &pending);
+        }
+        if pending.route.body_limit.is_some() && !end_of_stream {
+            self.state = State::AwaitingBody(pending);
+            return Flow::Pause;
+        }
+        self.decide(pending)
+    }
 
-        if route.disabled {
-            self.finish(Outcome::Disabled, None);
+    /// A chunk of request body arrived (Envoy keeps buffering while this pauses).
+    pub fn on_request_body(&mut self, buffered: usize, end_of_stream: bool) -> Flow {
+        let State::AwaitingBody(pending) = &self.state else {
+            return if matches!(self.state, State::Waiting { .. }) {
+                // The check is in flight: hold the rest of the body until it answers.
+                Flow::Pause
+            } else {
+                Flow::Continue
+            };
+        };
+        let limit = usize::try_from(pending.route.body_limit.unwrap_or(0)).unwrap_or(usize::MAX);
+        if !end_of_stream && buffered < limit {
+            return Flow::Pause;
+        }
+        let State::AwaitingBody(mut pending) = std::mem::replace(&mut self.state, State::Done)
+        else {
             return Flow::Continue;
+        };
+        let body = self
+            .host
+            .request_body(buffered.min(limit))
+            .unwrap_or_default();
+        if buffered > limit || (!end_of_stream && buffered >= limit) {
+            // Like native ext_authz: policy sees the first `max_body_bytes` and is told so.
+            pending
+                .info
+                .headers
+                .push((PARTIAL_BODY_HEADER.to_owned(), "true".to_owned()));
         }
-        if route.refuse_without_check {
-            return self.no_decision(
-                Reason::InvalidRouteConfig,
-                &route,
-                &info.route_name,
-                &request_id,
-            );
+        pending.body = Some(body);
+        // Returning Continue from the body callback releases the paused headers too.
+        self.decide(pending)
+    }
+
+    /// Cache, breaker, then the policy call.
+    fn decide(&mut self, pending: Box<Pending>) -> Flow {
+        let now = self.host.now();
+        let metadata_bytes = pending.metadata.as_ref().map(|m| m.encode_to_vec());
+        let cache_key = pending.route.cache_ttl.map(|_| {
+            cache::key(
+                &pending.info,
+                &pending.settings.settings.context,
+                metadata_bytes.as_deref(),
+                pending.body.as_deref(),
+                self.shared.config.cache_max_entries,
+            )
+        });
+        if let Some(key) = &cache_key {
+            if let Some(entry) = self.cache_lookup(key, now) {
+                self.apply_allow(&Entry::header_ops(&entry.headers), &entry.remove);
+                self.response_headers = Entry::header_ops(&entry.response_headers);
+                self.finish(Outcome::Cached, None);
+                return Flow::Continue;
+            }
+            self.host.increment(Metric::CacheMiss);
         }
 
-        let message = encode_check_request(&info, &cached.settings.context, now);
-        let metadata: [(&str, &[u8]); 1] = [("x-request-id", request_id.as_bytes())];
+        let admit = self.shared.breaker.borrow_mut().admit(now);
+        if admit == Admit::Reject {
+            return self.no_decision(Reason::BreakerOpen, &pending);
+        }
+
+        let mut request =
+            build_check_request(&pending.info, &pending.settings.settings.context, now);
+        if let Some(attrs) = request.attributes.as_mut() {
+            if let Some(md) = &pending.metadata {
+                attrs.metadata_context = Some(arbiter_proto::envoy::config::core::v3::Metadata {
+                    filter_metadata: md
+                        .fields
+                        .iter()
+                        .filter_map(|(ns, v)| match &v.kind {
+                            Some(prost_types::value::Kind::StructValue(s)) => {
+                                Some((ns.clone(), s.clone()))
+                            }
+                            _ => None,
+                        })
+                        .collect(),
+                    ..Default::default()
+                });
+            }
+            if let (Some(body), Some(http)) = (
+                &pending.body,
+                attrs.request.as_mut().and_then(|r| r.http.as_mut()),
+            ) {
+                http.raw_body = body.clone();
+                if http.size < 0 {
+                    http.size = i64::try_from(body.len()).unwrap_or(i64::MAX);
+                }
+                // The partial-body marker was added to `info` after the map was built.
+                if let Some((k, v)) = pending
+                    .info
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == PARTIAL_BODY_HEADER)
+                {
+                    http.headers.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let message = request.encode_to_vec();
+        let grpc_metadata: [(&str, &[u8]); 1] = [("x-request-id", pending.request_id.as_bytes())];
         match self.host.dispatch_check(
             &self.shared.config.policy_cluster,
-            if request_id.is_empty() {
+            if pending.request_id.is_empty() {
                 &[]
             } else {
-                &metadata
+                &grpc_metadata
             },
             &message,
-            route.timeout,
+            pending.route.timeout,
         ) {
             Ok(token) => {
                 self.state = State::Waiting {
                     token,
                     started: now,
-                    route,
-                    route_name: info.route_name,
-                    request_id,
+                    cache_key,
+                    pending,
                 };
                 Flow::Pause
             }
@@ -222,10 +358,11 @@ impl<H: Host> Filter<H> {
                     Level::Error,
                     &format!(
                         "route `{}`: cannot call policy cluster `{}`: {}",
-                        info.route_name, self.shared.config.policy_cluster, e.0
+                        pending.info.route_name, self.shared.config.policy_cluster, e.0
                     ),
                 );
-                self.no_decision(Reason::Unreachable, &route, &info.route_name, &request_id)
+                self.breaker_failure(now);
+                self.no_decision(Reason::Unreachable, &pending)
             }
         }
     }
@@ -233,34 +370,37 @@ impl<H: Host> Filter<H> {
     /// The policy call finished. `status_code` is the gRPC status Envoy passed to the
     /// callback (trusted over `get_grpc_status`, which can be stale).
     pub fn on_check_response(&mut self, token_id: u32, status_code: u32, size: usize) -> Flow {
-        let State::Waiting { token, started, .. } = &self.state else {
-            return Flow::Continue;
-        };
-        if *token != token_id {
-            return Flow::Continue;
+        match &self.state {
+            State::Waiting { token, .. } if *token == token_id => {}
+            _ => return Flow::Continue,
         }
-        let started = *started;
         let State::Waiting {
-            route,
-            route_name,
-            request_id,
+            started,
+            cache_key,
+            pending,
             ..
         } = std::mem::replace(&mut self.state, State::Done)
         else {
             return Flow::Continue;
         };
-        let elapsed = self.host.now().duration_since(started).unwrap_or_default();
+        let now = self.host.now();
+        let elapsed = now.duration_since(started).unwrap_or_default();
         self.host
             .record_latency(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
 
         let verdict = if status_code != 0 {
             let message = self.host.grpc_status_message();
-            let reason =
-                outcome::classify_failure(status_code, message.as_deref(), elapsed, route.timeout);
+            let reason = outcome::classify_failure(
+                status_code,
+                message.as_deref(),
+                elapsed,
+                pending.route.timeout,
+            );
             self.host.log(
                 Level::Debug,
                 &format!(
-                    "route `{route_name}`: policy call failed with gRPC status {status_code} ({}) after {} ms: {}",
+                    "route `{}`: policy call failed with gRPC status {status_code} ({}) after {} ms: {}",
+                    pending.info.route_name,
                     message.as_deref().unwrap_or(""),
                     elapsed.as_millis(),
                     reason.as_str()
@@ -281,18 +421,25 @@ impl<H: Host> Filter<H> {
                 response_headers,
                 policy_version,
             } => {
-                for name in &remove {
-                    self.host.remove_request_header(name);
+                self.breaker_success();
+                self.remember_version(policy_version.as_deref());
+                if let (Some(key), Some(ttl), Some(version)) =
+                    (cache_key, pending.route.cache_ttl, policy_version)
+                {
+                    let entry = Entry::new(
+                        key.digest,
+                        now,
+                        ttl,
+                        version,
+                        &headers,
+                        &remove,
+                        &response_headers,
+                    );
+                    self.host.shared_set(&key.slot, &entry.encode());
+                    self.host.increment(Metric::CacheStore);
                 }
-                for op in &headers {
-                    if op.append {
-                        self.host.add_request_header(&op.name, &op.value);
-                    } else {
-                        self.host.set_request_header(&op.name, &op.value);
-                    }
-                }
+                self.apply_allow(&headers, &remove);
                 self.response_headers = response_headers;
-                self.remember_version(policy_version);
                 self.finish(Outcome::Allow, None);
                 Flow::Continue
             }
@@ -302,7 +449,8 @@ impl<H: Host> Filter<H> {
                 body,
                 policy_version,
             } => {
-                self.remember_version(policy_version);
+                self.breaker_success();
+                self.remember_version(policy_version.as_deref());
                 self.finish(Outcome::Deny, None);
                 let headers: Vec<(&str, &str)> = headers
                     .iter()
@@ -312,7 +460,8 @@ impl<H: Host> Filter<H> {
                 Flow::Pause
             }
             Verdict::NoDecision(reason) => {
-                self.no_decision(reason, &route, &route_name, &request_id)
+                self.breaker_failure(now);
+                self.no_decision(reason, &pending)
             }
         };
         if flow == Flow::Continue {
@@ -328,16 +477,71 @@ impl<H: Host> Filter<H> {
         }
     }
 
-    fn no_decision(
-        &mut self,
-        reason: Reason,
-        route: &Resolved,
-        route_name: &str,
-        request_id: &str,
-    ) -> Flow {
+    fn apply_allow(&self, headers: &[HeaderOp], remove: &[String]) {
+        for name in remove {
+            self.host.remove_request_header(name);
+        }
+        for op in headers {
+            if op.append {
+                self.host.add_request_header(&op.name, &op.value);
+            } else {
+                self.host.set_request_header(&op.name, &op.value);
+            }
+        }
+    }
+
+    fn cache_lookup(&self, key: &CacheKey, now: SystemTime) -> Option<Entry> {
+        let slot = self.host.shared_get(&key.slot)?;
+        let version = self.host.shared_get(cache::VERSION_KEY);
+        let version = version.as_deref().and_then(|v| std::str::from_utf8(v).ok());
+        Entry::lookup(&slot, &key.digest, version, now)
+    }
+
+    fn breaker_success(&self) {
+        if self.shared.breaker.borrow_mut().on_success() == Some(Transition::Closed) {
+            self.host.increment(Metric::BreakerClosed);
+            self.host.log(
+                Level::Warn,
+                "policy server answered a probe: breaker closed",
+            );
+        }
+    }
+
+    fn breaker_failure(&self, now: SystemTime) {
+        if self.shared.breaker.borrow_mut().on_failure(now) == Some(Transition::Opened) {
+            self.host.increment(Metric::BreakerOpened);
+            self.host.log(
+                Level::Warn,
+                &format!(
+                    "policy server failing: breaker open for {} ms, routes apply their fail mode with reason `breaker_open`",
+                    self.shared.config.breaker.cooldown.as_millis()
+                ),
+            );
+        }
+    }
+
+    fn no_decision(&mut self, reason: Reason, pending: &Pending) -> Flow {
         self.state = State::Done;
         self.host.increment(Metric::NoDecision(reason));
-        match outcome::fail_action(reason, route, route_name, request_id) {
+        let action = outcome::fail_action(
+            reason,
+            &pending.route,
+            &pending.info.route_name,
+            &pending.request_id,
+        );
+        let (outcome, override_active) = match &action {
+            FailAction::Open {
+                override_active, ..
+            } => (Outcome::FailOpen, *override_active),
+            FailAction::Closed { .. } => (Outcome::FailClosed, false),
+        };
+        // The Envoy-side record of an undecided request (the server never saw it).
+        self.host.set_log_field(
+            "arbiter_record",
+            &self.record(outcome, reason, override_active, pending),
+        );
+        self.finish(outcome, Some((reason, override_active)));
+        match action {
             FailAction::Open {
                 marker,
                 override_active,
@@ -346,7 +550,6 @@ impl<H: Host> Filter<H> {
                     self.host.increment(Metric::Override);
                 }
                 self.host.set_request_header(FAIL_OPEN_HEADER, marker);
-                self.finish(Outcome::FailOpen, Some((reason, override_active)));
                 Flow::Continue
             }
             FailAction::Closed {
@@ -354,13 +557,66 @@ impl<H: Host> Filter<H> {
                 headers,
                 body,
             } => {
-                self.finish(Outcome::FailClosed, Some((reason, false)));
                 let headers: Vec<(&str, &str)> =
                     headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 self.host.send_local_response(status, &headers, &body);
                 Flow::Pause
             }
         }
+    }
+
+    /// One JSON line an auditor can replay: the request's shape and caller, never secrets
+    /// or prompt text (an API key only as its SHA-256, the path without its query).
+    fn record(
+        &self,
+        outcome: Outcome,
+        reason: Reason,
+        override_active: bool,
+        p: &Pending,
+    ) -> String {
+        let header = |name: &str| p.info.header(name);
+        let ts = OffsetDateTime::from(self.host.now()).format(&Rfc3339).ok();
+        let path = header(":path").map(|path| path.split('?').next().unwrap_or_default());
+        let api_key_sha256 = header("x-api-key").map(|k| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(k.as_bytes()))
+        });
+        let model = p
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+            .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_owned));
+        let context: serde_json::Map<String, serde_json::Value> = p
+            .settings
+            .settings
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        let claims = p.metadata.as_ref().map(crate::route::struct_to_json);
+        json!({
+            "v": 1,
+            "ts": ts,
+            "outcome": outcome.as_str(),
+            "reason": reason.as_str(),
+            "override": override_active,
+            "route": p.info.route_name,
+            "request_id": p.request_id,
+            "method": header(":method"),
+            "path": path,
+            "host": header(":authority"),
+            "scheme": header(":scheme"),
+            "source": p.info.source_address,
+            "principal": p.info.peer_principal,
+            "metadata": claims,
+            "api_key_sha256": api_key_sha256,
+            "tenant": header("x-tenant-id"),
+            "context": context,
+            "model": model,
+            "body_bytes": p.body.as_ref().map(Vec::len),
+            "policy_version": self.shared.policy_version(),
+        })
+        .to_string()
     }
 
     /// Counts the outcome and exposes it to the access log.
@@ -379,13 +635,38 @@ impl<H: Host> Filter<H> {
         }
     }
 
-    fn remember_version(&self, version: Option<String>) {
-        if let Some(v) = version {
-            let mut current = self.shared.policy_version.borrow_mut();
-            if current.as_deref() != Some(v.as_str()) {
-                *current = Some(v);
-            }
+    fn remember_version(&self, version: Option<&str>) {
+        let Some(v) = version else { return };
+        let mut current = self.shared.policy_version.borrow_mut();
+        if current.as_deref() != Some(v) {
+            *current = Some(v.to_owned());
+            // Publish it so every worker's cache stops answering for the old version.
+            self.host.shared_set(cache::VERSION_KEY, v.as_bytes());
         }
+    }
+
+    /// The configured dynamic metadata namespaces present on this request.
+    fn forwarded_metadata(&self) -> Option<prost_types::Struct> {
+        let namespaces = &self.shared.config.metadata_namespaces;
+        if namespaces.is_empty() {
+            return None;
+        }
+        let bytes = self.host.property(&["metadata"])?;
+        let md = arbiter_proto::envoy::config::core::v3::Metadata::decode(bytes.as_slice()).ok()?;
+        let fields: std::collections::BTreeMap<String, prost_types::Value> = md
+            .filter_metadata
+            .into_iter()
+            .filter(|(ns, _)| namespaces.contains(ns))
+            .map(|(ns, s)| {
+                (
+                    ns,
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StructValue(s)),
+                    },
+                )
+            })
+            .collect();
+        (!fields.is_empty()).then_some(prost_types::Struct { fields })
     }
 
     fn string_property(&self, path: &[&str]) -> Option<String> {

@@ -30,16 +30,19 @@ pub enum Outcome {
     FailClosed,
     /// The route disables the check.
     Disabled,
+    /// Allowed from the allow-cache, without a policy call.
+    Cached,
 }
 
 impl Outcome {
     /// Every outcome, for metric definition.
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Allow,
         Outcome::Deny,
         Outcome::FailOpen,
         Outcome::FailClosed,
         Outcome::Disabled,
+        Outcome::Cached,
     ];
 
     /// Spelling in metrics and the access log.
@@ -50,6 +53,7 @@ impl Outcome {
             Outcome::FailOpen => "fail_open",
             Outcome::FailClosed => "fail_closed",
             Outcome::Disabled => "disabled",
+            Outcome::Cached => "cached",
         }
     }
 }
@@ -65,6 +69,17 @@ pub enum Metric {
     InvalidRouteConfig,
     /// `arbiter.no_decision.<reason>`: why no decision arrived.
     NoDecision(Reason),
+    /// `arbiter.override_active_requests`: requests on a route whose `fail_open_until`
+    /// override is in force (whether or not the server answers), for "override on" alerts.
+    OverrideActive,
+    /// `arbiter.breaker.opened`: a worker's breaker opened.
+    BreakerOpened,
+    /// `arbiter.breaker.closed`: a worker's breaker closed after a good probe.
+    BreakerClosed,
+    /// `arbiter.cache.misses`: cacheable requests that had to ask the server.
+    CacheMiss,
+    /// `arbiter.cache.stores`: allow decisions stored.
+    CacheStore,
 }
 
 impl Metric {
@@ -75,6 +90,11 @@ impl Metric {
             Metric::Override => "arbiter.checks.override".to_owned(),
             Metric::InvalidRouteConfig => "arbiter.checks.invalid_route_config".to_owned(),
             Metric::NoDecision(r) => format!("arbiter.no_decision.{}", r.as_str()),
+            Metric::OverrideActive => "arbiter.override_active_requests".to_owned(),
+            Metric::BreakerOpened => "arbiter.breaker.opened".to_owned(),
+            Metric::BreakerClosed => "arbiter.breaker.closed".to_owned(),
+            Metric::CacheMiss => "arbiter.cache.misses".to_owned(),
+            Metric::CacheStore => "arbiter.cache.stores".to_owned(),
         }
     }
 
@@ -84,6 +104,13 @@ impl Metric {
         v.push(Metric::Override);
         v.push(Metric::InvalidRouteConfig);
         v.extend(Reason::ALL.iter().map(|r| Metric::NoDecision(*r)));
+        v.extend([
+            Metric::OverrideActive,
+            Metric::BreakerOpened,
+            Metric::BreakerClosed,
+            Metric::CacheMiss,
+            Metric::CacheStore,
+        ]);
         v
     }
 }
@@ -99,6 +126,12 @@ pub struct DispatchError(pub String);
 pub trait Host {
     /// Request headers as sent (names lowercase; values may be any bytes).
     fn request_headers(&self) -> Vec<(String, Vec<u8>)>;
+    /// Up to `max` bytes of the buffered request body.
+    fn request_body(&self, max: usize) -> Option<Vec<u8>>;
+    /// Reads a value shared by every worker VM.
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>>;
+    /// Writes a value shared by every worker VM.
+    fn shared_set(&self, key: &str, value: &[u8]);
     /// Removes a request header (all values).
     fn remove_request_header(&self, name: &str);
     /// Replaces a request header.

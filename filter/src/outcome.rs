@@ -546,6 +546,8 @@ mod tests {
             status_on_error: 503,
             invalid: false,
             refuse_without_check: false,
+            body_limit: None,
+            cache_ttl: None,
         }
     }
 

@@ -20,6 +20,13 @@ use crate::config::{self, FailMode, FilterConfig};
 /// Longest time ahead a `fail_open_until` override may reach.
 pub const MAX_OVERRIDE_AHEAD: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Body bytes sent to policy when a route sets `include_body` without `max_body_bytes`.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024;
+/// Largest `max_body_bytes` accepted (Envoy buffers the body in memory meanwhile).
+pub const MAX_BODY_BYTES_LIMIT: u64 = 8 * 1024 * 1024;
+/// Longest allow-cache lifetime accepted.
+pub const MAX_CACHE_TTL_MS: u64 = 3_600_000;
+
 /// Context key the filter fills with the Envoy route name; routes may not set it.
 pub const ROUTE_CONTEXT_KEY: &str = "route";
 
@@ -79,6 +86,10 @@ pub struct Resolved {
     pub invalid: bool,
     /// The route cannot be described to the policy server: refuse without calling it.
     pub refuse_without_check: bool,
+    /// Send up to this many body bytes to policy (`include_body`).
+    pub body_limit: Option<u64>,
+    /// Cache allow decisions this long (never on invalid routes).
+    pub cache_ttl: Option<Duration>,
 }
 
 impl RouteSettings {
@@ -159,17 +170,19 @@ impl RouteSettings {
         }
         if let Some(v) = map.get("max_body_bytes") {
             match config::whole_number(v) {
-                Some(n) if n > 0 => out.max_body_bytes = Some(n as u64),
+                Some(n) if n > 0 && n as u64 <= MAX_BODY_BYTES_LIMIT => {
+                    out.max_body_bytes = Some(n as u64)
+                }
                 _ => p.push(format!(
-                    "`max_body_bytes` must be a positive whole number, got `{v}`"
+                    "`max_body_bytes` must be a whole number between 1 and {MAX_BODY_BYTES_LIMIT}, got `{v}`"
                 )),
             }
         }
         if let Some(v) = map.get("cache_ttl_ms") {
             match config::whole_number(v) {
-                Some(n) if n >= 0 => out.cache_ttl_ms = n as u64,
+                Some(n) if n >= 0 && n as u64 <= MAX_CACHE_TTL_MS => out.cache_ttl_ms = n as u64,
                 _ => p.push(format!(
-                    "`cache_ttl_ms` must be a whole number >= 0, got `{v}`"
+                    "`cache_ttl_ms` must be a whole number between 0 and {MAX_CACHE_TTL_MS}, got `{v}`"
                 )),
             }
         }
@@ -195,6 +208,12 @@ impl RouteSettings {
             status_on_error: defaults.status_on_error,
             invalid: true,
             refuse_without_check: self.context_invalid,
+            // The body is sent even on an invalid route: policy may depend on it, and leaving
+            // it out could turn a deny into an allow. Caching is an optimisation: off.
+            body_limit: self
+                .include_body
+                .then(|| self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES)),
+            cache_ttl: None,
         };
         if !self.problems.is_empty() {
             return secure;
@@ -222,6 +241,10 @@ impl RouteSettings {
             status_on_error: self.status_on_error.unwrap_or(defaults.status_on_error),
             invalid: false,
             refuse_without_check: false,
+            body_limit: self
+                .include_body
+                .then(|| self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES)),
+            cache_ttl: (self.cache_ttl_ms > 0).then(|| Duration::from_millis(self.cache_ttl_ms)),
         }
     }
 
@@ -262,6 +285,16 @@ fn context_entries(v: &Json) -> Result<Vec<(String, String)>, String> {
         out.push((k.clone(), s));
     }
     Ok(out)
+}
+
+/// A protobuf `Struct` as JSON (numbers stay JSON numbers).
+pub fn struct_to_json(s: &prost_types::Struct) -> Json {
+    Json::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), to_json(v)))
+            .collect(),
+    )
 }
 
 fn to_json(v: &prost_types::Value) -> Json {
@@ -456,6 +489,32 @@ mod tests {
         let r = s.resolve(&defaults(), at(NOW));
         assert_eq!(r.fail_mode, FailMode::Open);
         assert!(!r.override_active);
+    }
+
+    #[test]
+    fn body_and_cache_settings() {
+        let r =
+            settings(json!({"include_body":true,"cache_ttl_ms":500})).resolve(&defaults(), at(NOW));
+        assert_eq!(r.body_limit, Some(DEFAULT_MAX_BODY_BYTES));
+        assert_eq!(r.cache_ttl, Some(Duration::from_millis(500)));
+        let r = settings(json!({"include_body":true,"max_body_bytes":10}))
+            .resolve(&defaults(), at(NOW));
+        assert_eq!(r.body_limit, Some(10));
+        assert_eq!(r.cache_ttl, None);
+        let r = settings(json!({"include_body":true,"cache_ttl_ms":500,"fail_mode":"x"}))
+            .resolve(&defaults(), at(NOW));
+        assert_eq!(
+            r.body_limit,
+            Some(DEFAULT_MAX_BODY_BYTES),
+            "invalid routes still send the body"
+        );
+        assert_eq!(r.cache_ttl, None, "invalid routes never cache");
+        assert!(!settings(json!({"max_body_bytes":9_000_000}))
+            .problems
+            .is_empty());
+        assert!(!settings(json!({"cache_ttl_ms":3_600_001}))
+            .problems
+            .is_empty());
     }
 
     #[test]

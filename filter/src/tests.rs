@@ -37,12 +37,28 @@ struct Recorded {
     metrics: HashMap<Metric, u64>,
     latencies: Vec<u64>,
     response_headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    shared: Rc<RefCell<HashMap<String, Vec<u8>>>>,
 }
 
 #[derive(Clone, Default)]
 struct MockHost(Rc<RefCell<Recorded>>);
 
 impl Host for MockHost {
+    fn request_body(&self, max: usize) -> Option<Vec<u8>> {
+        let b = &self.0.borrow().body;
+        Some(b[..b.len().min(max)].to_vec())
+    }
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.borrow().shared.borrow().get(key).cloned()
+    }
+    fn shared_set(&self, key: &str, value: &[u8]) {
+        self.0
+            .borrow()
+            .shared
+            .borrow_mut()
+            .insert(key.into(), value.to_vec());
+    }
     fn request_headers(&self) -> Vec<(String, Vec<u8>)> {
         self.0.borrow().headers.clone()
     }
@@ -237,7 +253,7 @@ fn allow_applies_server_headers_and_strips_forged_markers() {
         None,
         &[("x-arbiter-fail-open", "yes"), ("X-Arbiter-Other", "1")],
     );
-    assert_eq!(f.on_request_headers(), Flow::Pause);
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
     assert_eq!(header(&host, "x-arbiter-fail-open"), None);
     assert_eq!(header(&host, "X-Arbiter-Other"), None);
     let (cluster, msg, timeout) = host.0.borrow().dispatched[0].clone();
@@ -266,7 +282,7 @@ fn allow_applies_server_headers_and_strips_forged_markers() {
 #[test]
 fn unknown_token_is_ignored() {
     let (mut f, host) = request("chat", None, &[]);
-    f.on_request_headers();
+    f.on_request_headers(true);
     assert_eq!(f.on_check_response(99, 0, 0), Flow::Continue);
     assert_eq!(host.0.borrow().resumed, 0);
 }
@@ -274,7 +290,7 @@ fn unknown_token_is_ignored() {
 #[test]
 fn no_metadata_fails_closed_with_retry_after() {
     let (mut f, host) = request("chat", None, &[]);
-    f.on_request_headers();
+    f.on_request_headers(true);
     host.0.borrow_mut().status_message = Some("upstream connect error or disconnect/reset before headers. reset reason: connection failure".into());
     assert_eq!(f.on_check_response(7, 14, 0), Flow::Pause);
     let (status, headers, body) = host.0.borrow().local.clone().unwrap();
@@ -295,7 +311,7 @@ fn open_route_marks_upstream_request() {
         ("timeout_ms", Kind::NumberValue(50.0)),
     ]);
     let (mut f, host) = request("embeddings", Some(md), &[]);
-    f.on_request_headers();
+    f.on_request_headers(true);
     assert_eq!(host.0.borrow().dispatched[0].2, Duration::from_millis(50));
     host.0.borrow_mut().now = Some(
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000) + Duration::from_millis(50),
@@ -318,7 +334,7 @@ fn invalid_metadata_is_counted_logged_once_and_closed() {
     let md = metadata(&[("fail_mode", Kind::StringValue("sometimes".into()))]);
     for i in 0..2 {
         let (mut f, host) = request_with(Rc::clone(&shared), "bad", Some(md.clone()), &[]);
-        f.on_request_headers();
+        f.on_request_headers(true);
         assert_eq!(metric(&host, Metric::InvalidRouteConfig), 1);
         assert_eq!(
             host.0.borrow().logs.len(),
@@ -334,7 +350,7 @@ fn invalid_metadata_is_counted_logged_once_and_closed() {
 fn invalid_context_refuses_without_calling() {
     let md = metadata(&[("context", Kind::StringValue("regulated".into()))]);
     let (mut f, host) = request("ctx", Some(md), &[]);
-    assert_eq!(f.on_request_headers(), Flow::Pause);
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
     assert!(host.0.borrow().dispatched.is_empty());
     let body = host.0.borrow().local.clone().unwrap().2;
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -345,7 +361,7 @@ fn invalid_context_refuses_without_calling() {
 fn disabled_route_makes_no_call() {
     let md = metadata(&[("disabled", Kind::BoolValue(true))]);
     let (mut f, host) = request("health", Some(md), &[("x-arbiter-fail-open", "yes")]);
-    assert_eq!(f.on_request_headers(), Flow::Continue);
+    assert_eq!(f.on_request_headers(true), Flow::Continue);
     assert!(host.0.borrow().dispatched.is_empty());
     assert_eq!(
         header(&host, "x-arbiter-fail-open"),
@@ -360,7 +376,7 @@ fn dispatch_failure_applies_fail_mode_synchronously() {
     let md = metadata(&[("fail_mode", Kind::StringValue("open".into()))]);
     let (mut f, host) = request("r", Some(md), &[]);
     host.0.borrow_mut().dispatch_fails = true;
-    assert_eq!(f.on_request_headers(), Flow::Continue);
+    assert_eq!(f.on_request_headers(true), Flow::Continue);
     assert_eq!(
         header(&host, "x-arbiter-fail-open").as_deref(),
         Some("unreachable")
@@ -389,26 +405,27 @@ fn override_is_marked_and_counted() {
     ]);
     let (mut f, host) = request("o", Some(md), &[]);
     // 1_795_000_000 is 2026-11-18T11:06:40Z: the override is ~2 h ahead.
-    f.on_request_headers();
+    f.on_request_headers(true);
     f.on_check_response(7, 14, 0);
     assert_eq!(
         header(&host, "x-arbiter-fail-open").as_deref(),
         Some("unreachable")
     );
     assert_eq!(metric(&host, Metric::Override), 1);
+    assert_eq!(metric(&host, Metric::OverrideActive), 1);
     assert_eq!(host.0.borrow().log_fields["arbiter_override"], "true");
 }
 
 #[test]
 fn bad_response_and_error() {
     let (mut f, host) = request("chat", None, &[]);
-    f.on_request_headers();
+    f.on_request_headers(true);
     host.0.borrow_mut().response_body = Some(vec![0xff, 0xff, 0xff, 0xff]);
     f.on_check_response(7, 0, 4);
     assert_eq!(metric(&host, Metric::NoDecision(Reason::BadResponse)), 1);
 
     let (mut f, host) = request("chat", None, &[]);
-    f.on_request_headers();
+    f.on_request_headers(true);
     host.0.borrow_mut().status_message = Some("audit log unavailable".into());
     f.on_check_response(7, 14, 0);
     assert_eq!(metric(&host, Metric::NoDecision(Reason::Error)), 1);
@@ -421,6 +438,297 @@ fn non_utf8_header_values_do_not_break_the_request() {
         .borrow_mut()
         .headers
         .push(("x-bin".into(), vec![0xff, 0xfe]));
-    assert_eq!(f.on_request_headers(), Flow::Pause);
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
     assert_eq!(host.0.borrow().dispatched.len(), 1);
+}
+
+fn shared_with(config: &str) -> Rc<Shared> {
+    Rc::new(Shared::new(FilterConfig::parse(config.as_bytes()).unwrap()))
+}
+
+fn sent(host: &MockHost) -> CheckRequest {
+    CheckRequest::decode(host.0.borrow().dispatched.last().unwrap().1.as_slice()).unwrap()
+}
+
+#[test]
+fn body_is_buffered_up_to_the_limit_and_marked_partial() {
+    let md = metadata(&[
+        ("include_body", Kind::BoolValue(true)),
+        ("max_body_bytes", Kind::NumberValue(8.0)),
+    ]);
+    let (mut f, host) = request("chat", Some(md.clone()), &[]);
+    host.0.borrow_mut().body = br#"{"model":"m","messages":[]}"#.to_vec();
+    assert_eq!(f.on_request_headers(false), Flow::Pause);
+    assert!(host.0.borrow().dispatched.is_empty(), "waits for the body");
+    assert_eq!(
+        f.on_request_body(4, false),
+        Flow::Pause,
+        "below the limit: keep buffering"
+    );
+    assert!(host.0.borrow().dispatched.is_empty());
+    assert_eq!(
+        f.on_request_body(27, false),
+        Flow::Pause,
+        "limit reached: ask now"
+    );
+    let http = sent(&host)
+        .attributes
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap();
+    assert_eq!(http.raw_body, br#"{"model""#.to_vec());
+    assert_eq!(
+        http.headers
+            .get("x-envoy-auth-partial-body")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        f.on_request_body(27, true),
+        Flow::Pause,
+        "rest of the body waits for the answer"
+    );
+
+    // A small complete body is sent whole and unmarked.
+    let (mut f, host) = request("chat", Some(md), &[]);
+    host.0.borrow_mut().body = b"{}".to_vec();
+    assert_eq!(f.on_request_headers(false), Flow::Pause);
+    assert_eq!(f.on_request_body(2, true), Flow::Pause);
+    let http = sent(&host)
+        .attributes
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap();
+    assert_eq!(http.raw_body, b"{}".to_vec());
+    assert_eq!(http.size, 2);
+    assert!(!http.headers.contains_key("x-envoy-auth-partial-body"));
+    host.0.borrow_mut().response_body = Some(ok_response());
+    assert_eq!(f.on_check_response(7, 0, 1), Flow::Continue);
+    assert_eq!(host.0.borrow().resumed, 1);
+}
+
+#[test]
+fn jwt_metadata_is_forwarded_as_metadata_context() {
+    let mut md = Metadata::default();
+    md.filter_metadata.insert(
+        "envoy.filters.http.jwt_authn".into(),
+        prost_types::Struct {
+            fields: [(
+                "jwt_payload".to_owned(),
+                prost_types::Value {
+                    kind: Some(Kind::StructValue(prost_types::Struct {
+                        fields: [(
+                            "sub".to_owned(),
+                            prost_types::Value {
+                                kind: Some(Kind::StringValue("alice".into())),
+                            },
+                        )]
+                        .into_iter()
+                        .collect(),
+                    })),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        },
+    );
+    md.filter_metadata
+        .insert("other.filter".into(), prost_types::Struct::default());
+    let (mut f, host) = request("chat", None, &[]);
+    host.0
+        .borrow_mut()
+        .properties
+        .insert("metadata".into(), md.encode_to_vec());
+    f.on_request_headers(true);
+    let ctx = sent(&host).attributes.unwrap().metadata_context.unwrap();
+    assert_eq!(ctx.filter_metadata.len(), 1, "only configured namespaces");
+    let jwt = &ctx.filter_metadata["envoy.filters.http.jwt_authn"];
+    assert!(jwt.fields.contains_key("jwt_payload"));
+}
+
+#[test]
+fn breaker_opens_after_threshold_and_probes_after_cooldown() {
+    let shared =
+        shared_with(r#"{"policy_cluster":"p","breaker_threshold":2,"breaker_cooldown_ms":1000}"#);
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        let (mut f, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+        host.0.borrow_mut().now = Some(at(0));
+        f.on_request_headers(true);
+        f.on_check_response(7, 14, 0);
+        hosts.push(host);
+    }
+    assert_eq!(metric(&hosts[1], Metric::BreakerOpened), 1);
+
+    let (mut f, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(500));
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
+    assert!(
+        host.0.borrow().dispatched.is_empty(),
+        "open breaker: no call"
+    );
+    let body = host.0.borrow().local.clone().unwrap().2;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["error"]["reason"],
+        "breaker_open"
+    );
+    assert_eq!(metric(&host, Metric::NoDecision(Reason::BreakerOpen)), 1);
+
+    // After the cool-down one probe goes out; its success closes the breaker.
+    let (mut probe, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(1000));
+    assert_eq!(probe.on_request_headers(true), Flow::Pause);
+    assert_eq!(host.0.borrow().dispatched.len(), 1);
+    let (mut other, other_host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    other_host.0.borrow_mut().now = Some(at(1001));
+    other.on_request_headers(true);
+    assert!(
+        other_host.0.borrow().dispatched.is_empty(),
+        "one probe at a time"
+    );
+    host.0.borrow_mut().response_body = Some(ok_response());
+    probe.on_check_response(7, 0, 1);
+    assert_eq!(metric(&host, Metric::BreakerClosed), 1);
+    let (mut f, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(1002));
+    f.on_request_headers(true);
+    assert_eq!(host.0.borrow().dispatched.len(), 1, "closed again");
+}
+
+#[test]
+fn cache_serves_allows_only_and_follows_the_policy_version() {
+    let shared = shared_with(r#"{"policy_cluster":"p"}"#);
+    let store: Rc<RefCell<HashMap<String, Vec<u8>>>> = Rc::default();
+    let md = metadata(&[("cache_ttl_ms", Kind::NumberValue(1000.0))]);
+    let run = |extra: &[(&str, &str)], answer: Option<Vec<u8>>, ms: u64| {
+        let (mut f, host) = request_with(Rc::clone(&shared), "chat", Some(md.clone()), extra);
+        host.0.borrow_mut().shared = Rc::clone(&store);
+        host.0.borrow_mut().now = Some(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000) + Duration::from_millis(ms),
+        );
+        let flow = f.on_request_headers(true);
+        if let Some(answer) = answer {
+            if !host.0.borrow().dispatched.is_empty() {
+                host.0.borrow_mut().response_body = Some(answer);
+                f.on_check_response(7, 0, 1);
+            }
+        }
+        (flow, host)
+    };
+    let (_, h) = run(&[], Some(ok_response()), 0);
+    assert_eq!(metric(&h, Metric::CacheStore), 1);
+    let (flow, h) = run(&[("x-request-id", "another")], None, 10);
+    assert_eq!(
+        flow,
+        Flow::Continue,
+        "second identical request is served from the cache"
+    );
+    assert!(h.0.borrow().dispatched.is_empty());
+    assert_eq!(metric(&h, Metric::Outcome(Outcome::Cached)), 1);
+    assert_eq!(header(&h, "x-arbiter-audit-id").as_deref(), Some("a-1"));
+    assert_eq!(h.0.borrow().log_fields["arbiter_outcome"], "cached");
+
+    let (_, h) = run(&[("x-tenant-id", "t2")], None, 20);
+    assert_eq!(
+        h.0.borrow().dispatched.len(),
+        1,
+        "a different request misses"
+    );
+    assert_eq!(metric(&h, Metric::CacheMiss), 1);
+
+    let (_, h) = run(&[], None, 1000);
+    assert_eq!(h.0.borrow().dispatched.len(), 1, "expired after the TTL");
+
+    // A deny is never stored.
+    let deny = CheckResponse {
+        status: Some(Status {
+            code: 7,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let (_, h) = run(&[("x-deny", "1")], Some(deny), 1100);
+    assert_eq!(metric(&h, Metric::CacheStore), 0);
+    let (_, h) = run(&[("x-deny", "1")], None, 1110);
+    assert_eq!(h.0.borrow().dispatched.len(), 1);
+
+    // A new policy version seen by any worker empties the cache.
+    let (_, h) = run(&[("x-v", "1")], Some(ok_response()), 1200);
+    assert_eq!(metric(&h, Metric::CacheStore), 1);
+    store
+        .borrow_mut()
+        .insert(crate::cache::VERSION_KEY.into(), b"v2".to_vec());
+    let (_, h) = run(&[("x-v", "1")], None, 1210);
+    assert_eq!(
+        h.0.borrow().dispatched.len(),
+        1,
+        "entries of another version miss"
+    );
+}
+
+#[test]
+fn undecided_requests_leave_a_replayable_record_without_secrets() {
+    let md = metadata(&[
+        ("fail_mode", Kind::StringValue("open".into())),
+        ("include_body", Kind::BoolValue(true)),
+        (
+            "context",
+            Kind::StructValue(prost_types::Struct {
+                fields: [(
+                    "classification".to_owned(),
+                    prost_types::Value {
+                        kind: Some(Kind::StringValue("regulated".into())),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            }),
+        ),
+    ]);
+    let (mut f, host) = request(
+        "embeddings",
+        Some(md),
+        &[
+            ("x-api-key", "sk-secret"),
+            ("authorization", "Bearer tok"),
+            ("x-tenant-id", "t1"),
+        ],
+    );
+    {
+        let mut r = host.0.borrow_mut();
+        r.body = br#"{"model":"gpt-4o","input":"my secret prompt"}"#.to_vec();
+        r.headers.iter_mut().for_each(|(k, v)| {
+            if k == ":path" {
+                *v = b"/v1/embeddings?key=sk-in-query".to_vec()
+            }
+        });
+    }
+    f.on_request_headers(false);
+    let len = host.0.borrow().body.len();
+    f.on_request_body(len, true);
+    f.on_check_response(7, 14, 0);
+    let record = host.0.borrow().log_fields["arbiter_record"].clone();
+    for secret in ["sk-secret", "Bearer tok", "my secret prompt", "sk-in-query"] {
+        assert!(!record.contains(secret), "{secret} leaked into {record}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(v["outcome"], "fail_open");
+    assert_eq!(v["reason"], "unreachable");
+    assert_eq!(v["route"], "embeddings");
+    assert_eq!(v["request_id"], "rid-1");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/v1/embeddings");
+    assert_eq!(v["model"], "gpt-4o");
+    assert_eq!(v["tenant"], "t1");
+    assert_eq!(v["context"]["classification"], "regulated");
+    assert_eq!(v["source"], "127.0.0.1:5555");
+    assert_eq!(v["api_key_sha256"].as_str().unwrap().len(), 64);
+    assert!(v["ts"].as_str().unwrap().starts_with("2026-11-18T"));
 }

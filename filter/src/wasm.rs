@@ -101,16 +101,25 @@ impl Context for Http {
 }
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        match self.filter.on_request_headers() {
-            Flow::Continue => Action::Continue,
-            Flow::Pause => Action::Pause,
-        }
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        action(self.filter.on_request_headers(end_of_stream))
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        action(self.filter.on_request_body(body_size, end_of_stream))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.filter.on_response_headers();
         Action::Continue
+    }
+}
+
+fn action(flow: Flow) -> Action {
+    match flow {
+        Flow::Continue => Action::Continue,
+        // In a body callback this means "stop and buffer".
+        Flow::Pause => Action::Pause,
     }
 }
 
@@ -121,6 +130,21 @@ struct WasmHost {
 impl Host for WasmHost {
     fn request_headers(&self) -> Vec<(String, Vec<u8>)> {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+    }
+
+    fn request_body(&self, max: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, max)
+            .ok()
+            .flatten()
+    }
+
+    fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
+        hostcalls::get_shared_data(key).ok().and_then(|(v, _)| v)
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8]) {
+        // No CAS: the last writer of a slot wins, which is what a direct-mapped cache wants.
+        let _ = hostcalls::set_shared_data(key, Some(value), None);
     }
 
     fn remove_request_header(&self, name: &str) {
@@ -193,7 +217,7 @@ impl Host for WasmHost {
             Level::Error => LogLevel::Error,
             Level::Debug => LogLevel::Debug,
         };
-        let _ = hostcalls::log(level, &format!("{message}"));
+        let _ = hostcalls::log(level, message);
     }
 
     fn increment(&self, metric: Metric) {

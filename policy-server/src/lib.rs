@@ -12,6 +12,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod probe;
 pub mod request;
 pub mod service;
 

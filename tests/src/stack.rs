@@ -513,6 +513,9 @@ pub fn default_vars(template: &str) -> Result<HashMap<String, String>> {
     let now = OffsetDateTime::now_utc();
     let at = |offset: time::Duration| -> Result<String> { Ok((now + offset).format(&Rfc3339)?) };
     vars.insert("TIMEOUT_MS".into(), "200".into());
+    // Health checks of the policy cluster go through the fault proxy too; a long interval
+    // keeps them out of byte and connection counts (tests that need them set it lower).
+    vars.insert("POLICY_HC_INTERVAL".into(), "60s".into());
     vars.insert("OVERRIDE_ACTIVE".into(), at(time::Duration::hours(1))?);
     vars.insert("OVERRIDE_EXPIRED".into(), at(time::Duration::hours(-1))?);
     vars.insert("OVERRIDE_TOO_FAR".into(), at(time::Duration::hours(48))?);

@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context::{HttpRequest, Peer, Request},
     AttributeContext, CheckRequest,
 };
+use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value as ProtoValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -274,7 +275,10 @@ struct EnvoyRecord {
     #[serde(default)]
     principal: Option<String>,
     #[serde(default)]
-    context: BTreeMap<String, String>,
+    context: BTreeMap<String, Value>,
+    /// Envoy's `jwt_authn` metadata (verified claims), as the filter forwarded it.
+    #[serde(default)]
+    metadata: Option<Value>,
 }
 
 /// `Ok(None)`: a line that is no record to replay (an access-log line of a decided request).
@@ -349,7 +353,14 @@ fn envoy_case(value: Value) -> Result<Case, String> {
         "fail_closed" => Recorded::FailClosed { reason },
         other => return Err(format!("unknown outcome `{other}`")),
     };
-    let mut extensions: HashMap<String, String> = record.context.into_iter().collect();
+    let mut extensions: HashMap<String, String> = record
+        .context
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect();
     if let Some(route) = record.route {
         extensions.insert(ROUTE_KEY.into(), route);
     }
@@ -364,8 +375,53 @@ fn envoy_case(value: Value) -> Result<Case, String> {
             host: record.host.unwrap_or_default(),
             scheme: record.scheme.unwrap_or_default(),
             extensions,
-        }),
+        })
+        .with_jwt_metadata(record.metadata),
     })
+}
+
+/// Namespace under which Envoy's `jwt_authn` filter puts verified claims.
+pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+
+trait WithJwtMetadata {
+    fn with_jwt_metadata(self, metadata: Option<Value>) -> Self;
+}
+
+impl WithJwtMetadata for CheckRequest {
+    /// Puts the recorded `jwt_authn` metadata back where the filter sent it, so identity
+    /// from verified claims is derived on replay as it was live.
+    fn with_jwt_metadata(mut self, metadata: Option<Value>) -> Self {
+        let Some(Kind::StructValue(fields)) = metadata.map(|m| to_proto(&m).kind).flatten() else {
+            return self;
+        };
+        if let Some(attributes) = self.attributes.as_mut() {
+            attributes
+                .metadata_context
+                .get_or_insert_with(Default::default)
+                .filter_metadata
+                .insert(JWT_AUTHN_NAMESPACE.to_owned(), fields);
+        }
+        self
+    }
+}
+
+fn to_proto(value: &Value) -> ProtoValue {
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.iter().map(to_proto).collect(),
+        }),
+        Value::Object(fields) => Kind::StructValue(Struct {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.clone(), to_proto(v)))
+                .collect(),
+        }),
+    };
+    ProtoValue { kind: Some(kind) }
 }
 
 struct CheckParts<'a> {
@@ -447,5 +503,25 @@ mod tests {
         assert!(parse(b"nope").is_err());
         let bad_outcome = inner.replace("fail_open", "allow");
         assert!(parse(bad_outcome.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn jwt_metadata_goes_back_where_the_filter_sent_it() {
+        let inner = r#"{"v":1,"outcome":"fail_closed","reason":"timeout","route":"chat","method":"POST","path":"/v1/chat/completions","context":{"tier":2},"metadata":{"jwt_payload":{"sub":"alice","groups":["a"]}}}"#;
+        let case = parse(inner.as_bytes()).unwrap().unwrap();
+        let attributes = case.check.attributes.as_ref().unwrap();
+        let jwt = &attributes
+            .metadata_context
+            .as_ref()
+            .unwrap()
+            .filter_metadata[JWT_AUTHN_NAMESPACE];
+        let Some(Kind::StructValue(payload)) = &jwt.fields["jwt_payload"].kind else {
+            panic!("{jwt:?}");
+        };
+        assert_eq!(
+            payload.fields["sub"].kind,
+            Some(Kind::StringValue("alice".into()))
+        );
+        assert_eq!(attributes.context_extensions["tier"], "2");
     }
 }
