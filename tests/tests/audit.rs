@@ -12,6 +12,7 @@ use arbiter_e2e::stack::{chat_body, Reply, Stack};
 use arbiter_e2e::{eventually, PolicyServer};
 use reqwest::Method;
 use serde_json::Value;
+use sha2::Digest as _;
 
 /// Audit ids of every request the server decided, as the client and the upstreams saw
 /// them: allowed requests carry `x-arbiter-audit-id` upstream, denied ones name it in the
@@ -315,12 +316,119 @@ async fn secrets_and_prompts_stay_out_of_the_audit_log_and_envoy_logs() -> Resul
         assert_eq!(record["headers"][header], "[redacted]", "{record}");
     }
     assert_eq!(record["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
-    // The body reaches the server only once the filter sends it (`include_body`); then the
-    // record holds its hash and length, never its text.
-    if let Some(hash) = record["prompt_sha256"].as_str() {
-        assert_eq!(hash.len(), 64);
-        assert!(record["body_bytes"].as_u64().unwrap() > 0);
-    }
+    // The route sends the body (`include_body`): the record holds its hash and length,
+    // never its text.
+    let sent = serde_json::to_vec(&body)?;
+    assert_eq!(
+        record["prompt_sha256"],
+        hex::encode(sha2::Sha256::digest(&sent)),
+        "{record}"
+    );
+    assert_eq!(record["body_bytes"], sent.len());
+    assert_eq!(record["body_truncated"], false);
     assert_verifies(policy);
+    Ok(())
+}
+
+/// The incident: the policy server is down while callers use an `open` route (and a
+/// `closed` one); afterwards `arbiter audit replay` over Envoy's access log and the audit
+/// log names exactly the requests policy refuses.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_names_the_requests_let_through_that_policy_denies() -> Result<()> {
+    let mut stack = Stack::builder().start().await?;
+    assert_eq!(stack.chat("/v1/chat/completions").await?.status, 200);
+    stack.policy()?.stop();
+
+    // (method, path, would policy deny it?)
+    let incident = [
+        (Method::POST, "/t/open/v1/chat/completions", false),
+        (Method::GET, "/t/open/v1/models", false),
+        (Method::GET, "/t/open/admin/users", true),
+        (Method::POST, "/t/open/v1/embeddings", false),
+        (Method::DELETE, "/t/open/v1/files/f-1", true),
+        (Method::POST, "/t/open/v1/chat/completions", false),
+    ];
+    for (method, path, _) in &incident {
+        let reply = send(&stack, method.clone(), path).await??;
+        assert_eq!(reply.status, 200, "{method} {path}: {}", reply.text());
+    }
+    let closed = stack.chat("/t/closed/v1/chat/completions").await?;
+    assert_eq!(closed.status, 503);
+
+    stack.policy()?.restart().await?;
+    eventually(Duration::from_secs(15), "decisions again", || async {
+        let reply = stack.chat("/v1/chat/completions").await.ok()?;
+        (reply.status == 200 && reply.header("x-mock-provider").is_some()).then_some(())
+    })
+    .await?;
+    let lines = stack.envoy.wait_access_log(incident.len() + 3).await?;
+    let records = lines
+        .iter()
+        .filter(|l| {
+            l["arbiter_record"]
+                .as_str()
+                .is_some_and(|r| r.starts_with('{'))
+        })
+        .count();
+    assert!(records >= incident.len() + 1, "{lines:?}");
+
+    let policies = stack.workspace().join("examples/ai-gateway/policies");
+    let mut args = vec![
+        "audit".into(),
+        "replay".into(),
+        "--json".into(),
+        "--policies".into(),
+        policies.into_os_string(),
+        stack.envoy.access_log_path().into(),
+    ];
+    args.extend(policy(&stack).audit_files()?.into_iter().map(Into::into));
+    let (code, out) = arbiter_e2e::stack::arbiter_cli(&args)?;
+    assert_eq!(code, 1, "{out}");
+    let report: Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    assert_eq!(report["fail_open"]["replayed"], incident.len(), "{report}");
+    assert!(
+        report["server"]["replayed"].as_u64().unwrap() >= 2,
+        "{report}"
+    );
+    assert_eq!(report["server"]["differ"], 0, "{report}");
+
+    let mut denied: Vec<(String, String)> = report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["verdict"] == "would have been denied")
+        .map(|d| {
+            assert_eq!(d["recorded"]["kind"], "fail_open", "{d}");
+            (
+                d["method"].as_str().unwrap().to_owned(),
+                d["path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    denied.sort();
+    let mut expected: Vec<(String, String)> = incident
+        .iter()
+        .filter(|(_, _, deny)| *deny)
+        .map(|(m, p, _)| (m.to_string(), (*p).to_owned()))
+        .collect();
+    expected.sort();
+    assert_eq!(denied, expected, "{report}");
+
+    // The closed route refused a request policy allows.
+    let allowed: Vec<&Value> = report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["verdict"] == "would have been allowed")
+        .collect();
+    assert_eq!(allowed.len(), 1, "{report}");
+    assert_eq!(allowed[0]["route"], "t_closed");
+
+    // The text report says the same for humans.
+    let mut text_args = args.clone();
+    text_args.retain(|a| a != "--json");
+    let (code, text) = arbiter_e2e::stack::arbiter_cli(&text_args)?;
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("2 would have been denied"), "{text}");
     Ok(())
 }
