@@ -70,6 +70,10 @@ test-e2e: setup wasm ## End-to-end: real Envoy + real wasm + real policy server
 	$(CARGO) build -p arbiter-policy-server --bins
 	$(CARGO) test -p arbiter-e2e -- --test-threads=2
 
+.PHONY: bench
+bench: ## Policy decision benchmarks (criterion; p50/p99 by bundle size, p99 during reloads)
+	$(CARGO) bench -p arbiter-policy-server --bench decide
+
 .PHONY: lint
 lint: ## rustfmt check and clippy (host and wasm) with warnings denied
 	$(CARGO) fmt --all -- --check

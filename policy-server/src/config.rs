@@ -12,9 +12,22 @@ pub struct Config {
     /// Address to serve gRPC (ext_authz and health) on.
     #[arg(long, env = "ARBITER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Policy bundle directory (`*.cedar`, optional `entities.json` and `*.cedarschema`).
+    /// Policy bundle directory (`*.cedar`, optional `*.cedarschema`, `entities.json` and
+    /// `bundle.toml`). Reloaded when it changes; an invalid change is rejected and the last
+    /// good bundle keeps deciding.
     #[arg(long, env = "ARBITER_POLICIES")]
     pub policies: PathBuf,
+    /// Candidate bundle evaluated beside the active one on every request, in shadow: it never
+    /// changes the answer; disagreements are counted and recorded on the decision.
+    #[arg(long, env = "ARBITER_SHADOW_POLICIES")]
+    pub shadow_policies: Option<PathBuf>,
+    /// Address to serve Prometheus metrics (`GET /metrics`) and reload status (`GET
+    /// /status`) on, over HTTP.
+    #[arg(long, env = "ARBITER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often to check the bundle directories for changes, in milliseconds (0: never).
+    #[arg(long, env = "ARBITER_RELOAD_INTERVAL_MS", default_value_t = 250)]
+    pub reload_interval_ms: u64,
     /// Log line format (logs go to stderr).
     #[arg(long, env = "ARBITER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -56,6 +69,9 @@ impl Config {
         Self {
             listen,
             policies: policies.into(),
+            shadow_policies: None,
+            metrics_listen: None,
+            reload_interval_ms: 250,
             log_format: LogFormat::Plain,
             log: "info".to_owned(),
             audit_log: audit_log.into(),
@@ -105,6 +121,9 @@ mod tests {
         assert_eq!(config.audit_max_bytes, DEFAULT_MAX_BYTES);
         assert_eq!(config.policies, PathBuf::from("p"));
         assert_eq!(config.log_format, LogFormat::Plain);
+        assert_eq!(config.shadow_policies, None);
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.reload_interval_ms, 250);
         let config = Config::try_parse_from([
             "arbiter-policy-server",
             "--policies",

@@ -90,11 +90,15 @@ impl Authorization for AuthorizationService {
             request_id = %req.request_id,
             decision = outcome(&decision),
             policy_ids = %decision.policy_ids.join(","),
-            principal = %req.principal,
+            principal = %decision.principal,
+            identity_source = decision.identity_source.as_str(),
             route = %req.route,
             method = %req.method,
             path = %req.path,
             policy_version = %decision.policy_version,
+            model = req.body.model.as_deref(),
+            shadow_decision = decision.shadow.as_ref().map(|s| s.outcome()),
+            shadow_disagreement = decision.shadow_disagreement().map(|d| d.as_str()),
             seq = written.seq,
             latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
             "decision"
@@ -169,7 +173,8 @@ fn check_response(req: &AuthzRequest, decision: &Decision, audit_id: &str) -> Ch
     }
 }
 
-fn deny_message(req: &AuthzRequest, decision: &Decision) -> String {
+/// The deny message: the determining policies, or that none permits the request.
+pub fn deny_message(req: &AuthzRequest, decision: &Decision) -> String {
     let quoted = |ids: &[String]| {
         ids.iter()
             .map(|id| format!("`{id}`"))

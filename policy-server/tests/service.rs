@@ -116,7 +116,7 @@ async fn allows_routine_chat() {
         headers[1],
         ("x-arbiter-policy-version".to_owned(), version.clone())
     );
-    assert!(version.starts_with("sha256:"));
+    assert!(version.starts_with("ai-gateway@sha256:"));
     assert_eq!(metadata(&response, "decision"), "allow");
     assert_eq!(metadata(&response, "audit_id"), headers[0].1);
     assert_eq!(metadata(&response, "policy_version"), version);

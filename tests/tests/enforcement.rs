@@ -79,9 +79,10 @@ async fn allow_reaches_primary_with_server_headers_and_no_forged_marker() -> Res
         !audit_id.is_empty() && audit_id != "forged",
         "audit id {audit_id:?}"
     );
+    // `<bundle name>@sha256:…` (the example bundle declares a name in bundle.toml).
     assert!(upstream
         .header("x-arbiter-policy-version")
-        .is_some_and(|v| v.starts_with("sha256:")));
+        .is_some_and(|v| v.starts_with("ai-gateway@sha256:")));
     assert!(stack.backup.requests().is_empty());
 
     let stats = stack.stats().await?;

@@ -91,8 +91,16 @@ impl AuditEvent {
             reason,
             policy_version: decision.policy_version.clone(),
             policy_ids: decision.policy_ids.clone(),
-            shadow_decision: None,
-            principal: req.principal.clone(),
+            shadow_decision: decision.shadow.as_ref().map(|shadow| {
+                serde_json::json!({
+                    "decision": shadow.outcome(),
+                    "policy_ids": shadow.policy_ids,
+                    "policy_version": shadow.policy_version,
+                    "disagreement": decision.shadow_disagreement().map(|d| d.as_str()),
+                })
+            }),
+            // The identity the engine resolved (mTLS, JWT, API key or anonymous).
+            principal: decision.principal.clone(),
             action: req.action.clone(),
             route: req.route.clone(),
             route_context: req.route_context.clone(),
@@ -102,7 +110,7 @@ impl AuditEvent {
             path: req.path.clone(),
             source: Some(req.source.clone()).filter(|s| !s.is_empty()),
             headers,
-            model: None,
+            model: req.body.model.clone(),
             body_bytes,
             body_truncated,
             prompt_sha256,

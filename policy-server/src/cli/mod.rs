@@ -1,24 +1,8 @@
-//! The `arbiter` operator CLI: flags and the logic of each subcommand. The binary
-//! (`src/bin/arbiter.rs`) only parses and dispatches.
+//! The `arbiter` command line: library side of each subcommand (the binary only parses
+//! flags and dispatches).
 
 pub mod audit;
-
-/// `arbiter`: operator tools for Arbiter.
-#[derive(Debug, clap::Parser)]
-#[command(name = "arbiter", version, about)]
-pub struct Cli {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Top-level subcommands.
-#[derive(Debug, clap::Subcommand)]
-pub enum Command {
-    /// Audit log tools: verify the hash chain, replay records against a bundle.
-    #[command(subcommand)]
-    Audit(audit::AuditCommand),
-}
+pub mod policy;
 
 /// Exit code: success (chain intact, no difference).
 pub const EXIT_OK: u8 = 0;
