@@ -4,11 +4,14 @@
 //! A `CheckRequest` is mapped once into an [`AuthzRequest`] (caller, action, route, context),
 //! the [`PolicyEngine`] decides it with the current [`Bundle`], and the [`AuthorizationService`]
 //! turns the decision into an allow (headers naming the audit id and policy version) or a
-//! `403` with a JSON body. Bundles are validated against the built-in Arbiter schema
-//! ([`schema`]), hot-reloaded with last-known-good ([`reload`]), optionally shadowed by a
-//! candidate bundle, and measured ([`metrics`]). See the crate README for the Cedar model.
+//! `403` with a JSON body. Every decision is first written to the [`AuditLog`] (see
+//! [`audit`]); a decision that cannot be recorded is not given. Bundles are validated against
+//! the built-in Arbiter schema ([`schema`]), hot-reloaded with last-known-good ([`reload`]),
+//! optionally shadowed by a candidate bundle, and measured ([`metrics`]). See the crate
+//! README for the Cedar model and the audit record.
 
 pub mod ai;
+pub mod audit;
 pub mod bundle;
 pub mod cli;
 pub mod config;
@@ -33,6 +36,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+pub use audit::{AuditConfig, AuditError, AuditLog, AuditMetrics, AuditSync, Redactor};
 pub use bundle::{Bundle, BundleError};
 pub use config::{Config, LogFormat};
 pub use engine::{Decision, EngineError, PolicyEngine};
@@ -63,6 +67,12 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("grpc server failed")]
     Serve(#[from] tonic::transport::Error),
+    /// The audit log cannot be opened or continued.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The OTLP exporter is misconfigured.
+    #[error(transparent)]
+    Export(#[from] audit::export::ExportError),
 }
 
 /// What runs beside the gRPC services: bundle watchers and the metrics listener.
@@ -96,13 +106,25 @@ pub async fn run(
         Ok::<_, ServerError>((watch, bundle))
     };
     let (watch, bundle) = load(BundleRole::Active, &config.policies)?;
-    let engine = Arc::new(PolicyEngine::with_metrics(bundle, Arc::new(Metrics::new())));
+    let audit_metrics = AuditMetrics::default();
+    let mut metrics = Metrics::new();
+    audit_metrics.register(metrics.registry_mut());
+    let engine = Arc::new(PolicyEngine::with_metrics(bundle, Arc::new(metrics)));
     let mut watches = vec![watch];
     if let Some(dir) = &config.shadow_policies {
         let (watch, bundle) = load(BundleRole::Shadow, dir)?;
         engine.set_shadow(Some(Arc::new(bundle)));
         watches.push(watch);
     }
+    let audit = AuditLog::open(&config.audit(), audit_metrics)?;
+    if let Some(endpoint) = &config.otlp_endpoint {
+        let exporter = audit::export::Exporter::new(
+            audit::export::ExportConfig::new(endpoint.clone(), &config.audit_log),
+            audit.metrics().clone(),
+        )?;
+        tokio::spawn(exporter.run(audit.written()));
+    }
+    let redactor = Redactor::new(&config.redact_headers);
     let listener = bind(config.listen).await?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(bind(addr).await?),
@@ -114,7 +136,7 @@ pub async fn run(
         metrics_listener,
         status,
     };
-    serve_with(listener, engine, extras, shutdown).await
+    serve_with(listener, engine, audit, redactor, extras, shutdown).await
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -123,21 +145,34 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
-/// Serves ext_authz and health on `listener` with `engine` until `shutdown` completes.
+/// Serves ext_authz and health on `listener` with `engine`, recording every decision to
+/// `audit`, until `shutdown` completes.
 ///
 /// Logs `listening on <addr>` once the server is ready to take calls.
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<PolicyEngine>,
+    audit: AuditLog,
+    redactor: Redactor,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    serve_with(listener, engine, Extras::default(), shutdown).await
+    serve_with(
+        listener,
+        engine,
+        audit,
+        redactor,
+        Extras::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve`], plus bundle watchers and the metrics listener of `extras`.
 pub async fn serve_with(
     listener: TcpListener,
     engine: Arc<PolicyEngine>,
+    audit: AuditLog,
+    redactor: Redactor,
     extras: Extras,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
@@ -160,6 +195,11 @@ pub async fn serve_with(
 
     // Background tasks end with the server (aborted below), not on their own.
     let mut tasks = Vec::new();
+    // NOT_SERVING while the audit log cannot be written (no decision can be given then).
+    tasks.push(tokio::spawn(audit::mirror_health(
+        audit.writable(),
+        health.clone(),
+    )));
     if !extras.reload_interval.is_zero() {
         for watch in extras.watches {
             tasks.push(tokio::spawn(watch.run(
@@ -192,7 +232,9 @@ pub async fn serve_with(
     drop(bundle);
     let served = Server::builder()
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(AuthorizationService::new(engine)))
+        .add_service(AuthorizationServer::new(AuthorizationService::new(
+            engine, audit, redactor,
+        )))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter_policy_server::PolicyEngine;
+use arbiter_policy_server::{AuditConfig, AuditLog, AuditMetrics, PolicyEngine, Redactor};
 use envoy_types::pb::envoy::service::auth::v3::{
     authorization_client::AuthorizationClient, CheckRequest,
 };
@@ -29,10 +29,22 @@ async fn serves_check_and_health_over_grpc() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let engine = Arc::new(PolicyEngine::load(&example_bundle()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let audit = AuditLog::open(
+        &AuditConfig::new(dir.path().join("audit.jsonl")),
+        AuditMetrics::default(),
+    )
+    .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(arbiter_policy_server::serve(listener, engine, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(arbiter_policy_server::serve(
+        listener,
+        engine,
+        audit,
+        Redactor::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
 
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -100,6 +112,8 @@ async fn binary_refuses_an_invalid_bundle() {
     let output = Command::new(BINARY)
         .args(["--listen", "127.0.0.1:0", "--policies"])
         .arg(dir.path())
+        .arg("--audit-log")
+        .arg(dir.path().join("audit.jsonl"))
         .env_remove("ARBITER_LISTEN")
         .env_remove("ARBITER_LOG")
         .output();
@@ -114,8 +128,11 @@ async fn binary_refuses_an_invalid_bundle() {
 
 #[tokio::test]
 async fn binary_logs_listening_once_ready() {
+    let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BINARY)
         .args(["--listen", "127.0.0.1:0"])
+        .arg("--audit-log")
+        .arg(dir.path().join("audit.jsonl"))
         .env("ARBITER_POLICIES", example_bundle())
         .env("ARBITER_LOG_FORMAT", "json")
         .env_remove("ARBITER_LOG")

@@ -1,10 +1,13 @@
-//! `arbiter`: the policy command line (`validate`, `check`, `schema`). Flags are parsed
-//! here; the work is in `arbiter_policy_server::cli`.
+//! `arbiter`: the operator command line (`validate`, `check`, `schema`, `audit verify`,
+//! `audit replay`, `probe`). Flags are parsed here; the work is in
+//! `arbiter_policy_server::cli` and `arbiter_policy_server::probe`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use arbiter_policy_server::cli::audit::{self, AuditCommand};
 use arbiter_policy_server::cli::policy::{self, key_value, RequestSpec};
+use arbiter_policy_server::probe::{probe, ProbeOptions};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -31,6 +34,44 @@ enum Command {
     Check(Box<CheckArgs>),
     /// Print the built-in Arbiter Cedar schema that bundles are validated against.
     Schema,
+    /// Audit log tools: verify the hash chain, replay records against a bundle.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Incident runbook check: what a route does right now (fail mode, override, breaker)
+    /// and what a synthetic request gets, through Envoy and/or straight from the server.
+    /// Exit 0 when the probe ran (whatever it found), 2 when it could not.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// Envoy route name.
+    #[arg(long)]
+    route: String,
+    /// Envoy admin base URL (reads the route's settings and breaker state).
+    #[arg(long, default_value = "http://127.0.0.1:9901")]
+    envoy_admin: String,
+    /// Envoy listener base URL for a synthetic request (omit to skip).
+    #[arg(long)]
+    envoy_url: Option<String>,
+    /// Policy server gRPC address for a direct Check (omit to skip).
+    #[arg(long)]
+    server: Option<String>,
+    /// HTTP method of the synthetic request.
+    #[arg(long, default_value = "POST")]
+    method: String,
+    /// Path of the synthetic request.
+    #[arg(long, default_value = "/v1/chat/completions")]
+    path: String,
+    /// Request header `name=value` (repeatable).
+    #[arg(long = "header", value_parser = key_value)]
+    headers: Vec<(String, String)>,
+    /// Bound on each network call, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,6 +153,50 @@ fn main() -> ExitCode {
         Command::Schema => {
             print!("{}", arbiter_policy_server::schema::BASE_SCHEMA);
             ExitCode::SUCCESS
+        }
+        Command::Audit(command) => {
+            ExitCode::from(audit::run(command, &mut std::io::stdout().lock()))
+        }
+        Command::Probe(args) => run_probe(&args),
+    }
+}
+
+fn run_probe(args: &ProbeArgs) -> ExitCode {
+    let options = ProbeOptions {
+        envoy_admin: Some(args.envoy_admin.clone()),
+        envoy_url: args.envoy_url.clone(),
+        server: args.server.clone(),
+        route: args.route.clone(),
+        method: args.method.clone(),
+        path: args.path.clone(),
+        headers: args.headers.clone(),
+        timeout: std::time::Duration::from_millis(args.timeout_ms),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(probe(&options)) {
+        Ok(report) if args.json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }
