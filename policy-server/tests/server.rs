@@ -223,6 +223,7 @@ async fn binary_runs_a_shadow_bundle_and_serves_metrics() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
     };
+    let audit_dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BINARY)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .arg("--policies")
@@ -231,6 +232,8 @@ async fn binary_runs_a_shadow_bundle_and_serves_metrics() {
         .arg(candidate.path())
         .arg("--metrics-listen")
         .arg(metrics.to_string())
+        .arg("--audit-log")
+        .arg(audit_dir.path().join("audit.jsonl"))
         .env_remove("ARBITER_LOG")
         .stderr(Stdio::piped())
         .kill_on_drop(true)
