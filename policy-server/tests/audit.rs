@@ -567,7 +567,7 @@ async fn secrets_and_prompts_never_reach_the_record_or_the_log() {
         hex::encode(Sha256::digest(body.as_bytes()))
     );
     assert_eq!(record["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
-    // The model the body names; never the messages.
+    // The engine's body attributes name the model; the prompt itself is never recorded.
     assert_eq!(record["model"], "gpt-4o-mini");
 }
 
