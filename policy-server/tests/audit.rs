@@ -74,6 +74,7 @@ fn event(i: usize) -> AuditEvent {
         host: "gw".into(),
         path: "/v1/chat/completions".into(),
         source: Some("127.0.0.1:5000".into()),
+        identity: None,
         headers: BTreeMap::from([("user-agent".into(), "test".into())]),
         model: None,
         body_bytes: None,

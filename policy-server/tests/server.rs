@@ -223,6 +223,7 @@ async fn binary_runs_a_shadow_bundle_and_serves_metrics() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap()
     };
+    let audit_dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BINARY)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .arg("--policies")
@@ -232,9 +233,7 @@ async fn binary_runs_a_shadow_bundle_and_serves_metrics() {
         .arg("--metrics-listen")
         .arg(metrics.to_string())
         .arg("--audit-log")
-        .arg(candidate.path().join("audit.log"))
-        .arg("--audit-sync")
-        .arg("write")
+        .arg(audit_dir.path().join("audit.jsonl"))
         .env_remove("ARBITER_LOG")
         .stderr(Stdio::piped())
         .kill_on_drop(true)

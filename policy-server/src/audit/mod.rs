@@ -109,6 +109,11 @@ impl AuditEvent {
             host: req.host.clone(),
             path: req.path.clone(),
             source: Some(req.source.clone()).filter(|s| !s.is_empty()),
+            identity: Some(serde_json::json!({
+                "source": decision.identity_source.as_str(),
+                "jwt": req.identity.jwt,
+                "api_key_sha256": req.identity.api_key_sha256,
+            })),
             headers,
             model: req.body.model.clone(),
             body_bytes,

@@ -112,6 +112,10 @@ pub struct AuditEvent {
     pub path: String,
     /// Downstream address `ip:port`.
     pub source: Option<String>,
+    /// How the caller was identified, for replay: `{"source": "mtls"|"jwt"|"api_key"|"none",
+    /// "jwt": verified claims or null, "api_key_sha256": hex or null}`.
+    #[serde(default)]
+    pub identity: Option<serde_json::Value>,
     /// Request headers (no pseudo-headers); secret ones replaced, see `redact`.
     pub headers: BTreeMap<String, String>,
     /// Model named in the request body.
@@ -232,9 +236,10 @@ pub fn parse_line(line: &[u8]) -> Result<AuditRecord, RecordError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A complete event for tests.
     pub(crate) fn event() -> AuditEvent {
         AuditEvent {
             ts: "2026-11-22T02:00:00.000001Z".into(),
@@ -254,6 +259,7 @@ mod tests {
             host: "gw".into(),
             path: "/v1/chat/completions".into(),
             source: Some("127.0.0.1:5000".into()),
+            identity: None,
             headers: BTreeMap::new(),
             model: None,
             body_bytes: Some(12),

@@ -21,7 +21,8 @@ use serde_json::Value;
 
 use super::record::{AuditRecord, Verdict};
 use crate::engine::PolicyEngine;
-use crate::request::{AuthzRequest, ACTION_KEY, ROUTE_KEY};
+use crate::identity::JWT_PAYLOAD_KEY;
+use crate::request::{AuthzRequest, ACTION_KEY, ROUTE_KEY, TENANT_HEADER};
 
 /// Key of the filter's record in an Envoy JSON access-log line.
 pub const ENVOY_RECORD_KEY: &str = "arbiter_record";
@@ -192,13 +193,14 @@ fn replay_line(
             return;
         }
     };
-    let req = match AuthzRequest::try_from(case.check) {
+    let mut req = match AuthzRequest::try_from(case.check) {
         Ok(req) => req,
         Err(e) => {
             report.unreadable.push(format!("{at}: {e}"));
             return;
         }
     };
+    case.facts.apply(&mut req);
     let decision = match engine.decide(&req) {
         Ok(decision) => decision,
         Err(e) => {
@@ -249,6 +251,37 @@ fn replay_line(
 struct Case {
     recorded: Recorded,
     check: CheckRequest,
+    facts: Facts,
+}
+
+/// What the record says about evidence the rebuilt `CheckRequest` cannot carry (the API key
+/// exists only as its hash, the body only as its attributes).
+#[derive(Debug, Default)]
+struct Facts {
+    api_key_sha256: Option<String>,
+    tenant: Option<String>,
+    model: Option<String>,
+    body_bytes: Option<u64>,
+    body_truncated: Option<bool>,
+    body_sha256: Option<String>,
+}
+
+impl Facts {
+    fn apply(self, req: &mut AuthzRequest) {
+        if self.api_key_sha256.is_some() {
+            req.identity.api_key_sha256 = self.api_key_sha256;
+            req.principal = req.identity.display();
+        }
+        if self.tenant.is_some() {
+            req.requested_tenant = self.tenant;
+        }
+        if let Some(bytes) = self.body_bytes {
+            req.body.bytes = bytes;
+            req.body.truncated = self.body_truncated.unwrap_or_default();
+            req.body.model = self.model;
+            req.body.sha256 = self.body_sha256;
+        }
+    }
 }
 
 /// The Envoy-side record of an undecided request (`arbiter_record`, format v1).
@@ -279,6 +312,14 @@ struct EnvoyRecord {
     /// Envoy's `jwt_authn` metadata (verified claims), as the filter forwarded it.
     #[serde(default)]
     metadata: Option<Value>,
+    #[serde(default)]
+    api_key_sha256: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    body_bytes: Option<u64>,
 }
 
 /// `Ok(None)`: a line that is no record to replay (an access-log line of a decided request).
@@ -316,6 +357,27 @@ fn server_case(record: AuditRecord) -> Case {
     extensions.insert(ROUTE_KEY.into(), event.route);
     // The recorded action is what policy saw, whether derived or set by the route.
     extensions.insert(ACTION_KEY.into(), event.action);
+    let identity = event.identity.unwrap_or_default();
+    let source = identity["source"].as_str().unwrap_or("mtls");
+    // Only an mTLS identity is a peer principal; the others come back as the evidence the
+    // record kept (JWT claims, API-key hash).
+    let mtls = if source == "mtls" {
+        event.principal.as_str()
+    } else {
+        ""
+    };
+    let jwt = identity
+        .get("jwt")
+        .filter(|claims| claims.is_object())
+        .map(|claims| serde_json::json!({ JWT_PAYLOAD_KEY: claims }));
+    let facts = Facts {
+        api_key_sha256: identity["api_key_sha256"].as_str().map(str::to_owned),
+        tenant: event.headers.get(TENANT_HEADER).cloned(),
+        model: event.model,
+        body_bytes: event.body_bytes,
+        body_truncated: event.body_truncated,
+        body_sha256: event.prompt_sha256,
+    };
     Case {
         recorded: Recorded::Server {
             decision: event.decision,
@@ -323,7 +385,7 @@ fn server_case(record: AuditRecord) -> Case {
             policy_version: event.policy_version,
         },
         check: check_request(CheckParts {
-            principal: &event.principal,
+            principal: mtls,
             source: event.source.as_deref(),
             request_id: event.request_id,
             method: event.method,
@@ -331,7 +393,9 @@ fn server_case(record: AuditRecord) -> Case {
             host: event.host,
             scheme: event.scheme,
             extensions,
-        }),
+        })
+        .with_jwt_metadata(jwt),
+        facts,
     }
 }
 
@@ -377,11 +441,17 @@ fn envoy_case(value: Value) -> Result<Case, String> {
             extensions,
         })
         .with_jwt_metadata(record.metadata),
+        facts: Facts {
+            api_key_sha256: record.api_key_sha256,
+            tenant: record.tenant,
+            model: record.model,
+            body_bytes: record.body_bytes,
+            ..Facts::default()
+        },
     })
 }
 
-/// Namespace under which Envoy's `jwt_authn` filter puts verified claims.
-pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+pub use crate::identity::JWT_AUTHN_NAMESPACE;
 
 trait WithJwtMetadata {
     fn with_jwt_metadata(self, metadata: Option<Value>) -> Self;
@@ -391,7 +461,7 @@ impl WithJwtMetadata for CheckRequest {
     /// Puts the recorded `jwt_authn` metadata back where the filter sent it, so identity
     /// from verified claims is derived on replay as it was live.
     fn with_jwt_metadata(mut self, metadata: Option<Value>) -> Self {
-        let Some(Kind::StructValue(fields)) = metadata.map(|m| to_proto(&m).kind).flatten() else {
+        let Some(Kind::StructValue(fields)) = metadata.and_then(|m| to_proto(&m).kind) else {
             return self;
         };
         if let Some(attributes) = self.attributes.as_mut() {
@@ -523,5 +593,26 @@ mod tests {
             Some(Kind::StringValue("alice".into()))
         );
         assert_eq!(attributes.context_extensions["tier"], "2");
+    }
+
+    #[test]
+    fn server_records_replay_with_the_identity_evidence_they_kept() {
+        let mut event = crate::audit::record::tests::event();
+        event.principal = "https://idp#alice".into();
+        event.identity = Some(serde_json::json!({
+            "source": "jwt", "jwt": {"iss": "https://idp", "sub": "alice"}, "api_key_sha256": "ab12"
+        }));
+        event.headers.insert(TENANT_HEADER.into(), "acme".into());
+        let mut line = Vec::new();
+        crate::audit::record::encode(&event, 1, crate::audit::record::GENESIS_HASH, &mut line)
+            .unwrap();
+        let case = parse(&line).unwrap().unwrap();
+        let mut req = AuthzRequest::try_from(case.check).unwrap();
+        case.facts.apply(&mut req);
+        assert_eq!(req.identity.mtls, None);
+        assert_eq!(req.identity.jwt.as_ref().unwrap()["sub"], "alice");
+        assert_eq!(req.identity.api_key_sha256.as_deref(), Some("ab12"));
+        assert_eq!(req.requested_tenant.as_deref(), Some("acme"));
+        assert_eq!(req.body.bytes, 12);
     }
 }
