@@ -38,8 +38,8 @@ wasm: rust-target ## Build the filter (wasm32-wasip1, size-optimized)
 	@ls -l $(WASM) | awk '{print "wasm: " $$NF " (" $$5 " bytes)"}'
 
 .PHONY: build
-build: wasm ## Build the filter, the policy server and the test harness binaries
-	$(CARGO) build -p arbiter-policy-server -p arbiter-e2e --bins
+build: wasm ## Build the filter, the policy server, the test harness and benchmark binaries
+	$(CARGO) build -p arbiter-policy-server -p arbiter-e2e -p arbiter-bench --bins
 
 # --- run --------------------------------------------------------------------------------
 
@@ -50,7 +50,7 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # --- test -------------------------------------------------------------------------------
 
 .PHONY: test
-test: setup build test-unit test-server test-e2e ## Run every test tier (unit, server, end-to-end)
+test: setup build test-unit test-server test-e2e bench-quick ## Run every test tier (unit, server, end-to-end, benchmark smoke run)
 
 .PHONY: test-unit
 test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
@@ -63,6 +63,34 @@ test-server: ## Policy server tests (service calls and real gRPC on loopback)
 .PHONY: test-e2e
 test-e2e: setup build ## End-to-end: real Envoy + real wasm + real policy server
 	$(CARGO) test -p arbiter-e2e -- --test-threads=2
+
+# --- bench ------------------------------------------------------------------------------
+# The benchmark pins itself to CPU 0 and Envoy + policy server to CPU 1 (taskset, util-linux).
+
+TARGET_DIR  := $(or $(CARGO_TARGET_DIR),target)
+BENCH_OUT   ?= bench/results
+RELEASE_BIN := ARBITER_POLICY_SERVER_BIN=$(abspath $(TARGET_DIR))/release/arbiter-policy-server
+
+.PHONY: bench
+bench: setup wasm ## Benchmarks, minutes: arbiter vs no-auth vs native ext_authz, server alone, policy scaling -> bench/results/<date>.{json,md,svg}
+	$(CARGO) build --release -p arbiter-policy-server -p arbiter-bench
+	$(RELEASE_BIN) $(TARGET_DIR)/release/arbiter-bench run --kind full --out $(BENCH_OUT)
+
+.PHONY: bench-quick
+bench-quick: setup wasm ## Benchmark smoke test (< 60 s, debug build): every scenario runs and yields numbers; asserts nothing about speed
+	$(CARGO) test -p arbiter-bench
+	$(CARGO) build -p arbiter-policy-server -p arbiter-bench
+	$(TARGET_DIR)/debug/arbiter-bench run --kind quick --out $(TARGET_DIR)/bench-quick
+
+.PHONY: soak
+soak: setup wasm ## 10-minute soak of the arbiter scenario at 500 rps: Envoy RSS growth, errors, audit count -> bench/results/soak-<date>.*
+	$(CARGO) build --release -p arbiter-policy-server -p arbiter-bench
+	$(RELEASE_BIN) $(TARGET_DIR)/release/arbiter-bench soak --minutes 10 --rate 500 --out $(BENCH_OUT)
+
+.PHONY: bench-profile
+bench-profile: ## The filter's per-request host calls and native cost (no Envoy)
+	$(CARGO) build --release -p arbiter-bench
+	$(TARGET_DIR)/release/arbiter-bench profile
 
 .PHONY: lint
 lint: ## rustfmt check and clippy (host and wasm) with warnings denied
