@@ -39,7 +39,7 @@ wasm: rust-target ## Build the filter (wasm32-wasip1, size-optimized)
 
 .PHONY: build
 build: wasm ## Build the filter, the policy server, the test harness and benchmark binaries
-	$(CARGO) build -p arbiter-policy-server -p arbiter-e2e -p arbiter-bench --bins
+	$(CARGO) build --workspace --bins
 
 # --- run --------------------------------------------------------------------------------
 
@@ -49,8 +49,14 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 
 # --- test -------------------------------------------------------------------------------
 
+# One cargo invocation for every tier: the whole workspace resolves features once, so
+# nothing is compiled twice (per-package runs, or a separate `cargo build`, would rebuild
+# shared dependencies with other features). It also builds the policy server and harness
+# binaries the end-to-end tests start.
 .PHONY: test
-test: setup build test-unit test-server test-e2e bench-quick ## Run every test tier (unit, server, end-to-end, benchmark smoke run)
+test: setup wasm ## Run every test tier (unit, server, end-to-end), then the benchmark smoke run
+	$(CARGO) test --workspace -- --test-threads=2
+	$(BENCH_QUICK)
 
 .PHONY: test-unit
 test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
@@ -61,7 +67,8 @@ test-server: ## Policy server tests (service calls and real gRPC on loopback)
 	$(CARGO) test -p arbiter-policy-server
 
 .PHONY: test-e2e
-test-e2e: setup build ## End-to-end: real Envoy + real wasm + real policy server
+test-e2e: setup wasm ## End-to-end: real Envoy + real wasm + real policy server
+	$(CARGO) build -p arbiter-policy-server --bins
 	$(CARGO) test -p arbiter-e2e -- --test-threads=2
 
 # --- bench ------------------------------------------------------------------------------
@@ -70,6 +77,8 @@ test-e2e: setup build ## End-to-end: real Envoy + real wasm + real policy server
 TARGET_DIR  := $(or $(CARGO_TARGET_DIR),target)
 BENCH_OUT   ?= bench/results
 RELEASE_BIN := ARBITER_POLICY_SERVER_BIN=$(abspath $(TARGET_DIR))/release/arbiter-policy-server
+# `cargo test --workspace` (make test) builds this binary too (bench/tests/cli.rs uses it).
+BENCH_QUICK := $(TARGET_DIR)/debug/arbiter-bench run --kind quick --out $(TARGET_DIR)/bench-quick
 
 .PHONY: bench
 bench: setup wasm ## Benchmarks, minutes: arbiter vs no-auth vs native ext_authz, server alone, policy scaling -> bench/results/<date>.{json,md,svg}
@@ -78,9 +87,8 @@ bench: setup wasm ## Benchmarks, minutes: arbiter vs no-auth vs native ext_authz
 
 .PHONY: bench-quick
 bench-quick: setup wasm ## Benchmark smoke test (< 60 s, debug build): every scenario runs and yields numbers; asserts nothing about speed
-	$(CARGO) test -p arbiter-bench
-	$(CARGO) build -p arbiter-policy-server -p arbiter-bench
-	$(TARGET_DIR)/debug/arbiter-bench run --kind quick --out $(TARGET_DIR)/bench-quick
+	$(CARGO) build --workspace --bins
+	$(BENCH_QUICK)
 
 .PHONY: soak
 soak: setup wasm ## 10-minute soak of the arbiter scenario at 500 rps: Envoy RSS growth, errors, audit count -> bench/results/soak-<date>.*
@@ -91,6 +99,10 @@ soak: setup wasm ## 10-minute soak of the arbiter scenario at 500 rps: Envoy RSS
 bench-profile: ## The filter's per-request host calls and native cost (no Envoy)
 	$(CARGO) build --release -p arbiter-bench
 	$(TARGET_DIR)/release/arbiter-bench profile
+
+.PHONY: bench-decide
+bench-decide: ## Policy decision micro-benchmarks (criterion; p50/p99 by bundle size, p99 during reloads)
+	$(CARGO) bench -p arbiter-policy-server --bench decide
 
 .PHONY: lint
 lint: ## rustfmt check and clippy (host and wasm) with warnings denied

@@ -83,7 +83,36 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        match cli.command {
+        // Ending the run (and so dropping every Envoy and policy server, which kills them)
+        // on Ctrl-C or SIGTERM: otherwise the children would outlive the benchmark.
+        tokio::select! {
+            result = command(cli.command, client_cpus, server_cpus, pin_note) => result,
+            () = interrupted() => anyhow::bail!("interrupted; every process it started was stopped"),
+        }
+    })
+}
+
+async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn command(
+    command: Command,
+    client_cpus: Option<String>,
+    server_cpus: Option<String>,
+    pin_note: Option<String>,
+) -> Result<ExitCode> {
+        match command {
             Command::Run {
                 kind,
                 out,
@@ -147,7 +176,6 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
-    })
 }
 
 /// Client and server CPU lists, and a note when the run is not pinned.

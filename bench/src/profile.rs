@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
@@ -22,9 +21,12 @@ use arbiter_filter::config::FilterConfig;
 use arbiter_filter::filter::{Filter, Flow, Shared};
 use arbiter_filter::host::{DispatchError, Host, Level, Metric};
 use arbiter_filter::outcome::{decode_response, Verdict};
-use arbiter_policy_server::{AuthorizationService, PolicyEngine};
-use arbiter_proto::envoy::config::core::v3::Metadata;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use arbiter_policy_server::PolicyEngine;
+use arbiter_proto::envoy::config::core::v3::{HeaderValue, HeaderValueOption, Metadata};
+use arbiter_proto::envoy::service::auth::v3::{
+    check_response::HttpResponse, CheckResponse, OkHttpResponse,
+};
+use arbiter_proto::google::rpc::Status;
 use prost::Message;
 use serde::Serialize;
 
@@ -215,6 +217,9 @@ pub struct Profile {
     pub build_and_encode_ns: f64,
     /// Native ns for decoding the allow answer.
     pub decode_response_ns: f64,
+    /// The policy engine alone (`PolicyEngine::decide`, no gRPC, no logging): µs per
+    /// decision of the benchmark request, by bundle size.
+    pub engine_decide_us: Vec<(usize, f64)>,
 }
 
 /// Runs the profile (about a second).
@@ -260,18 +265,11 @@ pub async fn run() -> Result<Profile> {
     // No dynamic metadata on the request: Envoy still answers the read.
     properties.insert("metadata".to_owned(), Vec::new());
 
-    // The real server's answer to the real request.
-    let engine = PolicyEngine::load(&arbiter_e2e::workspace_root().join(crate::policies::BASE_BUNDLE))
-        .context("loading the example bundle")?;
-    let service = AuthorizationService::new(Arc::new(engine));
-    let answer = service
-        .check(tonic::Request::new(chat_check_request()?))
-        .await
-        .map_err(|s| anyhow::anyhow!("the server refused the profile request: {s}"))?
-        .into_inner();
-    let response = answer.encode_to_vec();
+    // The server's allow, as `arbiter-policy-server` shapes it (two headers to set, the
+    // decision in dynamic metadata).
+    let response = allow_response().encode_to_vec();
     if !matches!(decode_response(&response), Verdict::Allow { .. }) {
-        anyhow::bail!("the server's answer to the profile request is not an allow");
+        anyhow::bail!("the profile's CheckResponse does not decode as an allow");
     }
 
     let config = FilterConfig::parse(br#"{"policy_cluster":"arbiter_policy","timeout_ms":200}"#)
@@ -321,7 +319,20 @@ pub async fn run() -> Result<Profile> {
     let build_and_encode_ns = build_and_encode_ns.max(0.0);
     let decode_response_ns =
         time_per_iter(|| matches!(decode_response(&world.response), Verdict::Allow { .. }));
+    let mut engine_decide_us = Vec::new();
+    let bundles = tempfile::Builder::new()
+        .prefix("arbiter-bench-profile-")
+        .tempdir()?;
+    let request = arbiter_policy_server::AuthzRequest::try_from(chat_check_request()?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for size in ENGINE_SIZES {
+        let dir = bundles.path().join(size.to_string());
+        crate::policies::write_bundle(&dir, size)?;
+        let engine = PolicyEngine::load(&dir).with_context(|| format!("loading {size} policies"))?;
+        engine_decide_us.push((size, time_bounded(|| engine.decide(&request).is_ok()) / 1000.0));
+    }
     Ok(Profile {
+        engine_decide_us,
         host_calls_total: host_calls.iter().map(|c| c.per_request).sum(),
         host_calls,
         bytes_into_vm,
@@ -332,6 +343,68 @@ pub async fn run() -> Result<Profile> {
         build_and_encode_ns,
         decode_response_ns,
     })
+}
+
+/// An allow like the server's: audit id and policy version headers, decision metadata.
+fn allow_response() -> CheckResponse {
+    let header = |k: &str, v: &str| HeaderValueOption {
+        header: Some(HeaderValue {
+            key: k.to_owned(),
+            value: v.to_owned(),
+            ..HeaderValue::default()
+        }),
+        // OVERWRITE_IF_EXISTS_OR_ADD, as the server sends.
+        append_action: 2,
+        ..HeaderValueOption::default()
+    };
+    let string = |v: &str| prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(v.to_owned())),
+    };
+    let version = "ai-gateway@sha256:0123456789abcdef";
+    let audit_id = "019a9b8e-5f0c-7cc1-9a4e-2f7d2b8f6e10";
+    CheckResponse {
+        status: Some(Status {
+            code: 0,
+            ..Status::default()
+        }),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers: vec![
+                header("x-arbiter-audit-id", audit_id),
+                header("x-arbiter-policy-version", version),
+            ],
+            ..OkHttpResponse::default()
+        })),
+        dynamic_metadata: Some(prost_types::Struct {
+            fields: [
+                ("policy_version", version),
+                ("decision", "allow"),
+                ("audit_id", audit_id),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), string(v)))
+            .collect(),
+        }),
+    }
+}
+
+/// Bundle sizes of the engine timing.
+const ENGINE_SIZES: [usize; 4] = [10, 100, 1_000, 10_000];
+
+/// Median of 3 rounds of ns per call, each round ≥ 50 ms or one call (for slow calls).
+fn time_bounded(mut f: impl FnMut() -> bool) -> f64 {
+    let mut rounds: Vec<f64> = (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while n == 0 || start.elapsed() < Duration::from_millis(50) {
+                black_box(f());
+                n += 1;
+            }
+            start.elapsed().as_nanos() as f64 / n as f64
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    rounds[1]
 }
 
 /// Median over 5 rounds of the mean ns per call of `f`, each round ~100 ms.
@@ -381,6 +454,10 @@ impl Profile {
             self.build_and_encode_ns,
             self.decode_response_ns
         );
+        md.push_str("\n| policies | `PolicyEngine::decide` µs (native, no gRPC) |\n|---:|---:|\n");
+        for (size, us) in &self.engine_decide_us {
+            let _ = writeln!(md, "| {size} | {us:.1} |");
+        }
         md
     }
 }

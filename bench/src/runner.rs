@@ -92,7 +92,8 @@ impl Plan {
             server_rates: vec![1000.0, 5000.0],
             scaling_sizes: vec![10, 1_000, 10_000],
             scaling_rate: 500.0,
-            scaling_concurrency: 16,
+            // The server has one worker thread: two in flight keep it busy without a queue.
+            scaling_concurrency: 2,
             timeout: Duration::from_secs(2),
             max_in_flight: 2000,
             client_cpus: None,
@@ -589,6 +590,11 @@ async fn server_alone(
 }
 
 async fn policy_scaling(plan: &Plan, support: AuditSupport, report: &mut Report) -> Result<()> {
+    // Large bundles decide slowly: a short timeout would turn slow answers into errors.
+    let plan = &Plan {
+        timeout: plan.timeout.max(Duration::from_secs(30)),
+        ..plan.clone()
+    };
     let dir = tempfile::Builder::new()
         .prefix("arbiter-bench-bundles-")
         .tempdir()?;
@@ -619,7 +625,7 @@ async fn policy_scaling(plan: &Plan, support: AuditSupport, report: &mut Report)
         live.push((size, startup_ms, server, target));
     }
     let n = live.len();
-    let mut open: Vec<Vec<Measured>> = vec![Vec::new(); n];
+    let mut open: Vec<Vec<(f64, Measured)>> = vec![Vec::new(); n];
     let mut closed: Vec<Vec<Measured>> = vec![Vec::new(); n];
     for repeat in 0..plan.repeats {
         for k in 0..n {
@@ -631,20 +637,28 @@ async fn policy_scaling(plan: &Plan, support: AuditSupport, report: &mut Report)
                 checked_by: &[],
             };
             let label = format!("{size} policies");
-            let m = measure(plan, target, &probe, Load::Open(plan.scaling_rate)).await?;
-            progress(&label, Load::Open(plan.scaling_rate), &m);
-            open[i].push(m);
+            // Capacity first: an open loop above it only measures a growing queue, and the
+            // backlog it leaves would spoil the next run. Latency is then taken at the plan's
+            // rate or half the capacity, whichever is lower (the rate used is recorded).
             let load = Load::Closed(plan.scaling_concurrency);
             let m = measure(plan, target, &probe, load).await?;
             progress(&label, load, &m);
+            let rate = plan.scaling_rate.min(m.summary.rps / 2.0).max(1.0);
             closed[i].push(m);
+            let m = measure(plan, target, &probe, Load::Open(rate)).await?;
+            progress(&label, Load::Open(rate), &m);
+            open[i].push((rate, m));
         }
     }
     for (i, (size, startup_ms, server, _)) in live.iter().enumerate() {
         report.policy_scaling.push(ScalingResult {
             policies: *size,
             startup_ms: *startup_ms,
-            open_loop: rate_result(plan.scaling_rate, std::mem::take(&mut open[i])),
+            open_loop: {
+                let runs = std::mem::take(&mut open[i]);
+                let rate = crate::latency::median(runs.iter().map(|(r, _)| *r).collect());
+                rate_result(rate, runs.into_iter().map(|(_, m)| m).collect())
+            },
             closed_loop: Some(rate_result(0.0, std::mem::take(&mut closed[i]))),
             memory: server.pid().and_then(|pid| procfs::memory(pid).ok()),
         });

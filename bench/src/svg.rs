@@ -75,14 +75,18 @@ pub fn render(report: &Report) -> String {
         .map(|s| {
             let m = &s.open_loop.median.summary;
             (
-                format!("{} policies", fmt_rate(s.policies as f64)),
+                format!(
+                    "{} policies @{} rps",
+                    fmt_rate(s.policies as f64),
+                    fmt_rate(s.open_loop.rate)
+                ),
                 Percentile::ALL.map(|p| m.at(p)),
             )
         })
         .collect();
     if !scaling.is_empty() {
         let title = format!(
-            "Decision latency by bundle size (server alone, {} rps)",
+            "Decision latency by bundle size (server alone, at {} rps or half its maximum)",
             fmt_rate(report.method.scaling_rate)
         );
         y = latency_panel(&mut body, y, &title, &scaling, false);

@@ -195,6 +195,9 @@ impl<H: Host> Filter<H> {
         if route.invalid {
             self.host.increment(Metric::InvalidRouteConfig);
         }
+        if route.override_active {
+            self.host.increment(Metric::OverrideActive);
+        }
         if route.disabled {
             self.finish(Outcome::Disabled, None);
             return Flow::Continue;

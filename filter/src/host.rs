@@ -69,6 +69,9 @@ pub enum Metric {
     InvalidRouteConfig,
     /// `arbiter.no_decision.<reason>`: why no decision arrived.
     NoDecision(Reason),
+    /// `arbiter.override_active_requests`: requests on a route whose `fail_open_until`
+    /// override is in force (whether or not the server answers), for "override on" alerts.
+    OverrideActive,
     /// `arbiter.breaker.opened`: a worker's breaker opened.
     BreakerOpened,
     /// `arbiter.breaker.closed`: a worker's breaker closed after a good probe.
@@ -87,6 +90,7 @@ impl Metric {
             Metric::Override => "arbiter.checks.override".to_owned(),
             Metric::InvalidRouteConfig => "arbiter.checks.invalid_route_config".to_owned(),
             Metric::NoDecision(r) => format!("arbiter.no_decision.{}", r.as_str()),
+            Metric::OverrideActive => "arbiter.override_active_requests".to_owned(),
             Metric::BreakerOpened => "arbiter.breaker.opened".to_owned(),
             Metric::BreakerClosed => "arbiter.breaker.closed".to_owned(),
             Metric::CacheMiss => "arbiter.cache.misses".to_owned(),
@@ -101,6 +105,7 @@ impl Metric {
         v.push(Metric::InvalidRouteConfig);
         v.extend(Reason::ALL.iter().map(|r| Metric::NoDecision(*r)));
         v.extend([
+            Metric::OverrideActive,
             Metric::BreakerOpened,
             Metric::BreakerClosed,
             Metric::CacheMiss,

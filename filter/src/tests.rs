@@ -412,6 +412,7 @@ fn override_is_marked_and_counted() {
         Some("unreachable")
     );
     assert_eq!(metric(&host, Metric::Override), 1);
+    assert_eq!(metric(&host, Metric::OverrideActive), 1);
     assert_eq!(host.0.borrow().log_fields["arbiter_override"], "true");
 }
 

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::audit::{AuditConfig, AuditSync, DEFAULT_MAX_BYTES};
+
 /// Server configuration.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "arbiter-policy-server", version, about)]
@@ -10,25 +12,82 @@ pub struct Config {
     /// Address to serve gRPC (ext_authz and health) on.
     #[arg(long, env = "ARBITER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Policy bundle directory (`*.cedar`, optional `entities.json` and `*.cedarschema`).
+    /// Policy bundle directory (`*.cedar`, optional `*.cedarschema`, `entities.json` and
+    /// `bundle.toml`). Reloaded when it changes; an invalid change is rejected and the last
+    /// good bundle keeps deciding.
     #[arg(long, env = "ARBITER_POLICIES")]
     pub policies: PathBuf,
+    /// Candidate bundle evaluated beside the active one on every request, in shadow: it never
+    /// changes the answer; disagreements are counted and recorded on the decision.
+    #[arg(long, env = "ARBITER_SHADOW_POLICIES")]
+    pub shadow_policies: Option<PathBuf>,
+    /// Address to serve Prometheus metrics (`GET /metrics`) and reload status (`GET
+    /// /status`) on, over HTTP.
+    #[arg(long, env = "ARBITER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often to check the bundle directories for changes, in milliseconds (0: never).
+    #[arg(long, env = "ARBITER_RELOAD_INTERVAL_MS", default_value_t = 250)]
+    pub reload_interval_ms: u64,
     /// Log line format (logs go to stderr).
     #[arg(long, env = "ARBITER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
     /// Log filter, in `tracing` env-filter syntax (e.g. `info,arbiter::decision=debug`).
     #[arg(long, env = "ARBITER_LOG", default_value = "info")]
     pub log: String,
+    /// Audit log file: one hash-chained JSON record per decision, written before the answer.
+    /// Rotated files sit beside it as `<PATH>.<first seq>`.
+    #[arg(long, env = "ARBITER_AUDIT_LOG")]
+    pub audit_log: PathBuf,
+    /// When a record counts as written: `fsync` (survives power loss) or `write` (survives
+    /// a crash of the server only).
+    #[arg(long, env = "ARBITER_AUDIT_SYNC", value_enum, default_value_t = AuditSync::Fsync)]
+    pub audit_sync: AuditSync,
+    /// Rotate the audit log once it reaches this many bytes.
+    #[arg(long, env = "ARBITER_AUDIT_MAX_BYTES", default_value_t = DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub audit_max_bytes: u64,
+    /// Extra header whose value is never recorded (repeatable; comma-separated in the
+    /// environment variable). `authorization`, `cookie`, `x-api-key` and names containing
+    /// `auth`, `key`, `token`, `secret`, … are always redacted.
+    #[arg(
+        long = "redact-header",
+        env = "ARBITER_REDACT_HEADERS",
+        value_delimiter = ','
+    )]
+    pub redact_headers: Vec<String>,
+    /// OTLP/gRPC logs receiver to ship audit records to, e.g. `http://127.0.0.1:4317`.
+    #[arg(long, env = "ARBITER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
-    /// A configuration with the defaults, serving `policies`.
-    pub fn new(listen: SocketAddr, policies: impl Into<PathBuf>) -> Self {
+    /// A configuration with the defaults, serving `policies` and auditing to `audit_log`.
+    pub fn new(
+        listen: SocketAddr,
+        policies: impl Into<PathBuf>,
+        audit_log: impl Into<PathBuf>,
+    ) -> Self {
         Self {
             listen,
             policies: policies.into(),
+            shadow_policies: None,
+            metrics_listen: None,
+            reload_interval_ms: 250,
             log_format: LogFormat::Plain,
             log: "info".to_owned(),
+            audit_log: audit_log.into(),
+            audit_sync: AuditSync::Fsync,
+            audit_max_bytes: DEFAULT_MAX_BYTES,
+            redact_headers: Vec::new(),
+            otlp_endpoint: None,
+        }
+    }
+
+    /// The audit writer's part of the configuration.
+    pub fn audit(&self) -> AuditConfig {
+        AuditConfig {
+            path: self.audit_log.clone(),
+            sync: self.audit_sync,
+            max_bytes: self.audit_max_bytes,
         }
     }
 }
@@ -49,10 +108,22 @@ mod tests {
 
     #[test]
     fn flags_and_defaults() {
-        let config = Config::try_parse_from(["arbiter-policy-server", "--policies", "p"]).unwrap();
+        let config = Config::try_parse_from([
+            "arbiter-policy-server",
+            "--policies",
+            "p",
+            "--audit-log",
+            "a.jsonl",
+        ])
+        .unwrap();
         assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.audit_sync, AuditSync::Fsync);
+        assert_eq!(config.audit_max_bytes, DEFAULT_MAX_BYTES);
         assert_eq!(config.policies, PathBuf::from("p"));
         assert_eq!(config.log_format, LogFormat::Plain);
+        assert_eq!(config.shadow_policies, None);
+        assert_eq!(config.metrics_listen, None);
+        assert_eq!(config.reload_interval_ms, 250);
         let config = Config::try_parse_from([
             "arbiter-policy-server",
             "--policies",
@@ -61,10 +132,22 @@ mod tests {
             "0.0.0.0:9000",
             "--log-format",
             "json",
+            "--audit-log",
+            "a.jsonl",
+            "--audit-sync",
+            "write",
+            "--redact-header",
+            "X-Pin",
+            "--redact-header",
+            "x-other",
         ])
         .unwrap();
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.audit_sync, AuditSync::Write);
+        assert_eq!(config.redact_headers, ["X-Pin", "x-other"]);
         assert!(Config::try_parse_from(["arbiter-policy-server"]).is_err());
+        // Every decision is recorded: there is no running without an audit log.
+        assert!(Config::try_parse_from(["arbiter-policy-server", "--policies", "p"]).is_err());
     }
 }

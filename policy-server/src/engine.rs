@@ -1,133 +1,32 @@
-//! Policy bundles and the engine that decides with the current one.
+//! The engine that decides requests with the current bundle, and beside it, in shadow, with a
+//! candidate bundle.
+//!
+//! Bundles are swapped atomically ([`arc_swap`]): a decision reads the current bundle with
+//! one atomic load and keeps it to the end, so a reload never pauses or splits a decision.
 
-use std::collections::HashMap;
-use std::fmt;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use cedar_policy::{
-    Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
-    PolicySet, Request, RestrictedExpression, Schema, SchemaFragment, ValidationMode, Validator,
+    Authorizer, Context, Entities, Entity, EntityUid, Request, RestrictedExpression,
 };
-use miette::Diagnostic;
-use sha2::{Digest, Sha256};
 
+use crate::bundle::Bundle;
+pub use crate::bundle::BundleError;
+use crate::identity::{Directory, EntityTypes, IdentityError, IdentitySource};
+use crate::metrics::Metrics;
 use crate::request::AuthzRequest;
 
-/// Cedar namespace of every entity type Arbiter sends.
-pub const NAMESPACE: &str = "Arbiter";
-/// Optional entities file in a bundle.
-pub const ENTITIES_FILE: &str = "entities.json";
-const POLICY_EXT: &str = "cedar";
-const SCHEMA_EXT: &str = "cedarschema";
-/// Annotation naming a policy (`@id("routine-chat")`).
-const ID_ANNOTATION: &str = "id";
-
-/// Why a bundle cannot be loaded or a request cannot be evaluated.
+/// Why a request cannot be decided.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The bundle directory cannot be listed.
-    #[error("cannot read bundle directory `{dir}`")]
-    ReadDir {
-        /// The directory.
-        dir: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A bundle file cannot be read.
-    #[error("cannot read `{path}`")]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The bundle holds no policy file.
-    #[error("no `*.cedar` policy file in `{0}`")]
-    NoPolicies(PathBuf),
-    /// Policy text does not parse.
-    #[error("cannot parse policies: {}", list(.0))]
-    Parse(Vec<Problem>),
-    /// A policy file holds a template, which a bundle cannot link.
-    #[error("`{file}`: templates are not supported (policy `{id}`)")]
-    Template {
-        /// The file.
-        file: String,
-        /// The template id.
-        id: String,
-    },
-    /// Two policies share an id.
-    #[error("`{file}`: policy id `{id}` is already used in `{first}`")]
-    DuplicateId {
-        /// The id.
-        id: String,
-        /// The file of the second use.
-        file: String,
-        /// The file of the first use.
-        first: String,
-    },
-    /// A schema file does not parse, or the schema files do not fit together.
-    #[error("invalid schema: {}", list(.0))]
-    Schema(Vec<Problem>),
-    /// Policies do not validate against the schema.
-    #[error("policies do not match the schema: {}", list(.0))]
-    Validation(Vec<Problem>),
-    /// `entities.json` is not valid Cedar entities JSON (or does not match the schema).
-    #[error("invalid `{ENTITIES_FILE}`: {0}")]
-    Entities(String),
     /// A request could not be turned into a Cedar request.
     #[error("cannot build cedar request: {0}")]
     Request(String),
-}
-
-/// One problem in a bundle file, with its position when Cedar reports one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// `file`, `file:line:column`, or empty when no file is to blame.
-    pub location: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.location.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "`{}`: {}", self.location, self.message)
-        }
-    }
-}
-
-impl Problem {
-    /// A problem located by the first label of a Cedar diagnostic in `text`.
-    fn new(file: &str, text: &str, diagnostic: &dyn Diagnostic) -> Self {
-        let offset = diagnostic
-            .labels()
-            .and_then(|mut labels| labels.next())
-            .map(|label| label.offset());
-        let location = match offset.and_then(|offset| text.get(..offset)) {
-            Some(before) => {
-                let line = before.matches('\n').count() + 1;
-                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!("{file}:{line}:{column}")
-            }
-            None => file.to_owned(),
-        };
-        Self {
-            location,
-            message: diagnostic.to_string(),
-        }
-    }
-}
-
-fn list(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    /// The principal could not be built.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// Outcome of one evaluation.
@@ -142,353 +41,369 @@ pub struct Decision {
     pub errors: Vec<String>,
     /// Version of the bundle that decided.
     pub policy_version: String,
+    /// The principal's id: the SPIFFE ID, `<iss>#<sub>`, the API key's caller, or
+    /// `anonymous` (an `Arbiter::Caller`, or `Arbiter::Anonymous` when `identity_source` is
+    /// `none`).
+    pub principal: String,
+    /// How the principal was identified.
+    pub identity_source: IdentitySource,
+    /// The candidate bundle's decision, when one runs in shadow (it never changes `allowed`).
+    pub shadow: Option<ShadowDecision>,
 }
 
-/// The Cedar entity types of the request model, parsed once per bundle.
-#[derive(Debug)]
-struct EntityTypes {
-    caller: EntityTypeName,
-    action: EntityTypeName,
-    route: EntityTypeName,
-}
+impl Decision {
+    /// `allow` or `deny`.
+    pub fn outcome(&self) -> &'static str {
+        outcome(self.allowed)
+    }
 
-impl EntityTypes {
-    fn new() -> Result<Self, EngineError> {
-        let parse = |name: &str| {
-            EntityTypeName::from_str(&format!("{NAMESPACE}::{name}"))
-                .map_err(|e| EngineError::Request(e.to_string()))
-        };
-        Ok(Self {
-            caller: parse("Caller")?,
-            action: parse("Action")?,
-            route: parse("Route")?,
-        })
+    /// How the shadow bundle disagrees, if it does.
+    pub fn shadow_disagreement(&self) -> Option<Disagreement> {
+        match &self.shadow {
+            Some(shadow) if shadow.allowed && !self.allowed => Some(Disagreement::WouldAllow),
+            Some(shadow) if !shadow.allowed && self.allowed => Some(Disagreement::WouldDeny),
+            _ => None,
+        }
     }
 }
 
-/// A loaded, validated policy bundle. Immutable: a reload builds a new one.
-#[derive(Debug)]
-pub struct Bundle {
-    policies: PolicySet,
-    entities: Entities,
-    version: String,
-    types: EntityTypes,
+/// What the shadow (candidate) bundle would have decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowDecision {
+    /// Whether it would allow.
+    pub allowed: bool,
+    /// Its determining policies.
+    pub policy_ids: Vec<String>,
+    /// Its version.
+    pub policy_version: String,
 }
 
-/// A bundle file, read.
-struct File {
-    name: String,
-    text: String,
+impl ShadowDecision {
+    /// `allow` or `deny`: the `shadow_decision` field of the decision event.
+    pub fn outcome(&self) -> &'static str {
+        outcome(self.allowed)
+    }
+}
+
+/// Direction of a shadow disagreement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disagreement {
+    /// The candidate would allow what the active bundle denies.
+    WouldAllow,
+    /// The candidate would deny what the active bundle allows.
+    WouldDeny,
+}
+
+impl Disagreement {
+    /// `would_allow` or `would_deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WouldAllow => "would_allow",
+            Self::WouldDeny => "would_deny",
+        }
+    }
+}
+
+fn outcome(allowed: bool) -> &'static str {
+    if allowed {
+        "allow"
+    } else {
+        "deny"
+    }
 }
 
 impl Bundle {
-    /// Loads the bundle in `dir`: every `*.cedar` file, optional `entities.json` and optional
-    /// `*.cedarschema` files (policies are then validated strictly against the schema).
-    pub fn load(dir: &Path) -> Result<Self, EngineError> {
-        let files = read_bundle_files(dir)?;
-        let version = version_of(files.iter().map(|f| (f.name.as_str(), f.text.as_bytes())));
-        let with_ext = |ext: &'static str| {
-            files
-                .iter()
-                .filter(move |f| Path::new(&f.name).extension().is_some_and(|e| e == ext))
+    /// Decides `req` with this bundle alone.
+    pub fn decide(
+        &self,
+        authorizer: &Authorizer,
+        req: &AuthzRequest,
+    ) -> Result<Decision, EngineError> {
+        let directory = Directory {
+            entities: &self.entities,
+            api_keys: &self.api_keys,
+            jwt: &self.config.jwt,
+            types: &self.types,
         };
-        if with_ext(POLICY_EXT).next().is_none() {
-            return Err(EngineError::NoPolicies(dir.to_owned()));
-        }
-
-        let (policies, origins) = parse_policies(with_ext(POLICY_EXT))?;
-        let schema = parse_schema(with_ext(SCHEMA_EXT))?;
-        if let Some(schema) = &schema {
-            validate(&policies, schema, &origins)?;
-        }
-        let entities = match files.iter().find(|f| f.name == ENTITIES_FILE) {
-            Some(file) => Entities::from_json_str(&file.text, schema.as_ref())
-                .map_err(|e| EngineError::Entities(e.to_string()))?,
-            // The schema's action entities make `action in Action::"group"` work.
-            None => match &schema {
-                Some(schema) => schema
-                    .action_entities()
-                    .map_err(|e| EngineError::Entities(e.to_string()))?,
-                None => Entities::empty(),
-            },
-        };
-
-        Ok(Self {
-            policies,
-            entities,
-            version,
-            types: EntityTypes::new()?,
-        })
-    }
-
-    /// Content version: `sha256:` and the first 16 hex digits of the hash over the bundle
-    /// files (name and content, in name order).
-    pub fn version(&self) -> &str {
-        &self.version
-    }
-
-    /// Number of policies in the bundle.
-    pub fn policy_count(&self) -> usize {
-        self.policies.policies().count()
-    }
-
-    fn cedar_request(&self, req: &AuthzRequest) -> Result<Request, EngineError> {
-        let uid = |ty: &EntityTypeName, id: &str| {
-            EntityUid::from_type_name_and_id(ty.clone(), EntityId::new(id))
-        };
-        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
-        let route_context = RestrictedExpression::new_record(
-            req.route_context
-                .iter()
-                .map(|(k, v)| (k.clone(), string(v))),
-        )
-        .map_err(|e| EngineError::Request(e.to_string()))?;
-        let context = Context::from_pairs([
-            ("route".to_owned(), string(&req.route)),
-            ("method".to_owned(), string(&req.method)),
-            ("path".to_owned(), string(&req.path)),
-            ("host".to_owned(), string(&req.host)),
-            ("scheme".to_owned(), string(&req.scheme)),
-            ("source".to_owned(), string(&req.source)),
-            ("request_id".to_owned(), string(&req.request_id)),
-            ("route_context".to_owned(), route_context),
-        ])
-        .map_err(|e| EngineError::Request(e.to_string()))?;
-        // No schema check of the request: callers and routes unknown to the bundle must still
-        // be decided (by policy, which was validated at load), not rejected as malformed.
-        Request::new(
-            uid(&self.types.caller, &req.principal),
-            uid(&self.types.action, &req.action),
-            uid(&self.types.route, &req.route),
+        let principal = directory.resolve(&req.identity)?;
+        let action = EntityTypes::uid(&self.types.action, &req.action);
+        let route = EntityTypes::uid(&self.types.route, &req.route);
+        let context = context(req, principal.source)?;
+        // No schema check of the request: callers, routes and actions unknown to the bundle
+        // must still be decided (by policy, which was validated at load), not rejected.
+        let request = Request::new(
+            principal.uid.clone(),
+            action.clone(),
+            route.clone(),
             context,
             None,
         )
-        .map_err(|e| EngineError::Request(e.to_string()))
+        .map_err(|e| EngineError::Request(e.to_string()))?;
+        let entities = self.request_entities(principal.entity.clone(), &action)?;
+        #[cfg(test)]
+        if UNINDEXED.with(std::cell::Cell::get) {
+            let response = authorizer.is_authorized(&request, &self.policies, &entities);
+            let mut policy_ids: Vec<String> = response
+                .diagnostics()
+                .reason()
+                .map(ToString::to_string)
+                .collect();
+            policy_ids.sort();
+            let mut errors: Vec<String> = response
+                .diagnostics()
+                .errors()
+                .map(ToString::to_string)
+                .collect();
+            errors.sort();
+            return Ok(Decision {
+                allowed: response.decision() == cedar_policy::Decision::Allow,
+                policy_ids,
+                errors,
+                policy_version: self.version().to_owned(),
+                principal: principal.uid.id().unescaped().to_owned(),
+                identity_source: principal.source,
+                shadow: None,
+            });
+        }
+        let scope = crate::index::Scope {
+            action: &action,
+            route: &route,
+            principal: &principal.uid,
+            ancestors: &principal.ancestors,
+        };
+        let evaluation = self.index.evaluate(authorizer, &request, &entities, &scope);
+        Ok(Decision {
+            allowed: evaluation.allowed,
+            policy_ids: evaluation.reasons.iter().map(ToString::to_string).collect(),
+            errors: evaluation.errors,
+            policy_version: self.version().to_owned(),
+            principal: principal.uid.id().unescaped().to_owned(),
+            identity_source: principal.source,
+            shadow: None,
+        })
+    }
+
+    /// The entity store of one request: its principal (with its groups), its action (with
+    /// its action groups) and the entities policies name literally. Only these can be read
+    /// by a policy: the schema gives groups and routes no attributes, and bundles cannot
+    /// add entity types.
+    fn request_entities(
+        &self,
+        principal: Entity,
+        action: &EntityUid,
+    ) -> Result<Entities, EngineError> {
+        let principal_uid = principal.uid();
+        let mut entities = Vec::with_capacity(self.literal_entities.len() + 2);
+        entities.push(principal);
+        if let Some(action) = self.actions.get(action) {
+            entities.push(action.clone());
+        }
+        entities.extend(
+            self.literal_entities
+                .iter()
+                .filter(|e| {
+                    let uid = e.uid();
+                    uid != principal_uid && &uid != action
+                })
+                .cloned(),
+        );
+        Entities::from_entities(entities, None).map_err(|e| EngineError::Request(e.to_string()))
     }
 }
 
-/// Decides requests with the current bundle; a reload swaps the bundle atomically.
+#[cfg(test)]
+thread_local! {
+    /// Tests compare the index against Cedar evaluating the whole policy set.
+    static UNINDEXED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The Cedar context record (`Arbiter::RequestContext`).
+fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, EngineError> {
+    let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
+    let long = |n: i64| RestrictedExpression::new_long(n);
+    let route_context = RestrictedExpression::new_record(
+        req.route_context
+            .iter()
+            .map(|(k, v)| (k.clone(), string(v))),
+    )
+    .map_err(|e| EngineError::Request(e.to_string()))?;
+    let body = &req.body;
+    let mut pairs = vec![
+        ("route", string(&req.route)),
+        ("route_context", route_context),
+        ("method", string(&req.method)),
+        ("path", string(&req.path)),
+        ("host", string(&req.host)),
+        ("scheme", string(&req.scheme)),
+        ("source", string(&req.source)),
+        ("request_id", string(&req.request_id)),
+        (
+            "time",
+            RestrictedExpression::new_datetime(cedar_datetime(req.time)),
+        ),
+        ("identity_source", string(source.as_str())),
+        (
+            "body_bytes",
+            long(i64::try_from(body.bytes).unwrap_or(i64::MAX)),
+        ),
+        (
+            "body_truncated",
+            RestrictedExpression::new_bool(body.truncated),
+        ),
+        (
+            "body_parse_error",
+            RestrictedExpression::new_bool(body.parse_error),
+        ),
+    ];
+    if let Some(ip) = source_ip(&req.source) {
+        pairs.push(("source_ip", RestrictedExpression::new_ip(ip)));
+    }
+    if let Some(tenant) = &req.requested_tenant {
+        pairs.push(("requested_tenant", string(tenant)));
+    }
+    if let Some(model) = &body.model {
+        pairs.push(("model", string(model)));
+    }
+    if let Some(stream) = body.stream {
+        pairs.push(("stream", RestrictedExpression::new_bool(stream)));
+    }
+    if let Some(max_tokens) = body.max_tokens {
+        pairs.push(("max_tokens", long(max_tokens)));
+    }
+    if let Some(count) = body.message_count {
+        pairs.push(("message_count", long(count)));
+    }
+    Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
+        .map_err(|e| EngineError::Request(e.to_string()))
+}
+
+/// The IP of an `ip:port` / `[ip]:port` source.
+fn source_ip(source: &str) -> Option<String> {
+    source
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|addr| addr.ip().to_string())
+}
+
+/// `YYYY-MM-DDThh:mm:ss.SSSZ`, the format Cedar's `datetime` takes (millisecond precision).
+pub fn cedar_datetime(at: SystemTime) -> String {
+    let at = time::OffsetDateTime::from(at);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond()
+    )
+}
+
+/// Decides requests with the current bundle (and a shadow bundle, if any); reloads swap them
+/// atomically.
 #[derive(Debug)]
 pub struct PolicyEngine {
-    bundle: RwLock<Arc<Bundle>>,
+    bundle: ArcSwap<Bundle>,
+    shadow: ArcSwapOption<Bundle>,
     authorizer: Authorizer,
+    metrics: Arc<Metrics>,
 }
 
 impl PolicyEngine {
-    /// An engine deciding with `bundle`.
+    /// An engine deciding with `bundle`, with its own metrics.
     pub fn new(bundle: Bundle) -> Self {
+        Self::with_metrics(bundle, Arc::new(Metrics::new()))
+    }
+
+    /// An engine deciding with `bundle`, recording into `metrics`.
+    pub fn with_metrics(bundle: Bundle, metrics: Arc<Metrics>) -> Self {
+        metrics.bundle_loaded(crate::metrics::BundleRole::Active, &bundle);
         Self {
-            bundle: RwLock::new(Arc::new(bundle)),
+            bundle: ArcSwap::from_pointee(bundle),
+            shadow: ArcSwapOption::empty(),
             authorizer: Authorizer::new(),
+            metrics,
         }
     }
 
     /// Loads the bundle in `dir`.
-    pub fn load(dir: &Path) -> Result<Self, EngineError> {
+    pub fn load(dir: &std::path::Path) -> Result<Self, BundleError> {
         Bundle::load(dir).map(Self::new)
+    }
+
+    /// The metrics this engine records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The bundle in use. Requests in flight keep the one they started with.
     pub fn bundle(&self) -> Arc<Bundle> {
-        // The lock only guards an `Arc` swap, which cannot panic half-way.
-        Arc::clone(&self.bundle.read().unwrap_or_else(PoisonError::into_inner))
+        self.bundle.load_full()
     }
 
     /// Puts `bundle` in use for every later decision and returns the previous one.
     pub fn replace(&self, bundle: Arc<Bundle>) -> Arc<Bundle> {
-        let mut current = self.bundle.write().unwrap_or_else(PoisonError::into_inner);
-        std::mem::replace(&mut current, bundle)
+        self.metrics
+            .bundle_loaded(crate::metrics::BundleRole::Active, &bundle);
+        self.bundle.swap(bundle)
     }
 
-    /// Decides `req` with the current bundle.
+    /// The shadow bundle, if one is set.
+    pub fn shadow(&self) -> Option<Arc<Bundle>> {
+        self.shadow.load_full()
+    }
+
+    /// Sets (or, with `None`, removes) the bundle evaluated in shadow.
+    pub fn set_shadow(&self, bundle: Option<Arc<Bundle>>) {
+        if let Some(bundle) = &bundle {
+            self.metrics
+                .bundle_loaded(crate::metrics::BundleRole::Shadow, bundle);
+        }
+        self.shadow.store(bundle);
+    }
+
+    /// Decides `req` with the current bundle; with a shadow bundle set, also with it (its
+    /// answer is recorded on the decision and in metrics, and never changes the decision).
     pub fn decide(&self, req: &AuthzRequest) -> Result<Decision, EngineError> {
-        let bundle = self.bundle();
-        let request = bundle.cedar_request(req)?;
-        let response = self
-            .authorizer
-            .is_authorized(&request, &bundle.policies, &bundle.entities);
-        let diagnostics = response.diagnostics();
-        let mut policy_ids: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
-        policy_ids.sort();
-        Ok(Decision {
-            allowed: response.decision() == cedar_policy::Decision::Allow,
-            policy_ids,
-            errors: diagnostics.errors().map(ToString::to_string).collect(),
-            policy_version: bundle.version.clone(),
-        })
-    }
-}
-
-fn read_bundle_files(dir: &Path) -> Result<Vec<File>, EngineError> {
-    let read_dir_error = |source| EngineError::ReadDir {
-        dir: dir.to_owned(),
-        source,
-    };
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
-        let path = entry.map_err(read_dir_error)?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let is_bundle_file = name == ENTITIES_FILE
-            || path
-                .extension()
-                .is_some_and(|e| e == POLICY_EXT || e == SCHEMA_EXT);
-        // `metadata` follows symlinks, as in Kubernetes ConfigMap mounts.
-        if name.starts_with('.') || !is_bundle_file || !path.metadata().is_ok_and(|m| m.is_file()) {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).map_err(|source| EngineError::ReadFile {
-            path: path.clone(),
-            source,
-        })?;
-        files.push(File {
-            name: name.to_owned(),
-            text,
-        });
-    }
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(files)
-}
-
-/// `sha256:` + 16 hex digits over `(name, content)` pairs, framed so that no two different
-/// bundles hash the same input. Callers pass the files in name order.
-fn version_of<'a>(files: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
-    let mut hasher = Sha256::new();
-    for (name, content) in files {
-        hasher.update((name.len() as u64).to_be_bytes());
-        hasher.update(name.as_bytes());
-        hasher.update((content.len() as u64).to_be_bytes());
-        hasher.update(content);
-    }
-    let digest = hex::encode(hasher.finalize());
-    format!("sha256:{}", &digest[..16])
-}
-
-/// Parses every policy file into one set. Ids come from `@id("...")`, else are Cedar's
-/// generated `policyN` numbered across the files in name order (as if they were concatenated).
-/// Returns, per policy id, the file and text it came from, to locate validation errors.
-fn parse_policies<'a>(
-    files: impl Iterator<Item = &'a File>,
-) -> Result<(PolicySet, HashMap<PolicyId, &'a File>), EngineError> {
-    let mut set = PolicySet::new();
-    let mut origins: HashMap<PolicyId, &File> = HashMap::new();
-    let mut problems = Vec::new();
-    let mut numbered = 0;
-    for file in files {
-        let parsed = match PolicySet::from_str(&file.text) {
-            Ok(parsed) => parsed,
-            Err(errors) => {
-                problems.extend(
-                    errors
-                        .iter()
-                        .map(|e| Problem::new(&file.name, &file.text, e)),
-                );
-                continue;
+        let started = Instant::now();
+        let bundle = self.bundle.load();
+        let result = bundle.decide(&self.authorizer, req);
+        let mut decision = match result {
+            Ok(decision) => decision,
+            Err(e) => {
+                self.metrics.decision_error();
+                return Err(e);
             }
         };
-        if let Some(template) = parsed.templates().next() {
-            return Err(EngineError::Template {
-                file: file.name.clone(),
-                id: template.id().to_string(),
-            });
-        }
-        let mut policies: Vec<&Policy> = parsed.policies().collect();
-        // Cedar numbers `policyN` in file order; keep that order across files.
-        policies.sort_by_key(|p| generated_index(p.id()));
-        for policy in policies {
-            let id = match policy.annotation(ID_ANNOTATION) {
-                Some(id) => PolicyId::new(id),
-                None => PolicyId::new(format!("policy{numbered}")),
-            };
-            numbered += 1;
-            if let Some(first) = origins.get(&id) {
-                return Err(EngineError::DuplicateId {
-                    id: id.to_string(),
-                    file: file.name.clone(),
-                    first: first.name.clone(),
-                });
-            }
-            set.add(policy.new_id(id.clone()))
-                .map_err(|e| EngineError::Parse(vec![Problem::new(&file.name, &file.text, &e)]))?;
-            origins.insert(id, file);
-        }
-    }
-    if problems.is_empty() {
-        Ok((set, origins))
-    } else {
-        Err(EngineError::Parse(problems))
-    }
-}
-
-fn generated_index(id: &PolicyId) -> usize {
-    id.to_string()
-        .strip_prefix("policy")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(usize::MAX)
-}
-
-fn parse_schema<'a>(files: impl Iterator<Item = &'a File>) -> Result<Option<Schema>, EngineError> {
-    let mut fragments = Vec::new();
-    let mut problems = Vec::new();
-    for file in files {
-        match SchemaFragment::from_cedarschema_str(&file.text) {
-            Ok((fragment, warnings)) => {
-                for warning in warnings {
-                    tracing::warn!(file = %file.name, "schema warning: {warning}");
+        self.metrics.decision(decision.allowed, started.elapsed());
+        if let Some(shadow) = self.shadow.load().as_ref() {
+            match shadow.decide(&self.authorizer, req) {
+                Ok(candidate) => {
+                    decision.shadow = Some(ShadowDecision {
+                        allowed: candidate.allowed,
+                        policy_ids: candidate.policy_ids,
+                        policy_version: candidate.policy_version,
+                    });
+                    self.metrics.shadow(decision.shadow_disagreement());
                 }
-                fragments.push(fragment);
+                // The shadow must never affect the answer: its failure is only counted.
+                Err(e) => {
+                    tracing::debug!("shadow bundle could not decide: {e}");
+                    self.metrics.shadow_error();
+                }
             }
-            Err(e) => problems.push(Problem::new(&file.name, &file.text, &e)),
         }
-    }
-    if !problems.is_empty() {
-        return Err(EngineError::Schema(problems));
-    }
-    if fragments.is_empty() {
-        return Ok(None);
-    }
-    Schema::from_schema_fragments(fragments)
-        .map(Some)
-        .map_err(|e| {
-            EngineError::Schema(vec![Problem {
-                location: String::new(),
-                message: e.to_string(),
-            }])
-        })
-}
-
-fn validate(
-    policies: &PolicySet,
-    schema: &Schema,
-    origins: &HashMap<PolicyId, &File>,
-) -> Result<(), EngineError> {
-    let locate = |id: &PolicyId, diagnostic: &dyn Diagnostic| match origins.get(id) {
-        Some(file) => Problem::new(&file.name, &file.text, diagnostic),
-        None => Problem {
-            location: String::new(),
-            message: diagnostic.to_string(),
-        },
-    };
-    let result = Validator::new(schema.clone()).validate(policies, ValidationMode::Strict);
-    for warning in result.validation_warnings() {
-        let problem = locate(warning.policy_id(), warning);
-        tracing::warn!("policy warning: {problem}");
-    }
-    let problems: Vec<Problem> = result
-        .validation_errors()
-        .map(|e| locate(e.policy_id(), e))
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(EngineError::Validation(problems))
+        Ok(decision)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ai::BodyAttributes;
+    use crate::identity::{api_key_sha256, Identity};
+    use serde_json::json;
     use std::collections::BTreeMap;
 
     fn bundle(files: &[(&str, &str)]) -> tempfile::TempDir {
@@ -499,208 +414,301 @@ mod tests {
         dir
     }
 
-    fn request(principal: &str, action: &str) -> AuthzRequest {
+    fn request(action: &str, route: &str) -> AuthzRequest {
         AuthzRequest {
-            principal: principal.into(),
+            principal: "anonymous".into(),
+            identity: Identity::default(),
             action: action.into(),
-            route: "chat".into(),
+            route: route.into(),
             method: "POST".into(),
             path: "/v1/chat/completions".into(),
             host: "llm.local".into(),
             scheme: "http".into(),
-            source: "127.0.0.1:5000".into(),
+            source: "10.1.2.3:5000".into(),
             request_id: "r1".into(),
             route_context: BTreeMap::new(),
+            requested_tenant: None,
+            body: BodyAttributes::default(),
+            time: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
         }
     }
 
-    const PERMIT_CHAT: &str =
-        "@id(\"chat\")\npermit(principal, action == Arbiter::Action::\"chat.completions\", resource);\n";
+    const ENTITIES: &str = r#"[
+      {"uid":{"type":"Arbiter::Group","id":"staff"},"attrs":{},"parents":[]},
+      {"uid":{"type":"Arbiter::Group","id":"eng"},"attrs":{},"parents":[{"type":"Arbiter::Group","id":"staff"}]},
+      {"uid":{"type":"Arbiter::Caller","id":"spiffe://t/a"},"attrs":{"tenant":"acme"},"parents":[{"type":"Arbiter::Group","id":"eng"}]},
+      {"uid":{"type":"Arbiter::Caller","id":"keyed"},"attrs":{"tenant":"globex","api_key_sha256":["a8a1f5e4bf6b4ec96d4e3bb0ac22a4ee69e7bd15f1a1bcb0ac1bd1b1c4bd7d1a"]},"parents":[]}
+    ]"#;
 
-    #[test]
-    fn version_is_stable_and_content_addressed() {
-        let a = bundle(&[("a.cedar", PERMIT_CHAT), ("README.md", "ignored")]);
-        let b = bundle(&[("a.cedar", PERMIT_CHAT)]);
-        let v1 = Bundle::load(a.path()).unwrap().version().to_owned();
-        let v2 = Bundle::load(a.path()).unwrap().version().to_owned();
-        assert_eq!(v1, v2);
-        assert_eq!(v1, Bundle::load(b.path()).unwrap().version());
-        assert!(v1.starts_with("sha256:"));
-        assert_eq!(v1.len(), "sha256:".len() + 16);
-
-        let renamed = bundle(&[("b.cedar", PERMIT_CHAT)]);
-        assert_ne!(v1, Bundle::load(renamed.path()).unwrap().version());
-        let changed = bundle(&[("a.cedar", &format!("{PERMIT_CHAT}\n"))]);
-        assert_ne!(v1, Bundle::load(changed.path()).unwrap().version());
-        let with_entities = bundle(&[("a.cedar", PERMIT_CHAT), ("entities.json", "[]")]);
-        assert_ne!(v1, Bundle::load(with_entities.path()).unwrap().version());
-        // Fixed input, fixed output: the framing must not change silently.
-        assert_eq!(
-            version_of([("a.cedar", PERMIT_CHAT.as_bytes())]),
-            version_of([("a.cedar", PERMIT_CHAT.as_bytes())])
-        );
-        assert_ne!(
-            version_of([("ab", b"c".as_slice())]),
-            version_of([("a", b"bc".as_slice())])
-        );
+    fn keyed_entities() -> String {
+        ENTITIES.replace(
+            "a8a1f5e4bf6b4ec96d4e3bb0ac22a4ee69e7bd15f1a1bcb0ac1bd1b1c4bd7d1a",
+            &api_key_sha256(b"k-1"),
+        )
     }
 
     #[test]
-    fn syntax_error_names_file_and_line() {
+    fn identities_resolve_strongest_first() {
         let dir = bundle(&[
-            ("good.cedar", PERMIT_CHAT),
             (
-                "bad.cedar",
-                "permit(principal, action, resource);\n\nforbid(principal, action)\n",
+                "p.cedar",
+                r#"
+                @id("staff") permit(principal in Arbiter::Group::"staff", action, resource);
+                @id("acme") permit(principal is Arbiter::Caller, action, resource) when { principal has tenant && principal.tenant == "acme" };
+                @id("anon") forbid(principal is Arbiter::Anonymous, action, resource) when { context.identity_source == "none" };
+                @id("keyed") permit(principal == Arbiter::Caller::"keyed", action, resource) when { context.identity_source == "api_key" };
+            "#,
             ),
-        ]);
-        let err = Bundle::load(dir.path()).unwrap_err().to_string();
-        assert!(
-            err.starts_with("cannot parse policies: `bad.cedar:3:"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn load_errors() {
-        let empty = bundle(&[("entities.json", "[]")]);
-        assert!(matches!(
-            Bundle::load(empty.path()),
-            Err(EngineError::NoPolicies(_))
-        ));
-        let missing = empty.path().join("nope");
-        assert!(matches!(
-            Bundle::load(&missing),
-            Err(EngineError::ReadDir { .. })
-        ));
-        let bad_entities = bundle(&[("a.cedar", PERMIT_CHAT), ("entities.json", "{")]);
-        let err = Bundle::load(bad_entities.path()).unwrap_err().to_string();
-        assert!(err.starts_with("invalid `entities.json`: "), "{err}");
-        let duplicate = bundle(&[("a.cedar", PERMIT_CHAT), ("b.cedar", PERMIT_CHAT)]);
-        assert_eq!(
-            Bundle::load(duplicate.path()).unwrap_err().to_string(),
-            "`b.cedar`: policy id `chat` is already used in `a.cedar`"
-        );
-        let template = bundle(&[(
-            "t.cedar",
-            "permit(principal == ?principal, action, resource);",
-        )]);
-        assert!(matches!(
-            Bundle::load(template.path()),
-            Err(EngineError::Template { .. })
-        ));
-    }
-
-    #[test]
-    fn ids_from_annotation_else_generated_across_files() {
-        let dir = bundle(&[
-            ("a.cedar", "permit(principal, action, resource) when { context.path == \"/x\" };\n@id(\"named\") permit(principal, action, resource) when { context.path == \"/y\" };\npermit(principal, action, resource) when { context.path == \"/z\" };"),
-            ("b.cedar", "permit(principal, action, resource) when { context.path == \"/w\" };"),
+            ("entities.json", &keyed_entities()),
         ]);
         let engine = PolicyEngine::load(dir.path()).unwrap();
-        let decide = |path: &str| {
-            let mut req = request("anonymous", "http.request");
-            req.path = path.into();
-            engine.decide(&req).unwrap().policy_ids
+        let decide = |identity: Identity| {
+            let mut req = request("http.request", "r");
+            req.identity = identity;
+            engine.decide(&req).unwrap()
         };
-        assert_eq!(decide("/x"), ["policy0"]);
-        assert_eq!(decide("/y"), ["named"]);
-        assert_eq!(decide("/z"), ["policy2"]);
-        assert_eq!(decide("/w"), ["policy3"]);
+        let jwt = json!({"iss": "https://idp", "sub": "bob", "tenant": "acme", "groups": ["eng"]})
+            .as_object()
+            .unwrap()
+            .clone();
+
+        // mTLS beats JWT and API key.
+        let d = decide(Identity {
+            mtls: Some("spiffe://t/a".into()),
+            jwt: Some(jwt.clone()),
+            api_key_sha256: Some(api_key_sha256(b"k-1")),
+        });
+        assert_eq!(
+            (d.principal.as_str(), d.identity_source),
+            ("spiffe://t/a", IdentitySource::Mtls)
+        );
+        assert_eq!(d.policy_ids, ["acme", "staff"]);
+
+        // JWT: groups from claims, with their parents from the bundle.
+        let d = decide(Identity {
+            jwt: Some(jwt),
+            api_key_sha256: Some(api_key_sha256(b"k-1")),
+            ..Identity::default()
+        });
+        assert_eq!(
+            (d.principal.as_str(), d.identity_source),
+            ("https://idp#bob", IdentitySource::Jwt)
+        );
+        assert_eq!(d.policy_ids, ["acme", "staff"]);
+
+        let d = decide(Identity {
+            api_key_sha256: Some(api_key_sha256(b"k-1")),
+            ..Identity::default()
+        });
+        assert_eq!(
+            (d.principal.as_str(), d.identity_source),
+            ("keyed", IdentitySource::ApiKey)
+        );
+        assert_eq!(d.policy_ids, ["keyed"]);
+
+        // An unknown key identifies nobody.
+        let d = decide(Identity {
+            api_key_sha256: Some(api_key_sha256(b"wrong")),
+            ..Identity::default()
+        });
+        assert_eq!(
+            (d.principal.as_str(), d.identity_source),
+            ("anonymous", IdentitySource::None)
+        );
+        assert_eq!(d.policy_ids, ["anon"]);
+        assert!(!d.allowed);
+
+        // An unknown mTLS caller is a caller without tenant or groups.
+        let d = decide(Identity {
+            mtls: Some("spiffe://t/stranger".into()),
+            ..Identity::default()
+        });
+        assert!(!d.allowed);
+        assert!(d.policy_ids.is_empty());
     }
 
     #[test]
-    fn decides_and_reports_determining_policies() {
-        let dir = bundle(&[(
-            "p.cedar",
-            &format!("{PERMIT_CHAT}@id(\"no-bots\") forbid(principal == Arbiter::Caller::\"bot\", action, resource);\n@id(\"broken\") forbid(principal, action, resource) when {{ context.route_context.missing == \"x\" }};"),
-        )]);
-        let engine = PolicyEngine::load(dir.path()).unwrap();
-
-        let allow = engine
-            .decide(&request("alice", "chat.completions"))
-            .unwrap();
-        assert!(allow.allowed);
-        assert_eq!(allow.policy_ids, ["chat"]);
-        // The erroring forbid is skipped, not fatal.
-        assert_eq!(allow.errors.len(), 1);
-        assert!(allow.errors[0].contains("broken"), "{:?}", allow.errors);
-
-        let deny = engine.decide(&request("bot", "chat.completions")).unwrap();
-        assert!(!deny.allowed);
-        assert_eq!(deny.policy_ids, ["no-bots"]);
-
-        let default = engine.decide(&request("alice", "http.request")).unwrap();
-        assert!(!default.allowed);
-        assert!(default.policy_ids.is_empty());
-        assert_eq!(default.policy_version, engine.bundle().version());
-    }
-
-    const SCHEMA: &str = r#"namespace Arbiter {
-  entity Caller;
-  entity Route;
-  action "chat.completions" appliesTo {
-    principal: [Caller],
-    resource: [Route],
-    context: { route: String, route_context: { classification?: String } },
-  };
-}"#;
-
-    #[test]
-    fn schema_validates_policies_and_unknown_callers_still_evaluate() {
+    fn context_attributes_reach_policies() {
         let dir = bundle(&[
-            ("a.cedar", PERMIT_CHAT),
-            ("arbiter.cedarschema", SCHEMA),
             (
-                "entities.json",
-                r#"[{"uid": {"type": "Arbiter::Caller", "id": "known"}, "attrs": {}, "parents": []}]"#,
+                "s.cedarschema",
+                "namespace Arbiter { type RouteContext = { tier?: String }; }",
+            ),
+            (
+                "p.cedar",
+                r#"
+                @id("all") permit(principal, action, resource) when {
+                  context.route == "chat" && context.route_context has tier && context.route_context.tier == "gold" &&
+                  context has source_ip && context.source_ip.isInRange(ip("10.0.0.0/8")) &&
+                  context.time > datetime("2023-01-01") && context.time < datetime("2024-01-01") &&
+                  context has model && context.model == "m" && context has stream && context.stream &&
+                  context has max_tokens && context.max_tokens == 5 && context has message_count && context.message_count == 1 &&
+                  context.body_bytes > 10 && !context.body_truncated && !context.body_parse_error &&
+                  context has requested_tenant && context.requested_tenant == "acme"
+                };
+            "#,
             ),
         ]);
         let engine = PolicyEngine::load(dir.path()).unwrap();
-        assert!(
-            engine
-                .decide(&request("stranger", "chat.completions"))
-                .unwrap()
-                .allowed
-        );
-        assert!(
-            engine
-                .decide(&request("known", "chat.completions"))
-                .unwrap()
-                .allowed
-        );
+        let mut req = request("chat.completions", "chat");
+        req.route_context.insert("tier".into(), "gold".into());
+        req.requested_tenant = Some("acme".into());
+        let body = br#"{"model":"m","stream":true,"max_tokens":5,"messages":[{}]}"#;
+        req.body = BodyAttributes::from_body(body, 0, false);
+        let d = engine.decide(&req).unwrap();
+        assert!(d.allowed, "{d:?}");
+        req.source = "[::1]:80".into();
+        assert!(!engine.decide(&req).unwrap().allowed);
+    }
 
-        let invalid = bundle(&[
-            ("a.cedar", PERMIT_CHAT),
-            ("b.cedar", "\n@id(\"typo\")\npermit(principal, action, resource) when { context.rout == \"x\" };"),
-            ("arbiter.cedarschema", SCHEMA),
-        ]);
-        let err = Bundle::load(invalid.path()).unwrap_err().to_string();
-        assert!(
-            err.starts_with("policies do not match the schema: `b.cedar:3:"),
-            "{err}"
-        );
+    #[test]
+    fn index_decides_like_the_whole_policy_set() {
+        // Every kind of scope, overlapping permits and forbids, conditions that error.
+        let mut text = String::new();
+        let actions = [
+            "chat.completions",
+            "embeddings",
+            "models.list",
+            "http.request",
+        ];
+        for i in 0..60 {
+            let effect = if i % 4 == 0 { "forbid" } else { "permit" };
+            let principal = match i % 5 {
+                0 => "principal".to_owned(),
+                1 => "principal == Arbiter::Caller::\"spiffe://t/a\"".to_owned(),
+                2 => "principal in Arbiter::Group::\"staff\"".to_owned(),
+                3 => "principal is Arbiter::Caller in Arbiter::Group::\"eng\"".to_owned(),
+                _ => "principal is Arbiter::Anonymous".to_owned(),
+            };
+            let action = match i % 3 {
+                0 => "action".to_owned(),
+                1 => format!("action == Arbiter::Action::\"{}\"", actions[i % 4]),
+                _ => format!(
+                    "action in [Arbiter::Action::\"{}\", Arbiter::Action::\"{}\"]",
+                    actions[i % 4],
+                    actions[(i + 1) % 4]
+                ),
+            };
+            let resource = match i % 4 {
+                0 => "resource".to_owned(),
+                1 => format!("resource == Arbiter::Route::\"r{}\"", i % 3),
+                2 => "resource is Arbiter::Route".to_owned(),
+                _ => format!("resource in Arbiter::Route::\"r{}\"", i % 2),
+            };
+            let condition = match i % 6 {
+                0 => "true".to_owned(),
+                1 => format!("context.path == \"/p{}\"", i % 2),
+                2 => "context has model && context.model == \"m\"".to_owned(),
+                // Errors at run time when the caller has no tenant: skipped, not fatal.
+                3 => "principal is Arbiter::Caller && principal.tenant == \"acme\"".to_owned(),
+                _ => "context.body_bytes >= 0".to_owned(),
+            };
+            text.push_str(&format!(
+                "@id(\"p{i}\") {effect}({principal}, {action}, {resource}) when {{ {condition} }};\n"
+            ));
+        }
+        // `principal.tenant` without `has` does not validate strictly; such policies are
+        // legal Cedar but refused by the bundle, so keep only the validating ones.
+        let text: String = text
+            .lines()
+            .filter(|l| !l.contains("principal.tenant"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let dir = bundle(&[("p.cedar", &text), ("entities.json", &keyed_entities())]);
+        let engine = PolicyEngine::load(dir.path()).unwrap();
+        assert!(engine.bundle().index_buckets() > 10);
+        let mut compared = 0;
+        for action in actions {
+            for route in ["r0", "r1", "r2", "other"] {
+                for identity in [
+                    Identity::default(),
+                    Identity {
+                        mtls: Some("spiffe://t/a".into()),
+                        ..Identity::default()
+                    },
+                    Identity {
+                        mtls: Some("spiffe://t/b".into()),
+                        ..Identity::default()
+                    },
+                    Identity {
+                        api_key_sha256: Some(api_key_sha256(b"k-1")),
+                        ..Identity::default()
+                    },
+                ] {
+                    for path in ["/p0", "/p1"] {
+                        let mut req = request(action, route);
+                        req.identity = identity.clone();
+                        req.path = path.into();
+                        let indexed = engine.decide(&req).unwrap();
+                        UNINDEXED.with(|u| u.set(true));
+                        let whole = engine.decide(&req).unwrap();
+                        UNINDEXED.with(|u| u.set(false));
+                        assert_eq!(indexed, whole, "{action} {route} {identity:?} {path}");
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 128);
+    }
 
-        let bad_schema = bundle(&[("a.cedar", PERMIT_CHAT), ("s.cedarschema", "namespace {")]);
-        let err = Bundle::load(bad_schema.path()).unwrap_err().to_string();
+    #[test]
+    fn shadow_never_changes_the_answer() {
+        let active = bundle(&[(
+            "a.cedar",
+            "@id(\"all\") permit(principal, action, resource);",
+        )]);
+        let candidate = bundle(&[(
+            "a.cedar",
+            "@id(\"chat\") permit(principal, action == Arbiter::Action::\"chat.completions\", resource);",
+        )]);
+        let engine = PolicyEngine::load(active.path()).unwrap();
+        engine.set_shadow(Some(Arc::new(Bundle::load(candidate.path()).unwrap())));
+        let chat = engine.decide(&request("chat.completions", "r")).unwrap();
+        assert!(chat.allowed);
+        assert_eq!(chat.shadow.as_ref().unwrap().outcome(), "allow");
+        assert_eq!(chat.shadow_disagreement(), None);
+        let other = engine.decide(&request("embeddings", "r")).unwrap();
+        assert!(other.allowed);
+        assert_eq!(other.policy_ids, ["all"]);
+        let shadow = other.shadow.as_ref().unwrap();
+        assert_eq!(shadow.outcome(), "deny");
+        assert_ne!(shadow.policy_version, other.policy_version);
+        assert_eq!(other.shadow_disagreement(), Some(Disagreement::WouldDeny));
+        let metrics = engine.metrics().encode();
         assert!(
-            err.starts_with("invalid schema: `s.cedarschema:1:"),
-            "{err}"
+            metrics.contains("arbiter_shadow_disagreements_total{direction=\"would_deny\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("arbiter_shadow_decisions_total 2"),
+            "{metrics}"
+        );
+        engine.set_shadow(None);
+        assert_eq!(
+            engine.decide(&request("embeddings", "r")).unwrap().shadow,
+            None
         );
     }
 
     #[test]
     fn replace_swaps_the_bundle() {
-        let first = bundle(&[("a.cedar", PERMIT_CHAT)]);
+        let first = bundle(&[("a.cedar", "permit(principal, action, resource);")]);
         let second = bundle(&[("a.cedar", "forbid(principal, action, resource);")]);
         let engine = PolicyEngine::load(first.path()).unwrap();
         let old = engine.replace(Arc::new(Bundle::load(second.path()).unwrap()));
         assert_ne!(old.version(), engine.bundle().version());
         assert!(
             !engine
-                .decide(&request("a", "chat.completions"))
+                .decide(&request("chat.completions", "r"))
                 .unwrap()
                 .allowed
         );
+    }
+
+    #[test]
+    fn datetime_format() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(cedar_datetime(at), "2023-11-14T22:13:20.123Z");
     }
 }

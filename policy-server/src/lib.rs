@@ -4,25 +4,44 @@
 //! A `CheckRequest` is mapped once into an [`AuthzRequest`] (caller, action, route, context),
 //! the [`PolicyEngine`] decides it with the current [`Bundle`], and the [`AuthorizationService`]
 //! turns the decision into an allow (headers naming the audit id and policy version) or a
-//! `403` with a JSON body. See the crate README for the Cedar model.
+//! `403` with a JSON body. Every decision is first written to the [`AuditLog`] (see
+//! [`audit`]); a decision that cannot be recorded is not given. Bundles are validated against
+//! the built-in Arbiter schema ([`schema`]), hot-reloaded with last-known-good ([`reload`]),
+//! optionally shadowed by a candidate bundle, and measured ([`metrics`]). See the crate
+//! README for the Cedar model and the audit record.
 
+pub mod ai;
+pub mod audit;
+pub mod bundle;
+pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod identity;
+pub mod index;
+pub mod metrics;
+pub mod probe;
+pub mod reload;
 pub mod request;
+pub mod schema;
 pub mod service;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+pub use audit::{AuditConfig, AuditError, AuditLog, AuditMetrics, AuditSync, Redactor};
+pub use bundle::{Bundle, BundleError};
 pub use config::{Config, LogFormat};
-pub use engine::{Bundle, Decision, EngineError, PolicyEngine};
+pub use engine::{Decision, EngineError, PolicyEngine};
+pub use metrics::{BundleRole, Metrics};
+pub use reload::{StatusBoard, Watch};
 pub use request::{AuthzRequest, RequestError};
 pub use service::AuthorizationService;
 
@@ -35,7 +54,7 @@ pub enum ServerError {
         /// The bundle directory.
         dir: PathBuf,
         /// What is wrong with it.
-        source: EngineError,
+        source: BundleError,
     },
     /// The listen address cannot be bound.
     #[error("cannot listen on `{addr}`")]
@@ -48,32 +67,113 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("grpc server failed")]
     Serve(#[from] tonic::transport::Error),
+    /// The audit log cannot be opened or continued.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The OTLP exporter is misconfigured.
+    #[error(transparent)]
+    Export(#[from] audit::export::ExportError),
 }
 
-/// Loads the bundle, binds `config.listen` and serves until `shutdown` completes.
+/// What runs beside the gRPC services: bundle watchers and the metrics listener.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// Bundle directories to watch, and how often (`Duration::ZERO`: not at all).
+    pub watches: Vec<Watch>,
+    /// Poll interval of the watches.
+    pub reload_interval: Duration,
+    /// Listener for `/metrics` and `/status`.
+    pub metrics_listener: Option<TcpListener>,
+    /// Reload state, shown by `/status`.
+    pub status: Arc<StatusBoard>,
+}
+
+/// Loads the bundles, binds `config.listen` (and `config.metrics_listen`) and serves until
+/// `shutdown` completes.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let engine = PolicyEngine::load(&config.policies).map_err(|source| ServerError::Bundle {
-        dir: config.policies.clone(),
-        source,
-    })?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
+    let status = Arc::new(StatusBoard::default());
+    let load = |role: BundleRole, dir: &PathBuf| {
+        // Fingerprint first, so a change made during the load is seen as a change.
+        let watch = Watch::new(role, dir);
+        let bundle = Bundle::load(dir).map_err(|source| ServerError::Bundle {
+            dir: dir.clone(),
             source,
         })?;
-    serve(listener, Arc::new(engine), shutdown).await
+        status.loaded(role, dir, &bundle);
+        Ok::<_, ServerError>((watch, bundle))
+    };
+    let (watch, bundle) = load(BundleRole::Active, &config.policies)?;
+    let audit_metrics = AuditMetrics::default();
+    let mut metrics = Metrics::new();
+    audit_metrics.register(metrics.registry_mut());
+    let engine = Arc::new(PolicyEngine::with_metrics(bundle, Arc::new(metrics)));
+    let mut watches = vec![watch];
+    if let Some(dir) = &config.shadow_policies {
+        let (watch, bundle) = load(BundleRole::Shadow, dir)?;
+        engine.set_shadow(Some(Arc::new(bundle)));
+        watches.push(watch);
+    }
+    let audit = AuditLog::open(&config.audit(), audit_metrics)?;
+    if let Some(endpoint) = &config.otlp_endpoint {
+        let exporter = audit::export::Exporter::new(
+            audit::export::ExportConfig::new(endpoint.clone(), &config.audit_log),
+            audit.metrics().clone(),
+        )?;
+        tokio::spawn(exporter.run(audit.written()));
+    }
+    let redactor = Redactor::new(&config.redact_headers);
+    let listener = bind(config.listen).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let extras = Extras {
+        watches,
+        reload_interval: Duration::from_millis(config.reload_interval_ms),
+        metrics_listener,
+        status,
+    };
+    serve_with(listener, engine, audit, redactor, extras, shutdown).await
 }
 
-/// Serves ext_authz and health on `listener` with `engine` until `shutdown` completes.
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Serves ext_authz and health on `listener` with `engine`, recording every decision to
+/// `audit`, until `shutdown` completes.
 ///
 /// Logs `listening on <addr>` once the server is ready to take calls.
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<PolicyEngine>,
+    audit: AuditLog,
+    redactor: Redactor,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    serve_with(
+        listener,
+        engine,
+        audit,
+        redactor,
+        Extras::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`], plus bundle watchers and the metrics listener of `extras`.
+pub async fn serve_with(
+    listener: TcpListener,
+    engine: Arc<PolicyEngine>,
+    audit: AuditLog,
+    redactor: Redactor,
+    extras: Extras,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let addr = listener.local_addr().map_err(|source| ServerError::Bind {
@@ -81,26 +181,68 @@ pub async fn serve(
         source,
     })?;
     // Overall health ("") starts SERVING; the engine holds a loaded bundle, so the
-    // authorization service is SERVING too.
+    // authorization service is SERVING too, and the bundle on disk is the one in use.
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<AuthorizationServer<AuthorizationService>>()
         .await;
+    health
+        .set_service_status(
+            reload::BUNDLE_HEALTH_SERVICE,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+
+    // Background tasks end with the server (aborted below), not on their own.
+    let mut tasks = Vec::new();
+    // NOT_SERVING while the audit log cannot be written (no decision can be given then).
+    tasks.push(tokio::spawn(audit::mirror_health(
+        audit.writable(),
+        health.clone(),
+    )));
+    if !extras.reload_interval.is_zero() {
+        for watch in extras.watches {
+            tasks.push(tokio::spawn(watch.run(
+                extras.reload_interval,
+                Arc::clone(&engine),
+                Arc::clone(&extras.status),
+                Some(health.clone()),
+            )));
+        }
+    }
+    if let Some(metrics_listener) = extras.metrics_listener {
+        if let Ok(metrics_addr) = metrics_listener.local_addr() {
+            tracing::info!("metrics on http://{metrics_addr}/metrics");
+        }
+        tasks.push(tokio::spawn(metrics::serve(
+            metrics_listener,
+            Arc::clone(engine.metrics()),
+            Arc::clone(&extras.status),
+            std::future::pending(),
+        )));
+    }
 
     let bundle = engine.bundle();
     tracing::info!(
         policy_version = bundle.version(),
         policies = bundle.policy_count(),
+        shadow_version = engine.shadow().map(|s| s.version().to_owned()),
         "listening on {addr}"
     );
     drop(bundle);
-    Server::builder()
+    let served = Server::builder()
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(AuthorizationService::new(engine)))
+        .add_service(AuthorizationServer::new(AuthorizationService::new(
+            engine, audit, redactor,
+        )))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
-        .await?;
+        .await;
+    for task in tasks {
+        task.abort();
+    }
+    served?;
     Ok(())
 }

@@ -15,6 +15,7 @@ async fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
     }
+    ignore_file_size_signal();
     match arbiter_policy_server::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -37,6 +38,23 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     }
     .map_err(|e| anyhow::anyhow!(e))
     .context("cannot set up logging")
+}
+
+/// Past a file-size limit (`ulimit -f`) the kernel sends SIGXFSZ, which kills the process
+/// by default. Handled, the write fails with EFBIG instead, and the audit writer treats it
+/// like a full disk: decisions are refused until writing works again.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(libc::SIGXFSZ)) {
+        Ok(mut signal) => {
+            tokio::spawn(async move {
+                while signal.recv().await.is_some() {
+                    tracing::debug!("SIGXFSZ: a write went past the file-size limit");
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot handle SIGXFSZ: {e}"),
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

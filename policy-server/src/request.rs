@@ -1,6 +1,7 @@
 //! The boundary: an ext_authz `CheckRequest` becomes an [`AuthzRequest`] once, here.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::{
     address, socket_address::PortSpecifier, Address, SocketAddress,
@@ -10,8 +11,13 @@ use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest,
 };
 
-/// Principal used when the request carries no mTLS peer identity.
+use crate::ai::{BodyAttributes, PARTIAL_BODY_HEADER};
+use crate::identity::{Identity, API_KEY_HEADER};
+
+/// Principal shown when the request carries no identity.
 pub const ANONYMOUS: &str = "anonymous";
+/// Header naming the tenant a request acts for (`context.requested_tenant`).
+pub const TENANT_HEADER: &str = "x-tenant-id";
 /// Resource used when the filter did not name the route.
 pub const UNKNOWN_ROUTE: &str = "unknown";
 /// `context_extensions` key that overrides the derived action.
@@ -37,11 +43,16 @@ pub enum RequestError {
 
 /// What policy decides on: the caller, the action, the route and the request context.
 ///
-/// Holds no headers and no body, so nothing secret can leak from here into logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Holds no headers and no body (the API key only as its hash, the body only as
+/// [`BodyAttributes`]), so nothing secret can leak from here into logs.
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuthzRequest {
-    /// Caller id: the mTLS peer principal (SPIFFE ID) or [`ANONYMOUS`].
+    /// The strongest identity evidence, for logs: SPIFFE ID, `<iss>#<sub>`,
+    /// `api_key:<hash prefix>` or [`ANONYMOUS`] (see [`Identity::display`]; the resolved
+    /// Cedar principal is on the decision).
     pub principal: String,
+    /// Identity evidence: mTLS principal, verified JWT claims, API-key hash.
+    pub identity: Identity,
     /// Action name, e.g. `chat.completions`.
     pub action: String,
     /// Route name from `context_extensions["route"]`, or [`UNKNOWN_ROUTE`].
@@ -60,6 +71,12 @@ pub struct AuthzRequest {
     pub request_id: String,
     /// Every other `context_extensions` entry (route-level context such as `classification`).
     pub route_context: BTreeMap<String, String>,
+    /// The `x-tenant-id` header (invalid UTF-8 replaced, so it matches no tenant).
+    pub requested_tenant: Option<String>,
+    /// What the body says (model, size, ...), when the route sends it.
+    pub body: BodyAttributes,
+    /// When the request was made: the CheckRequest's `request.time`, else receipt.
+    pub time: SystemTime,
 }
 
 impl TryFrom<CheckRequest> for AuthzRequest {
@@ -74,30 +91,69 @@ impl TryFrom<CheckRequest> for AuthzRequest {
             destination: _,
             request,
             mut context_extensions,
-            metadata_context: _,
+            metadata_context,
             route_metadata_context: _,
             tls_session: _,
         } = attributes.ok_or(RequestError::MissingAttributes)?;
-        let Request { time: _, http } = request.ok_or(RequestError::MissingRequest)?;
+        let Request { time, http } = request.ok_or(RequestError::MissingRequest)?;
         let HttpRequest {
             id,
             method,
-            // Headers and body may hold API keys, tokens, cookies and prompt text; identity from
-            // them comes in a later issue, through verified paths only.
-            headers: _,
-            header_map: _,
+            // Headers and body may hold API keys, tokens, cookies and prompt text: only the
+            // API key (hashed), the tenant header and the body's attributes are kept. The
+            // `authorization` header is never identity: JWTs count once jwt_authn verified
+            // them (metadata_context).
+            headers,
+            header_map,
             path,
             host,
             scheme,
             query: _,
             fragment: _,
-            size: _,
+            size,
             protocol: _,
-            body: _,
-            raw_body: _,
+            body,
+            raw_body,
         } = http.ok_or(RequestError::MissingHttp)?;
+        let header = |name: &str| -> Option<Vec<u8>> {
+            let from_map = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_bytes().to_vec());
+            from_map.or_else(|| {
+                header_map.as_ref().and_then(|map| {
+                    map.headers
+                        .iter()
+                        .find(|h| h.key.eq_ignore_ascii_case(name))
+                        .map(|h| {
+                            if h.raw_value.is_empty() {
+                                h.value.as_bytes().to_vec()
+                            } else {
+                                h.raw_value.clone()
+                            }
+                        })
+                })
+            })
+        };
+        let api_key = header(API_KEY_HEADER);
+        let requested_tenant =
+            header(TENANT_HEADER).map(|t| String::from_utf8_lossy(&t).into_owned());
+        let truncated =
+            header(PARTIAL_BODY_HEADER).is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
+        let body = if raw_body.is_empty() {
+            BodyAttributes::from_body(body.as_bytes(), size, truncated)
+        } else {
+            BodyAttributes::from_body(&raw_body, size, truncated)
+        };
+        let time = time
+            .and_then(|t| {
+                let seconds = u64::try_from(t.seconds).ok()?;
+                let nanos = u32::try_from(t.nanos).ok()?;
+                SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
+            })
+            .unwrap_or_else(SystemTime::now);
 
-        let (principal, source) = match source {
+        let (mtls, source) = match source {
             Some(Peer {
                 address,
                 service: _,
@@ -110,11 +166,10 @@ impl TryFrom<CheckRequest> for AuthzRequest {
             ),
             None => (String::new(), String::new()),
         };
-        let principal = if principal.is_empty() {
-            ANONYMOUS.to_owned()
-        } else {
-            principal
-        };
+        let filter_metadata = metadata_context
+            .map(|m| m.filter_metadata)
+            .unwrap_or_default();
+        let identity = Identity::from_parts(&mtls, &filter_metadata, api_key.as_deref());
 
         // Envoy's `path` is the request target; the query string may carry secrets.
         let path = match path.split_once('?') {
@@ -129,7 +184,8 @@ impl TryFrom<CheckRequest> for AuthzRequest {
             .unwrap_or_else(|| UNKNOWN_ROUTE.to_owned());
 
         Ok(Self {
-            principal,
+            principal: identity.display(),
+            identity,
             action,
             route,
             method,
@@ -139,6 +195,9 @@ impl TryFrom<CheckRequest> for AuthzRequest {
             source,
             request_id: id,
             route_context: context_extensions.into_iter().collect(),
+            requested_tenant,
+            body,
+            time,
         })
     }
 }
@@ -272,10 +331,12 @@ mod tests {
             &[("route", "regulated_chat"), ("classification", "regulated")],
         ))
         .unwrap();
+        assert!(req.time <= SystemTime::now());
         assert_eq!(
             req,
             AuthzRequest {
                 principal: "anonymous".into(),
+                identity: Identity::default(),
                 action: "chat.completions".into(),
                 route: "regulated_chat".into(),
                 method: "POST".into(),
@@ -285,7 +346,57 @@ mod tests {
                 source: "10.0.0.7:41000".into(),
                 request_id: "req-1".into(),
                 route_context: BTreeMap::from([("classification".into(), "regulated".into())]),
+                requested_tenant: None,
+                body: BodyAttributes::default(),
+                time: req.time,
             }
+        );
+    }
+
+    #[test]
+    fn authorization_header_is_not_identity() {
+        // `check` sends `authorization: Bearer sk-1`; only verified metadata counts.
+        let req = AuthzRequest::try_from(check("GET", "/v1/models", &[])).unwrap();
+        assert_eq!(req.identity, Identity::default());
+        assert_eq!(req.principal, "anonymous");
+    }
+
+    #[test]
+    fn reads_api_key_tenant_body_and_time() {
+        use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+        let mut check = check("POST", "/v1/chat/completions", &[]);
+        let attributes = check.attributes.as_mut().unwrap();
+        let request = attributes.request.as_mut().unwrap();
+        request.time = Some(envoy_types::pb::google::protobuf::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 5_000_000,
+        });
+        let http = request.http.as_mut().unwrap();
+        http.headers.insert("X-Api-Key".into(), "key-1".into());
+        http.headers
+            .insert("x-envoy-auth-partial-body".into(), "true".into());
+        // Raw (non-UTF-8) values arrive in header_map.
+        http.header_map = Some(HeaderMap {
+            headers: vec![HeaderValue {
+                key: "x-tenant-id".into(),
+                value: String::new(),
+                raw_value: b"acme\xff".to_vec(),
+            }],
+        });
+        http.raw_body = br#"{"model":"gpt-4o"#.to_vec();
+        http.size = 90_000;
+        let req = AuthzRequest::try_from(check).unwrap();
+        assert_eq!(
+            req.identity.api_key_sha256.as_deref(),
+            Some(crate::identity::api_key_sha256(b"key-1").as_str())
+        );
+        assert_eq!(req.requested_tenant.as_deref(), Some("acme\u{fffd}"));
+        assert!(req.body.truncated);
+        assert_eq!(req.body.bytes, 90_000);
+        assert_eq!(req.body.model, None);
+        assert_eq!(
+            req.time,
+            SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5_000_000)
         );
     }
 

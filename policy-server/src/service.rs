@@ -16,6 +16,7 @@ use envoy_types::pb::google::rpc;
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
+use crate::audit::{AuditEvent, AuditLog, Redactor};
 use crate::engine::{Decision, PolicyEngine};
 use crate::request::AuthzRequest;
 
@@ -26,16 +27,23 @@ pub const POLICY_VERSION_HEADER: &str = "x-arbiter-policy-version";
 /// `tracing` target of the one event per decision.
 pub const DECISION_TARGET: &str = "arbiter::decision";
 
-/// Answers ext_authz `Check` calls with the engine's decision.
+/// Answers ext_authz `Check` calls with the engine's decision, each recorded in the audit
+/// log before it is answered.
 #[derive(Debug, Clone)]
 pub struct AuthorizationService {
     engine: Arc<PolicyEngine>,
+    audit: AuditLog,
+    redactor: Arc<Redactor>,
 }
 
 impl AuthorizationService {
-    /// A service deciding with `engine`.
-    pub fn new(engine: Arc<PolicyEngine>) -> Self {
-        Self { engine }
+    /// A service deciding with `engine`, recording to `audit` with `redactor`'s rules.
+    pub fn new(engine: Arc<PolicyEngine>, audit: AuditLog, redactor: Redactor) -> Self {
+        Self {
+            engine,
+            audit,
+            redactor: Arc::new(redactor),
+        }
     }
 }
 
@@ -46,17 +54,32 @@ impl Authorization for AuthorizationService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
+        let check = request.into_inner();
+        // Headers and body are read for the record here, redacted, before the request is
+        // reduced to what policy sees.
+        let facts = self.redactor.facts(&check);
         // A request without attributes or an HTTP request is a caller bug, not a policy
         // question: INVALID_ARGUMENT is "no decision", so the filter applies the route's fail
         // mode instead of reading an allow or a deny into it.
-        let req = AuthzRequest::try_from(request.into_inner())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let req =
+            AuthzRequest::try_from(check).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Same for a request Cedar cannot express: no decision rather than a guessed one.
         let decision = self
             .engine
             .decide(&req)
             .map_err(|e| Status::internal(e.to_string()))?;
         let audit_id = Uuid::now_v7().to_string();
+        let latency = started.elapsed();
+        let event = AuditEvent::new(audit_id.clone(), &req, &decision, facts, latency);
+        // No decision without a record: if the record cannot be written (disk full, I/O
+        // error), answer UNAVAILABLE, which is "no decision" to the filter, so the route's
+        // fail mode applies (closed: 503; open: let through and recorded on the Envoy side).
+        // Answering anyway would leave an enforced decision nobody can account for.
+        let written = self
+            .audit
+            .append(event)
+            .await
+            .map_err(|e| Status::unavailable(format!("no decision: {e}")))?;
 
         for error in &decision.errors {
             tracing::debug!(target: DECISION_TARGET, id = %audit_id, %error, "policy skipped");
@@ -67,12 +90,17 @@ impl Authorization for AuthorizationService {
             request_id = %req.request_id,
             decision = outcome(&decision),
             policy_ids = %decision.policy_ids.join(","),
-            principal = %req.principal,
+            principal = %decision.principal,
+            identity_source = decision.identity_source.as_str(),
             route = %req.route,
             method = %req.method,
             path = %req.path,
             policy_version = %decision.policy_version,
-            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            model = req.body.model.as_deref(),
+            shadow_decision = decision.shadow.as_ref().map(|s| s.outcome()),
+            shadow_disagreement = decision.shadow_disagreement().map(|d| d.as_str()),
+            seq = written.seq,
+            latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
             "decision"
         );
         Ok(Response::new(check_response(&req, &decision, &audit_id)))
@@ -145,7 +173,8 @@ fn check_response(req: &AuthzRequest, decision: &Decision, audit_id: &str) -> Ch
     }
 }
 
-fn deny_message(req: &AuthzRequest, decision: &Decision) -> String {
+/// The deny message: the determining policies, or that none permits the request.
+pub fn deny_message(req: &AuthzRequest, decision: &Decision) -> String {
     let quoted = |ids: &[String]| {
         ids.iter()
             .map(|id| format!("`{id}`"))

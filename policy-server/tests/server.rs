@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter_policy_server::PolicyEngine;
+use arbiter_policy_server::{AuditConfig, AuditLog, AuditMetrics, PolicyEngine, Redactor};
 use envoy_types::pb::envoy::service::auth::v3::{
     authorization_client::AuthorizationClient, CheckRequest,
 };
@@ -29,10 +29,22 @@ async fn serves_check_and_health_over_grpc() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let engine = Arc::new(PolicyEngine::load(&example_bundle()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let audit = AuditLog::open(
+        &AuditConfig::new(dir.path().join("audit.jsonl")),
+        AuditMetrics::default(),
+    )
+    .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(arbiter_policy_server::serve(listener, engine, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(arbiter_policy_server::serve(
+        listener,
+        engine,
+        audit,
+        Redactor::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
 
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -100,6 +112,8 @@ async fn binary_refuses_an_invalid_bundle() {
     let output = Command::new(BINARY)
         .args(["--listen", "127.0.0.1:0", "--policies"])
         .arg(dir.path())
+        .arg("--audit-log")
+        .arg(dir.path().join("audit.jsonl"))
         .env_remove("ARBITER_LISTEN")
         .env_remove("ARBITER_LOG")
         .output();
@@ -114,8 +128,11 @@ async fn binary_refuses_an_invalid_bundle() {
 
 #[tokio::test]
 async fn binary_logs_listening_once_ready() {
+    let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BINARY)
         .args(["--listen", "127.0.0.1:0"])
+        .arg("--audit-log")
+        .arg(dir.path().join("audit.jsonl"))
         .env("ARBITER_POLICIES", example_bundle())
         .env("ARBITER_LOG_FORMAT", "json")
         .env_remove("ARBITER_LOG")
@@ -149,7 +166,7 @@ async fn binary_logs_listening_once_ready() {
     assert!(log["fields"]["policy_version"]
         .as_str()
         .unwrap()
-        .starts_with("sha256:"));
+        .starts_with("ai-gateway@sha256:"));
 
     let channel = Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -191,5 +208,99 @@ async fn binary_logs_listening_once_ready() {
     assert_eq!(fields["policy_version"], log["fields"]["policy_version"]);
     assert!(fields["latency_us"].is_u64());
     uuid::Uuid::parse_str(fields["id"].as_str().unwrap()).unwrap();
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn binary_runs_a_shadow_bundle_and_serves_metrics() {
+    let candidate = tempfile::tempdir().unwrap();
+    std::fs::write(
+        candidate.path().join("none.cedar"),
+        "@id(\"nothing\") forbid(principal, action, resource);",
+    )
+    .unwrap();
+    let metrics = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut child = Command::new(BINARY)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--policies")
+        .arg(example_bundle())
+        .arg("--shadow-policies")
+        .arg(candidate.path())
+        .arg("--metrics-listen")
+        .arg(metrics.to_string())
+        .env_remove("ARBITER_LOG")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("server exited");
+            if line.contains("listening on") {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let log: serde_json::Value = serde_json::from_str(&listening).unwrap();
+    let addr = log["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    assert!(log["fields"]["shadow_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let response = AuthorizationClient::new(channel)
+        .check(check_request(
+            "",
+            "GET",
+            "/v1/models",
+            &[("route", "models")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // The candidate denies everything; the answer is the active bundle's.
+    assert_eq!(response.status.unwrap().code, 0);
+    let event = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines.next_line().await.unwrap().unwrap();
+            if line.contains("arbiter::decision") {
+                return line;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let event: serde_json::Value = serde_json::from_str(&event).unwrap();
+    assert_eq!(event["fields"]["decision"], "allow");
+    assert_eq!(event["fields"]["shadow_decision"], "deny");
+    assert_eq!(event["fields"]["shadow_disagreement"], "would_deny");
+    let text = common::http_get(metrics, "/metrics").await;
+    assert!(
+        text.contains("arbiter_decisions_total{decision=\"allow\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("arbiter_shadow_disagreements_total{direction=\"would_deny\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("arbiter_decision_duration_seconds_count 1"),
+        "{text}"
+    );
     child.kill().await.unwrap();
 }

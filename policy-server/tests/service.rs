@@ -6,7 +6,9 @@ mod common;
 
 use std::sync::Arc;
 
-use arbiter_policy_server::{AuthorizationService, PolicyEngine};
+use arbiter_policy_server::{
+    AuditConfig, AuditLog, AuditMetrics, AuthorizationService, PolicyEngine, Redactor,
+};
 use envoy_types::pb::envoy::service::auth::v3::{
     authorization_server::Authorization, check_response::HttpResponse, CheckRequest, CheckResponse,
 };
@@ -16,14 +18,24 @@ use tonic::{Code, Request};
 
 use common::{check_request, example_bundle};
 
-fn service() -> (AuthorizationService, String) {
+fn service() -> (AuthorizationService, String, tempfile::TempDir) {
     let engine = PolicyEngine::load(&example_bundle()).unwrap();
     let version = engine.bundle().version().to_owned();
-    (AuthorizationService::new(Arc::new(engine)), version)
+    let dir = tempfile::tempdir().unwrap();
+    let audit = AuditLog::open(
+        &AuditConfig::new(dir.path().join("audit.jsonl")),
+        AuditMetrics::default(),
+    )
+    .unwrap();
+    (
+        AuthorizationService::new(Arc::new(engine), audit, Redactor::default()),
+        version,
+        dir,
+    )
 }
 
 async fn check(request: CheckRequest) -> (CheckResponse, String) {
-    let (service, version) = service();
+    let (service, version, _dir) = service();
     let response = service.check(Request::new(request)).await.unwrap();
     (response.into_inner(), version)
 }
@@ -104,7 +116,7 @@ async fn allows_routine_chat() {
         headers[1],
         ("x-arbiter-policy-version".to_owned(), version.clone())
     );
-    assert!(version.starts_with("sha256:"));
+    assert!(version.starts_with("ai-gateway@sha256:"));
     assert_eq!(metadata(&response, "decision"), "allow");
     assert_eq!(metadata(&response, "audit_id"), headers[0].1);
     assert_eq!(metadata(&response, "policy_version"), version);
@@ -123,7 +135,7 @@ async fn allows_embeddings_and_models_behind_a_prefix() {
 
 #[tokio::test]
 async fn audit_ids_are_fresh() {
-    let (service, _) = service();
+    let (service, _, _dir) = service();
     let mut ids = Vec::new();
     for _ in 0..2 {
         let request = check_request("", "GET", "/v1/models", &[]);
@@ -190,7 +202,7 @@ async fn regulated_route_denies_anonymous_callers() {
 
 #[tokio::test]
 async fn incomplete_requests_are_invalid_arguments() {
-    let (service, _) = service();
+    let (service, _, _dir) = service();
     let status = service
         .check(Request::new(CheckRequest::default()))
         .await

@@ -72,6 +72,40 @@ pub fn policy_server_bin() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The `arbiter` CLI binary (`ARBITER_CLI_BIN` or `target/debug/arbiter`), or an error
+/// telling how to build it.
+pub fn arbiter_cli_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("ARBITER_CLI_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => target_dir().join("debug/arbiter"),
+    };
+    if !path.is_file() {
+        bail!(
+            "arbiter CLI not found at {}: run `cargo build -p arbiter-policy-server` first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Runs the `arbiter` CLI with `args`; returns its exit code and stdout + stderr.
+pub fn arbiter_cli<I, S>(args: I) -> Result<(i32, String)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let output = Command::new(arbiter_cli_bin()?)
+        .args(args)
+        .output()
+        .context("running the arbiter CLI")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok((output.status.code().unwrap_or(-1), text))
+}
+
 /// The real `arbiter-policy-server` as a subprocess; killed on drop, log printed if the test
 /// is failing.
 pub struct PolicyServer {
@@ -265,6 +299,60 @@ impl PolicyServer {
             .collect()
     }
 
+    /// Every file of the audit log: the active one and those rotated or set aside beside it
+    /// (`<audit log>.*`, the OTLP position file excepted), oldest name first.
+    pub fn audit_files(&self) -> Result<Vec<PathBuf>> {
+        let path = self
+            .audit_log
+            .as_deref()
+            .context("the policy server has no --audit-log flag")?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("audit log path has no file name")?;
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path())? {
+            let entry = entry?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file == name
+                || (file.starts_with(&format!("{name}.")) && !file.contains("otlp-position"))
+            {
+                files.push(entry.path());
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    /// Every record in every audit file, ordered by `seq`.
+    pub fn audit_records(&self) -> Result<Vec<Value>> {
+        let mut records = Vec::new();
+        for file in self.audit_files()? {
+            let text = std::fs::read_to_string(&file)?;
+            // Only complete lines: a torn last line (crash inside a write) is no record.
+            let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+            for line in complete.lines().filter(|l| !l.trim().is_empty()) {
+                records.push(
+                    serde_json::from_str::<Value>(line)
+                        .with_context(|| format!("audit line is not JSON: {line}"))?,
+                );
+            }
+        }
+        records.sort_by_key(|r| r["seq"].as_u64());
+        Ok(records)
+    }
+
+    /// `arbiter audit verify` over [`Self::audit_files`]: exit code and output.
+    pub fn verify_audit(&self) -> Result<(i32, String)> {
+        let files = self.audit_files()?;
+        arbiter_cli(
+            ["audit", "verify"]
+                .iter()
+                .map(std::ffi::OsStr::new)
+                .chain(files.iter().map(|f| f.as_os_str())),
+        )
+    }
+
     /// The server's log (stdout and stderr) so far.
     pub fn log(&self) -> String {
         let read =
@@ -440,6 +528,9 @@ pub fn default_vars(template: &str) -> Result<HashMap<String, String>> {
     let now = OffsetDateTime::now_utc();
     let at = |offset: time::Duration| -> Result<String> { Ok((now + offset).format(&Rfc3339)?) };
     vars.insert("TIMEOUT_MS".into(), "200".into());
+    // Health checks of the policy cluster go through the fault proxy too; a long interval
+    // keeps them out of byte and connection counts (tests that need them set it lower).
+    vars.insert("POLICY_HC_INTERVAL".into(), "60s".into());
     vars.insert("OVERRIDE_ACTIVE".into(), at(time::Duration::hours(1))?);
     vars.insert("OVERRIDE_EXPIRED".into(), at(time::Duration::hours(-1))?);
     vars.insert("OVERRIDE_TOO_FAR".into(), at(time::Duration::hours(48))?);

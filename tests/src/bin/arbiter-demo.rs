@@ -67,6 +67,7 @@ async fn main() -> Result<()> {
     ] {
         vars.insert(name.into(), value.to_string());
     }
+    vars.insert("POLICY_HC_INTERVAL".into(), "2s".into());
     vars.insert(
         "ACCESS_LOG".into(),
         run.join("access.log").display().to_string(),

@@ -1,0 +1,310 @@
+//! The audit record: one JSON object per line, chained by SHA-256.
+//!
+//! A line is the compact JSON of [`AuditEvent`] framed by `v`, `seq` and `prev_hash`, with
+//! `hash` as its last member. `hash` is the lowercase hex SHA-256 of the line's bytes with
+//! that last member removed (`{…,"prev_hash":"…"}`), so anyone can check it with nothing
+//! but the line: no JSON canonicalisation rules to agree on.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Version of the record format, the `v` member of every line.
+pub const FORMAT_VERSION: u32 = 1;
+/// `prev_hash` of the first record of a chain.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// `,"hash":"` + 64 hex digits + `"}`: how every line ends.
+const HASH_SUFFIX_LEN: usize = 9 + 64 + 2;
+
+/// Why a line is not a valid audit record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The line does not end with a `hash` member.
+    #[error("line does not end with a `hash` member")]
+    NoHash,
+    /// The `hash` member does not match the rest of the line.
+    #[error("hash mismatch: the line says `{stated}`, its content hashes to `{actual}`")]
+    HashMismatch {
+        /// The hash written in the line.
+        stated: String,
+        /// The hash of the line's content.
+        actual: String,
+    },
+    /// The line is not a JSON audit record.
+    #[error("not an audit record: {0}")]
+    Json(String),
+    /// A format version this build does not know.
+    #[error("unknown record format version `{0}`")]
+    Version(u32),
+}
+
+/// The decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The request may proceed.
+    Allow,
+    /// The request is refused.
+    Deny,
+}
+
+impl Verdict {
+    /// `allow` / `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// Why the decision came out as it did (Cedar semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Allowed by the `permit` policies in `policy_ids`.
+    Permit,
+    /// Denied by the `forbid` policies in `policy_ids`.
+    Forbid,
+    /// Denied because no `permit` applied (`policy_ids` is empty).
+    DefaultDeny,
+}
+
+/// One decision as recorded, before the writer gives it its place in the chain.
+///
+/// Field order is the order in the line. Every field is always present (`null` when
+/// unknown), except `shadow_decision`, present only when a candidate bundle was evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// When the decision was made, RFC 3339 UTC with microseconds.
+    pub ts: String,
+    /// The audit id: a UUID v7, also sent to the caller (`x-arbiter-audit-id`, deny body).
+    pub id: String,
+    /// Envoy's `x-request-id` (the CheckRequest's `http.id`).
+    pub request_id: String,
+    /// `allow` or `deny`.
+    pub decision: Verdict,
+    /// `permit`, `forbid` or `default_deny`.
+    pub reason: Reason,
+    /// Version of the bundle that decided.
+    pub policy_version: String,
+    /// The determining policies.
+    pub policy_ids: Vec<String>,
+    /// The candidate bundle's decision, when one is evaluated in shadow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_decision: Option<serde_json::Value>,
+    /// Caller id, as policy saw it.
+    pub principal: String,
+    /// Cedar action.
+    pub action: String,
+    /// Envoy route name.
+    pub route: String,
+    /// The route's context (`context_extensions` other than `route` and `action`).
+    pub route_context: BTreeMap<String, String>,
+    /// HTTP method.
+    pub method: String,
+    /// `http` / `https`.
+    pub scheme: String,
+    /// `:authority`.
+    pub host: String,
+    /// Path without the query string.
+    pub path: String,
+    /// Downstream address `ip:port`.
+    pub source: Option<String>,
+    /// Request headers (no pseudo-headers); secret ones replaced, see `redact`.
+    pub headers: BTreeMap<String, String>,
+    /// Model named in the request body.
+    pub model: Option<String>,
+    /// Length of the request body (the full length when Envoy knew it).
+    pub body_bytes: Option<u64>,
+    /// Whether the body the filter sent was cut at `max_body_bytes`.
+    pub body_truncated: Option<bool>,
+    /// SHA-256 (hex) of the body bytes the filter sent.
+    pub prompt_sha256: Option<String>,
+    /// W3C trace id from the request's `traceparent`.
+    pub trace_id: Option<String>,
+    /// Microseconds from receiving the Check to the decision (the audit write excluded).
+    pub latency_us: u64,
+}
+
+/// The line being hashed: the event framed by its place in the chain.
+#[derive(Serialize)]
+struct Framed<'a> {
+    v: u32,
+    seq: u64,
+    #[serde(flatten)]
+    event: &'a AuditEvent,
+    prev_hash: &'a str,
+}
+
+/// A parsed and hash-checked line.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AuditRecord {
+    /// Format version.
+    pub v: u32,
+    /// Position in the chain, from 1, gapless.
+    pub seq: u64,
+    /// The decision.
+    #[serde(flatten)]
+    pub event: AuditEvent,
+    /// `hash` of the record before, or [`GENESIS_HASH`].
+    pub prev_hash: String,
+    /// This record's hash.
+    pub hash: String,
+}
+
+/// The place of a record in the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct ChainLink<'a> {
+    /// Format version.
+    pub v: u32,
+    /// Sequence number.
+    pub seq: u64,
+    /// Previous hash.
+    pub prev_hash: &'a str,
+    /// This record's hash.
+    pub hash: &'a str,
+}
+
+/// Appends the line for `event` at `seq` after `prev_hash` (with its `\n`) to `out` and
+/// returns its hash.
+pub fn encode(
+    event: &AuditEvent,
+    seq: u64,
+    prev_hash: &str,
+    out: &mut Vec<u8>,
+) -> Result<String, serde_json::Error> {
+    let start = out.len();
+    serde_json::to_writer(
+        &mut *out,
+        &Framed {
+            v: FORMAT_VERSION,
+            seq,
+            event,
+            prev_hash,
+        },
+    )?;
+    let hash = hex::encode(Sha256::digest(&out[start..]));
+    // Replace the closing brace by the hash member.
+    out.pop();
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    Ok(hash)
+}
+
+/// Checks that `line` (without its `\n`) hashes to its `hash` member and returns its chain
+/// link. Other members are not interpreted, so newer fields do not break verification.
+pub fn check_line(line: &[u8]) -> Result<ChainLink<'_>, RecordError> {
+    let split = line
+        .len()
+        .checked_sub(HASH_SUFFIX_LEN)
+        .ok_or(RecordError::NoHash)?;
+    let (content, suffix) = line.split_at(split);
+    let stated = suffix
+        .strip_prefix(b",\"hash\":\"")
+        .and_then(|rest| rest.strip_suffix(b"\"}"))
+        .filter(|hex| hex.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or(RecordError::NoHash)?;
+    let mut hasher = Sha256::new();
+    hasher.update(content);
+    hasher.update(b"}");
+    let actual = hex::encode(hasher.finalize());
+    if actual.as_bytes() != stated {
+        return Err(RecordError::HashMismatch {
+            stated: String::from_utf8_lossy(stated).into_owned(),
+            actual,
+        });
+    }
+    let link: ChainLink<'_> =
+        serde_json::from_slice(line).map_err(|e| RecordError::Json(e.to_string()))?;
+    if link.v != FORMAT_VERSION {
+        return Err(RecordError::Version(link.v));
+    }
+    Ok(link)
+}
+
+/// Parses a whole record, checking its hash.
+pub fn parse_line(line: &[u8]) -> Result<AuditRecord, RecordError> {
+    check_line(line)?;
+    serde_json::from_slice(line).map_err(|e| RecordError::Json(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn event() -> AuditEvent {
+        AuditEvent {
+            ts: "2026-11-22T02:00:00.000001Z".into(),
+            id: "0193a1b2-0000-7000-8000-000000000001".into(),
+            request_id: "r-1".into(),
+            decision: Verdict::Allow,
+            reason: Reason::Permit,
+            policy_version: "sha256:0123456789abcdef".into(),
+            policy_ids: vec!["routine-chat".into()],
+            shadow_decision: None,
+            principal: "anonymous".into(),
+            action: "chat.completions".into(),
+            route: "chat".into(),
+            route_context: BTreeMap::from([("classification".into(), "public".into())]),
+            method: "POST".into(),
+            scheme: "http".into(),
+            host: "gw".into(),
+            path: "/v1/chat/completions".into(),
+            source: Some("127.0.0.1:5000".into()),
+            headers: BTreeMap::new(),
+            model: None,
+            body_bytes: Some(12),
+            body_truncated: Some(false),
+            prompt_sha256: None,
+            trace_id: None,
+            latency_us: 42,
+        }
+    }
+
+    #[test]
+    fn encodes_hash_last_and_checks() {
+        let mut out = Vec::new();
+        let hash = encode(&event(), 7, GENESIS_HASH, &mut out).unwrap();
+        assert_eq!(out.last(), Some(&b'\n'));
+        let line = &out[..out.len() - 1];
+        let text = std::str::from_utf8(line).unwrap();
+        assert!(text.starts_with("{\"v\":1,\"seq\":7,\"ts\":"), "{text}");
+        assert!(text.ends_with(&format!(",\"hash\":\"{hash}\"}}")), "{text}");
+        assert!(!text.contains("shadow_decision"));
+        let link = check_line(line).unwrap();
+        assert_eq!(
+            (link.seq, link.prev_hash, link.hash),
+            (7, GENESIS_HASH, hash.as_str())
+        );
+        let record = parse_line(line).unwrap();
+        assert_eq!(record.event, event());
+        assert_eq!(record.hash, hash);
+    }
+
+    #[test]
+    fn detects_any_edit() {
+        let mut out = Vec::new();
+        encode(&event(), 1, GENESIS_HASH, &mut out).unwrap();
+        let line = String::from_utf8(out[..out.len() - 1].to_vec()).unwrap();
+        let edited = line.replace("\"allow\"", "\"deny\"");
+        assert!(matches!(
+            check_line(edited.as_bytes()),
+            Err(RecordError::HashMismatch { .. })
+        ));
+        let no_hash = &line[..line.len() - HASH_SUFFIX_LEN];
+        assert_eq!(check_line(no_hash.as_bytes()), Err(RecordError::NoHash));
+        assert_eq!(check_line(b"{}"), Err(RecordError::NoHash));
+        // A duplicated member cannot smuggle a second hash past the parser, even when the
+        // outer hash is right.
+        let content = line[..line.len() - HASH_SUFFIX_LEN].replacen("{", "{\"hash\":\"x\",", 1);
+        let hash = hex::encode(Sha256::digest(format!("{content}}}")));
+        let duplicate = format!("{content},\"hash\":\"{hash}\"}}");
+        assert!(matches!(
+            check_line(duplicate.as_bytes()),
+            Err(RecordError::Json(_))
+        ));
+    }
+}

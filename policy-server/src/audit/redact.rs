@@ -1,0 +1,297 @@
+//! What the audit record takes from a `CheckRequest` beyond the policy request: headers
+//! with secrets replaced, the body's size and hash (never its text), the trace id.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::service::auth::v3::{
+    attribute_context::{HttpRequest, Request},
+    AttributeContext, CheckRequest,
+};
+use sha2::{Digest, Sha256};
+
+/// Headers always redacted, whatever the configuration says.
+pub const ALWAYS_REDACTED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+];
+/// A header whose name contains one of these is redacted too: custom credential headers
+/// (`x-goog-api-key`, `x-session-token`, …) are too many to list.
+pub const REDACTED_NAME_PARTS: &[&str] = &[
+    "auth",
+    "cookie",
+    "token",
+    "secret",
+    "key",
+    "password",
+    "session",
+    "credential",
+    "signature",
+];
+/// What a redacted header's value is replaced with.
+pub const REDACTED: &str = "[redacted]";
+/// Envoy's marker of a body cut at `max_body_bytes` (native ext_authz convention).
+pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
+
+/// Which headers never reach the audit log in clear.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    extra: BTreeSet<String>,
+}
+
+impl Redactor {
+    /// The built-in rules plus `extra` header names (case-insensitive).
+    pub fn new(extra: impl IntoIterator<Item = impl AsRef<str>>) -> Self {
+        Self {
+            extra: extra
+                .into_iter()
+                .map(|name| name.as_ref().trim().to_ascii_lowercase())
+                .filter(|name| !name.is_empty())
+                .collect(),
+        }
+    }
+
+    /// Whether the value of header `name` (lowercase) must not be recorded.
+    pub fn is_secret(&self, name: &str) -> bool {
+        ALWAYS_REDACTED.contains(&name)
+            || self.extra.contains(name)
+            || REDACTED_NAME_PARTS.iter().any(|part| name.contains(part))
+    }
+
+    /// The audit facts of `check`.
+    pub fn facts(&self, check: &CheckRequest) -> RequestFacts {
+        let Some(http) = http(check) else {
+            return RequestFacts::default();
+        };
+        let mut headers = BTreeMap::new();
+        let mut trace_id = None;
+        let mut truncated = false;
+        let all = http
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .chain(http.header_map.iter().flat_map(|map| {
+                map.headers.iter().map(|h| {
+                    let value = if h.raw_value.is_empty() {
+                        h.value.clone()
+                    } else {
+                        String::from_utf8_lossy(&h.raw_value).into_owned()
+                    };
+                    (h.key.as_str(), value)
+                })
+            }));
+        for (name, value) in all {
+            let name = name.to_ascii_lowercase();
+            // Pseudo-headers are recorded as method/path/host/scheme; `:path` carries the
+            // query string, which may hold secrets.
+            if name.starts_with(':') {
+                continue;
+            }
+            if name == "traceparent" {
+                trace_id = trace_id_of(&value);
+            }
+            if name == PARTIAL_BODY_HEADER {
+                truncated = value.eq_ignore_ascii_case("true");
+            }
+            let value = if self.is_secret(&name) {
+                REDACTED.to_owned()
+            } else {
+                value
+            };
+            headers.insert(name, value);
+        }
+
+        let body: &[u8] = if http.raw_body.is_empty() {
+            http.body.as_bytes()
+        } else {
+            &http.raw_body
+        };
+        let sent_body = !body.is_empty();
+        let full_size = u64::try_from(http.size).ok().filter(|size| *size > 0);
+        let body_bytes = match (full_size, sent_body) {
+            (Some(size), _) => Some(size),
+            (None, true) => Some(body.len() as u64),
+            (None, false) => None,
+        };
+        RequestFacts {
+            headers,
+            trace_id,
+            body_bytes,
+            body_truncated: sent_body.then_some(truncated),
+            prompt_sha256: sent_body.then(|| hex::encode(Sha256::digest(body))),
+        }
+    }
+}
+
+/// Audit facts of one request; nothing here is secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// Headers without pseudo-headers, secret values replaced by [`REDACTED`].
+    pub headers: BTreeMap<String, String>,
+    /// Trace id from a valid `traceparent`.
+    pub trace_id: Option<String>,
+    /// Full body length when Envoy knew it, else the length of the body sent.
+    pub body_bytes: Option<u64>,
+    /// Whether the body sent was cut short (`None` when no body was sent).
+    pub body_truncated: Option<bool>,
+    /// SHA-256 of the body sent.
+    pub prompt_sha256: Option<String>,
+}
+
+fn http(check: &CheckRequest) -> Option<&HttpRequest> {
+    match &check.attributes {
+        Some(AttributeContext {
+            request: Some(Request {
+                http: Some(http), ..
+            }),
+            ..
+        }) => Some(http),
+        _ => None,
+    }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), lowercase;
+/// `None` when malformed or all zeros (invalid per the spec).
+pub fn trace_id_of(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    // Version ff is invalid; later versions may append fields.
+    if !hex(version, 2)
+        || version.eq_ignore_ascii_case("ff")
+        || (version == "00" && parts.next().is_some())
+    {
+        return None;
+    }
+    if !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) || trace.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    Some(trace.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+
+    fn check(headers: &[(&str, &str)], body: &[u8], size: i64) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    time: None,
+                    http: Some(HttpRequest {
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        raw_body: body.to_vec(),
+                        size,
+                        ..Default::default()
+                    }),
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn redacts_secret_headers_and_drops_pseudo_headers() {
+        let redactor = Redactor::new(["X-Tenant-Pin"]);
+        let facts = redactor.facts(&check(
+            &[
+                (":path", "/v1/chat?key=sk-1"),
+                ("authorization", "Bearer sk-live-1"),
+                ("cookie", "sid=abc"),
+                ("x-api-key", "sk-2"),
+                ("x-goog-api-key", "g-3"),
+                ("x-tenant-pin", "1234"),
+                ("user-agent", "curl/8"),
+            ],
+            b"",
+            0,
+        ));
+        assert_eq!(
+            facts.headers,
+            BTreeMap::from([
+                ("authorization".into(), REDACTED.into()),
+                ("cookie".into(), REDACTED.into()),
+                ("user-agent".into(), "curl/8".into()),
+                ("x-api-key".into(), REDACTED.into()),
+                ("x-goog-api-key".into(), REDACTED.into()),
+                ("x-tenant-pin".into(), REDACTED.into()),
+            ])
+        );
+        assert_eq!(facts.body_bytes, None);
+        assert_eq!(facts.prompt_sha256, None);
+        assert_eq!(facts.body_truncated, None);
+    }
+
+    #[test]
+    fn header_map_values_are_redacted_too() {
+        let mut check = check(&[], b"", 0);
+        let http = check
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        http.header_map = Some(HeaderMap {
+            headers: vec![HeaderValue {
+                key: "Authorization".into(),
+                value: String::new(),
+                raw_value: b"Bearer sk-raw".to_vec(),
+            }],
+        });
+        let facts = Redactor::default().facts(&check);
+        assert_eq!(facts.headers["authorization"], REDACTED);
+    }
+
+    #[test]
+    fn body_is_hashed_never_kept() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"secret plan"}]}"#;
+        let facts = Redactor::default().facts(&check(&[(PARTIAL_BODY_HEADER, "true")], body, 5000));
+        assert_eq!(facts.body_bytes, Some(5000));
+        assert_eq!(facts.body_truncated, Some(true));
+        assert_eq!(
+            facts.prompt_sha256.as_deref(),
+            Some(hex::encode(Sha256::digest(body)).as_str())
+        );
+        let whole = Redactor::default().facts(&check(&[], body, 0));
+        assert_eq!(whole.body_bytes, Some(body.len() as u64));
+        assert_eq!(whole.body_truncated, Some(false));
+    }
+
+    #[test]
+    fn trace_ids() {
+        let tp = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            trace_id_of(tp).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        let facts = Redactor::default().facts(&check(&[("traceparent", tp)], b"", 0));
+        assert_eq!(
+            facts.trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            assert_eq!(trace_id_of(bad), None, "{bad}");
+        }
+        // A later version may carry more fields.
+        assert!(trace_id_of("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x").is_some());
+    }
+}

@@ -1,0 +1,527 @@
+//! `arbiter audit replay`: re-decides recorded requests with a bundle.
+//!
+//! Reads server-side audit records and Envoy access-log lines carrying an `arbiter_record`
+//! (the filter's record of a request nobody decided), rebuilds the `CheckRequest` each one
+//! stands for and decides it with the same mapping and engine as the server.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use envoy_types::pb::envoy::config::core::v3::{
+    address, socket_address::PortSpecifier, Address, SocketAddress,
+};
+use envoy_types::pb::envoy::service::auth::v3::{
+    attribute_context::{HttpRequest, Peer, Request},
+    AttributeContext, CheckRequest,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value as ProtoValue};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::record::{AuditRecord, Verdict};
+use crate::engine::PolicyEngine;
+use crate::request::{AuthzRequest, ACTION_KEY, ROUTE_KEY};
+
+/// Key of the filter's record in an Envoy JSON access-log line.
+pub const ENVOY_RECORD_KEY: &str = "arbiter_record";
+
+/// Why a replay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No file was given.
+    #[error("no record file given")]
+    NoFiles,
+    /// A file cannot be read.
+    #[error("cannot read `{path}`")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// What happened to the request when it was recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Recorded {
+    /// The policy server decided it.
+    Server {
+        /// Its decision.
+        decision: Verdict,
+        /// Its audit id.
+        audit_id: String,
+        /// The bundle that decided.
+        policy_version: String,
+    },
+    /// Nobody decided; the route's fail mode let it through.
+    FailOpen {
+        /// Why there was no decision.
+        reason: String,
+        /// Whether a `fail_open_until` override applied.
+        r#override: bool,
+    },
+    /// Nobody decided; the route's fail mode refused it.
+    FailClosed {
+        /// Why there was no decision.
+        reason: String,
+    },
+}
+
+impl Recorded {
+    /// Whether the request went upstream.
+    fn let_through(&self) -> bool {
+        match self {
+            Self::Server { decision, .. } => *decision == Verdict::Allow,
+            Self::FailOpen { .. } => true,
+            Self::FailClosed { .. } => false,
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Self::Server { decision, .. } => decision.as_str().to_owned(),
+            Self::FailOpen {
+                reason,
+                r#override: true,
+            } => format!("fail_open ({reason}, override)"),
+            Self::FailOpen { reason, .. } => format!("fail_open ({reason})"),
+            Self::FailClosed { reason } => format!("fail_closed ({reason})"),
+        }
+    }
+}
+
+/// One request whose replayed decision differs from what happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    /// Where the record is.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// Envoy's request id.
+    pub request_id: String,
+    /// Route name.
+    pub route: String,
+    /// Caller id.
+    pub principal: String,
+    /// Cedar action.
+    pub action: String,
+    /// HTTP method.
+    pub method: String,
+    /// Path.
+    pub path: String,
+    /// What happened then.
+    pub recorded: Recorded,
+    /// What the bundle decides now.
+    pub replayed: Verdict,
+    /// The determining policies now.
+    pub policy_ids: Vec<String>,
+    /// One line for humans: "would have been denied", …
+    pub verdict: String,
+}
+
+/// Counts per kind of record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    /// Records replayed.
+    pub replayed: u64,
+    /// Of those, decided differently now.
+    pub differ: u64,
+}
+
+/// The outcome of a replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReplayReport {
+    /// Version of the bundle replayed against.
+    pub policy_version: String,
+    /// Server-side decisions.
+    pub server: Tally,
+    /// Envoy-side fail-open records.
+    pub fail_open: Tally,
+    /// Envoy-side fail-closed records.
+    pub fail_closed: Tally,
+    /// Lines that are neither (e.g. access-log lines of decided requests).
+    pub skipped: u64,
+    /// Lines that could not be read as a record, with why.
+    pub unreadable: Vec<String>,
+    /// Every request decided differently now, in input order.
+    pub differences: Vec<Difference>,
+}
+
+/// Replays every record in `files` (in the order given) against `engine`.
+pub fn replay(engine: &PolicyEngine, files: &[PathBuf]) -> Result<ReplayReport, ReplayError> {
+    if files.is_empty() {
+        return Err(ReplayError::NoFiles);
+    }
+    let mut report = ReplayReport {
+        policy_version: engine.bundle().version().to_owned(),
+        ..ReplayReport::default()
+    };
+    for path in files {
+        let text = std::fs::read(path).map_err(|source| ReplayError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        for (index, line) in text.split(|b| *b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            replay_line(engine, path, index + 1, line, &mut report);
+        }
+    }
+    Ok(report)
+}
+
+fn replay_line(
+    engine: &PolicyEngine,
+    path: &Path,
+    line: usize,
+    bytes: &[u8],
+    report: &mut ReplayReport,
+) {
+    let at = format!("{}:{line}", path.display());
+    let case = match parse(bytes) {
+        Ok(Some(case)) => case,
+        Ok(None) => {
+            report.skipped += 1;
+            return;
+        }
+        Err(why) => {
+            report.unreadable.push(format!("{at}: {why}"));
+            return;
+        }
+    };
+    let req = match AuthzRequest::try_from(case.check) {
+        Ok(req) => req,
+        Err(e) => {
+            report.unreadable.push(format!("{at}: {e}"));
+            return;
+        }
+    };
+    let decision = match engine.decide(&req) {
+        Ok(decision) => decision,
+        Err(e) => {
+            report.unreadable.push(format!("{at}: {e}"));
+            return;
+        }
+    };
+    let tally = match case.recorded {
+        Recorded::Server { .. } => &mut report.server,
+        Recorded::FailOpen { .. } => &mut report.fail_open,
+        Recorded::FailClosed { .. } => &mut report.fail_closed,
+    };
+    tally.replayed += 1;
+    if case.recorded.let_through() == decision.allowed {
+        return;
+    }
+    tally.differ += 1;
+    let replayed = if decision.allowed {
+        Verdict::Allow
+    } else {
+        Verdict::Deny
+    };
+    let verdict = match (&case.recorded, replayed) {
+        (Recorded::Server { .. }, _) => format!(
+            "recorded {}, now {}",
+            case.recorded.label(),
+            replayed.as_str()
+        ),
+        (_, Verdict::Deny) => "would have been denied".to_owned(),
+        (_, Verdict::Allow) => "would have been allowed".to_owned(),
+    };
+    report.differences.push(Difference {
+        file: path.to_owned(),
+        line,
+        request_id: req.request_id,
+        route: req.route,
+        principal: req.principal,
+        action: req.action,
+        method: req.method,
+        path: req.path,
+        recorded: case.recorded,
+        replayed,
+        policy_ids: decision.policy_ids,
+        verdict,
+    });
+}
+
+struct Case {
+    recorded: Recorded,
+    check: CheckRequest,
+}
+
+/// The Envoy-side record of an undecided request (`arbiter_record`, format v1).
+#[derive(Debug, Deserialize)]
+struct EnvoyRecord {
+    v: u32,
+    outcome: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default, rename = "override")]
+    override_: bool,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+    method: String,
+    path: String,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    scheme: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    principal: Option<String>,
+    #[serde(default)]
+    context: BTreeMap<String, Value>,
+    /// Envoy's `jwt_authn` metadata (verified claims), as the filter forwarded it.
+    #[serde(default)]
+    metadata: Option<Value>,
+}
+
+/// `Ok(None)`: a line that is no record to replay (an access-log line of a decided request).
+fn parse(bytes: &[u8]) -> Result<Option<Case>, String> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let Value::Object(object) = &value else {
+        return Err("not a JSON object".into());
+    };
+    if let Some(inner) = object.get(ENVOY_RECORD_KEY) {
+        let inner = match inner {
+            Value::String(s) if s.is_empty() || s == "-" => return Ok(None),
+            Value::Null => return Ok(None),
+            Value::String(s) => serde_json::from_str(s)
+                .map_err(|e| format!("`{ENVOY_RECORD_KEY}` is not JSON: {e}"))?,
+            other => other.clone(),
+        };
+        return envoy_case(inner).map(Some);
+    }
+    if object.contains_key("outcome") {
+        return envoy_case(value).map(Some);
+    }
+    if object.contains_key("seq") && object.contains_key("decision") {
+        let record: AuditRecord =
+            serde_json::from_value(value).map_err(|e| format!("not an audit record: {e}"))?;
+        return Ok(Some(server_case(record)));
+    }
+    Err(format!(
+        "neither an audit record nor an access-log line with `{ENVOY_RECORD_KEY}`"
+    ))
+}
+
+fn server_case(record: AuditRecord) -> Case {
+    let event = record.event;
+    let mut extensions: HashMap<String, String> = event.route_context.into_iter().collect();
+    extensions.insert(ROUTE_KEY.into(), event.route);
+    // The recorded action is what policy saw, whether derived or set by the route.
+    extensions.insert(ACTION_KEY.into(), event.action);
+    Case {
+        recorded: Recorded::Server {
+            decision: event.decision,
+            audit_id: event.id,
+            policy_version: event.policy_version,
+        },
+        check: check_request(CheckParts {
+            principal: &event.principal,
+            source: event.source.as_deref(),
+            request_id: event.request_id,
+            method: event.method,
+            path: event.path,
+            host: event.host,
+            scheme: event.scheme,
+            extensions,
+        }),
+    }
+}
+
+fn envoy_case(value: Value) -> Result<Case, String> {
+    let record: EnvoyRecord =
+        serde_json::from_value(value).map_err(|e| format!("not an `{ENVOY_RECORD_KEY}`: {e}"))?;
+    if record.v != 1 {
+        return Err(format!(
+            "unknown `{ENVOY_RECORD_KEY}` version `{}`",
+            record.v
+        ));
+    }
+    let reason = record.reason.unwrap_or_default();
+    let recorded = match record.outcome.as_str() {
+        "fail_open" => Recorded::FailOpen {
+            reason,
+            r#override: record.override_,
+        },
+        "fail_closed" => Recorded::FailClosed { reason },
+        other => return Err(format!("unknown outcome `{other}`")),
+    };
+    let mut extensions: HashMap<String, String> = record
+        .context
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect();
+    if let Some(route) = record.route {
+        extensions.insert(ROUTE_KEY.into(), route);
+    }
+    Ok(Case {
+        recorded,
+        check: check_request(CheckParts {
+            principal: record.principal.as_deref().unwrap_or_default(),
+            source: record.source.as_deref(),
+            request_id: record.request_id.unwrap_or_default(),
+            method: record.method,
+            path: record.path,
+            host: record.host.unwrap_or_default(),
+            scheme: record.scheme.unwrap_or_default(),
+            extensions,
+        })
+        .with_jwt_metadata(record.metadata),
+    })
+}
+
+/// Namespace under which Envoy's `jwt_authn` filter puts verified claims.
+pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
+
+trait WithJwtMetadata {
+    fn with_jwt_metadata(self, metadata: Option<Value>) -> Self;
+}
+
+impl WithJwtMetadata for CheckRequest {
+    /// Puts the recorded `jwt_authn` metadata back where the filter sent it, so identity
+    /// from verified claims is derived on replay as it was live.
+    fn with_jwt_metadata(mut self, metadata: Option<Value>) -> Self {
+        let Some(Kind::StructValue(fields)) = metadata.map(|m| to_proto(&m).kind).flatten() else {
+            return self;
+        };
+        if let Some(attributes) = self.attributes.as_mut() {
+            attributes
+                .metadata_context
+                .get_or_insert_with(Default::default)
+                .filter_metadata
+                .insert(JWT_AUTHN_NAMESPACE.to_owned(), fields);
+        }
+        self
+    }
+}
+
+fn to_proto(value: &Value) -> ProtoValue {
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.iter().map(to_proto).collect(),
+        }),
+        Value::Object(fields) => Kind::StructValue(Struct {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.clone(), to_proto(v)))
+                .collect(),
+        }),
+    };
+    ProtoValue { kind: Some(kind) }
+}
+
+struct CheckParts<'a> {
+    principal: &'a str,
+    source: Option<&'a str>,
+    request_id: String,
+    method: String,
+    path: String,
+    host: String,
+    scheme: String,
+    extensions: HashMap<String, String>,
+}
+
+/// The `CheckRequest` the filter sent (minus headers and body, which are not recorded), so
+/// replay goes through the server's own boundary mapping.
+fn check_request(parts: CheckParts<'_>) -> CheckRequest {
+    let address = parts
+        .source
+        .and_then(|s| s.parse::<SocketAddr>().ok())
+        .map(|addr| Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: addr.ip().to_string(),
+                port_specifier: Some(PortSpecifier::PortValue(u32::from(addr.port()))),
+                ..Default::default()
+            })),
+        });
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer {
+                address,
+                principal: parts.principal.to_owned(),
+                ..Default::default()
+            }),
+            request: Some(Request {
+                time: None,
+                http: Some(HttpRequest {
+                    id: parts.request_id,
+                    method: parts.method,
+                    path: parts.path,
+                    host: parts.host,
+                    scheme: parts.scheme,
+                    ..Default::default()
+                }),
+            }),
+            context_extensions: parts.extensions,
+            ..Default::default()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_access_log_lines_and_bare_envoy_records() {
+        let inner = r#"{"v":1,"ts":"2026-11-22T02:00:00Z","outcome":"fail_open","reason":"timeout","override":false,"route":"embeddings","request_id":"r1","method":"POST","path":"/v1/embeddings?x=1","host":"gw","scheme":"http","source":"127.0.0.1:4000","principal":null,"context":{"classification":"regulated"},"policy_version":null,"api_key_sha256":null}"#;
+        let line = serde_json::json!({"route_name": "embeddings", ENVOY_RECORD_KEY: inner});
+        let case = parse(line.to_string().as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            case.recorded,
+            Recorded::FailOpen {
+                reason: "timeout".into(),
+                r#override: false
+            }
+        );
+        let req = AuthzRequest::try_from(case.check).unwrap();
+        assert_eq!(req.route, "embeddings");
+        assert_eq!(req.action, "embeddings");
+        assert_eq!(req.principal, "anonymous");
+        assert_eq!(req.path, "/v1/embeddings");
+        assert_eq!(req.source, "127.0.0.1:4000");
+        assert_eq!(req.route_context["classification"], "regulated");
+
+        assert!(parse(inner.as_bytes()).unwrap().is_some());
+        let decided = serde_json::json!({"route_name": "chat", ENVOY_RECORD_KEY: "-"});
+        assert!(parse(decided.to_string().as_bytes()).unwrap().is_none());
+        assert!(parse(b"{\"hello\":1}").is_err());
+        assert!(parse(b"nope").is_err());
+        let bad_outcome = inner.replace("fail_open", "allow");
+        assert!(parse(bad_outcome.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn jwt_metadata_goes_back_where_the_filter_sent_it() {
+        let inner = r#"{"v":1,"outcome":"fail_closed","reason":"timeout","route":"chat","method":"POST","path":"/v1/chat/completions","context":{"tier":2},"metadata":{"jwt_payload":{"sub":"alice","groups":["a"]}}}"#;
+        let case = parse(inner.as_bytes()).unwrap().unwrap();
+        let attributes = case.check.attributes.as_ref().unwrap();
+        let jwt = &attributes
+            .metadata_context
+            .as_ref()
+            .unwrap()
+            .filter_metadata[JWT_AUTHN_NAMESPACE];
+        let Some(Kind::StructValue(payload)) = &jwt.fields["jwt_payload"].kind else {
+            panic!("{jwt:?}");
+        };
+        assert_eq!(
+            payload.fields["sub"].kind,
+            Some(Kind::StringValue("alice".into()))
+        );
+        assert_eq!(attributes.context_extensions["tier"], "2");
+    }
+}

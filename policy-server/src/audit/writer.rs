@@ -1,0 +1,601 @@
+//! The single writer: group commit, hash chain, size-based rotation, crash recovery.
+//!
+//! One OS thread owns the file. Each `Check` hands it an event and waits; the thread takes
+//! everything queued, chains it, writes it with one `write` (and one `fdatasync` in `fsync`
+//! mode) and only then releases the callers. A failed write releases them with an error and
+//! rolls the file back to the last complete record; while the log is not writable the
+//! thread probes it and reports when writing works again.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+
+use super::metrics::AuditMetrics;
+use super::record::{self, AuditEvent, RecordError, GENESIS_HASH};
+use super::{AuditConfig, AuditSync};
+
+/// At most this many records per write.
+const MAX_BATCH: usize = 4096;
+/// How often an unwritable log is probed.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Bytes written (then truncated away) by a probe: about one record, so a probe does not
+/// pass on a disk with room for a few bytes only.
+const PROBE_BYTES: usize = 2048;
+/// Digits of the first seq in a rotated file's name, so names sort in chain order.
+const SEQ_DIGITS: usize = 20;
+
+/// Why the audit log cannot be opened or a record was not written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    /// The log (or its directory) cannot be opened or read at start.
+    #[error("cannot open audit log `{path}`: {reason}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The last complete record of an existing log is not valid, so the chain cannot be
+    /// continued from it.
+    #[error("audit log `{path}` line {line} is not a valid record ({source}); the chain cannot be continued: keep the file for review and move it aside")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        source: RecordError,
+    },
+    /// The record was not written.
+    #[error("cannot write audit log `{path}`: {reason}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The event cannot be serialized.
+    #[error("cannot encode audit record: {0}")]
+    Encode(String),
+    /// The writer thread is gone.
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+/// Where a written record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Its sequence number.
+    pub seq: u64,
+}
+
+struct Job {
+    event: AuditEvent,
+    done: oneshot::Sender<Result<Written, AuditError>>,
+}
+
+/// Handle to the audit writer; clones share the one writer thread, which ends when the last
+/// handle is dropped.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Job>,
+    writable: watch::Receiver<bool>,
+    written: watch::Receiver<u64>,
+    metrics: AuditMetrics,
+    path: PathBuf,
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log at `config.path`, continues the chain of what is already
+    /// there (rotated files included) and starts the writer thread.
+    pub fn open(config: &AuditConfig, metrics: AuditMetrics) -> Result<Self, AuditError> {
+        let chain = recover(&config.path, &metrics)?;
+        let last_seq = chain.next_seq - 1;
+        let (writable_tx, writable) = watch::channel(true);
+        let (written_tx, written) = watch::channel(last_seq);
+        metrics.writable.set(1);
+        let mut writer = Writer {
+            path: config.path.clone(),
+            sync: config.sync,
+            max_bytes: config.max_bytes,
+            file: None,
+            len: chain.active_len,
+            dirty: false,
+            first_seq: chain.active_first_seq,
+            next_seq: chain.next_seq,
+            last_hash: chain.last_hash,
+            writable: true,
+            writable_tx,
+            written_tx,
+            metrics: metrics.clone(),
+            buf: Vec::with_capacity(64 * 1024),
+        };
+        // Fail at start, not on the first request, when the file cannot be opened at all
+        // (missing directory, permissions).
+        writer.open().map_err(|e| AuditError::Open {
+            path: config.path.clone(),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(
+            path = %config.path.display(),
+            sync = ?config.sync,
+            next_seq = writer.next_seq,
+            "audit log open"
+        );
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("arbiter-audit".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(|e| AuditError::Open {
+                path: config.path.clone(),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(Self {
+            tx,
+            writable,
+            written,
+            metrics,
+            path: config.path.clone(),
+        })
+    }
+
+    /// Writes `event` as the next record; returns once it is written (and fsynced in
+    /// `fsync` mode). If the caller stops waiting the record is still written.
+    pub async fn append(&self, event: AuditEvent) -> Result<Written, AuditError> {
+        let (done, result) = oneshot::channel();
+        self.metrics.queue_depth.inc();
+        if self.tx.send(Job { event, done }).is_err() {
+            self.metrics.queue_depth.dec();
+            return Err(AuditError::Stopped);
+        }
+        result.await.unwrap_or(Err(AuditError::Stopped))
+    }
+
+    /// `true` while records can be written; changes when a write fails or a probe succeeds.
+    pub fn writable(&self) -> watch::Receiver<bool> {
+        self.writable.clone()
+    }
+
+    /// The seq of the last record written.
+    pub fn written(&self) -> watch::Receiver<u64> {
+        self.written.clone()
+    }
+
+    /// The metrics this log updates.
+    pub fn metrics(&self) -> &AuditMetrics {
+        &self.metrics
+    }
+
+    /// The active file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    sync: AuditSync,
+    max_bytes: u64,
+    file: Option<File>,
+    /// Length of the complete records in the active file.
+    len: u64,
+    /// Bytes past `len` may exist (a write failed half-way).
+    dirty: bool,
+    first_seq: Option<u64>,
+    next_seq: u64,
+    last_hash: String,
+    writable: bool,
+    writable_tx: watch::Sender<bool>,
+    written_tx: watch::Sender<u64>,
+    metrics: AuditMetrics,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self, rx: &mpsc::Receiver<Job>) {
+        let mut batch = Vec::new();
+        loop {
+            let first = if self.writable {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                rx.recv_timeout(PROBE_INTERVAL)
+            };
+            match first {
+                Ok(job) => {
+                    batch.push(job);
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    self.metrics
+                        .queue_depth
+                        .dec_by(i64::try_from(batch.len()).unwrap_or(i64::MAX));
+                    self.commit(&mut batch);
+                }
+                Err(RecvTimeoutError::Timeout) => self.probe(),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        if let Some(file) = &self.file {
+            if let Err(e) = file.sync_all() {
+                tracing::warn!(path = %self.path.display(), "audit log sync at shutdown failed: {e}");
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Job>) {
+        let started = Instant::now();
+        if let Err(e) = self.prepare() {
+            let error = self.write_error(&e);
+            for job in batch.drain(..) {
+                let _ = job.done.send(Err(error.clone()));
+            }
+            return;
+        }
+        self.buf.clear();
+        let mut seq = self.next_seq;
+        let mut prev = self.last_hash.clone();
+        let mut accepted = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            let mark = self.buf.len();
+            match record::encode(&job.event, seq, &prev, &mut self.buf) {
+                Ok(hash) => {
+                    accepted.push((job.done, seq));
+                    prev = hash;
+                    seq += 1;
+                }
+                Err(e) => {
+                    self.buf.truncate(mark);
+                    let _ = job.done.send(Err(AuditError::Encode(e.to_string())));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        match self.write_buf() {
+            Ok(()) => {
+                self.len += self.buf.len() as u64;
+                self.first_seq.get_or_insert(self.next_seq);
+                self.next_seq = seq;
+                self.last_hash = prev;
+                let count = accepted.len() as u64;
+                self.metrics.records_written.inc_by(count);
+                self.metrics.batch_records.observe(count as f64);
+                self.metrics
+                    .write_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.set_writable(true, None);
+                self.written_tx.send_replace(seq - 1);
+                for (done, seq) in accepted {
+                    let _ = done.send(Ok(Written { seq }));
+                }
+            }
+            Err(e) => {
+                self.dirty = true;
+                let error = self.write_error(&e);
+                for (done, _) in accepted {
+                    let _ = done.send(Err(error.clone()));
+                }
+                // Take the half-written bytes back now if we can; `prepare` retries.
+                self.truncate_dirty();
+            }
+        }
+    }
+
+    fn write_error(&mut self, e: &io::Error) -> AuditError {
+        self.metrics.write_errors.inc();
+        self.set_writable(false, Some(e));
+        AuditError::Write {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn write_buf(&mut self) -> io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no file"))?;
+        file.write_all(&self.buf)?;
+        if self.sync == AuditSync::Fsync {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the active file ready to append: open, free of half-written bytes, rotated if
+    /// it is full.
+    fn prepare(&mut self) -> io::Result<()> {
+        if self.file.is_none() {
+            self.open()?;
+        }
+        if self.dirty {
+            self.truncate_dirty();
+            if self.dirty {
+                return Err(io::Error::other(
+                    "cannot remove a half-written record from the end of the file",
+                ));
+            }
+        }
+        if self.len >= self.max_bytes && self.first_seq.is_some() {
+            if let Err(e) = self.rotate() {
+                // Better one oversized file than refused decisions.
+                tracing::error!(path = %self.path.display(), "cannot rotate the audit log, appending to it: {e}");
+            }
+            if self.file.is_none() {
+                self.open()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn truncate_dirty(&mut self) {
+        if let Some(file) = &self.file {
+            // Only bytes of a write that failed, never acknowledged, are removed.
+            if file.set_len(self.len).is_ok() {
+                self.dirty = false;
+            }
+        }
+    }
+
+    fn open(&mut self) -> io::Result<()> {
+        let existed = self.path.exists();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        if !existed && self.sync == AuditSync::Fsync {
+            sync_dir(&self.path)?;
+        }
+        self.file = Some(file);
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let Some(first) = self.first_seq else {
+            return Ok(());
+        };
+        let target = rotated_name(&self.path, first);
+        if target.exists() {
+            return Err(io::Error::other(format!(
+                "`{}` already exists",
+                target.display()
+            )));
+        }
+        if let Some(file) = &self.file {
+            file.sync_all()?;
+        }
+        std::fs::rename(&self.path, &target)?;
+        self.file = None;
+        self.len = 0;
+        self.first_seq = None;
+        self.metrics.rotations.inc();
+        tracing::info!(
+            path = %self.path.display(),
+            rotated = %target.display(),
+            next_seq = self.next_seq,
+            "audit log rotated"
+        );
+        self.open()?;
+        sync_dir(&self.path)
+    }
+
+    /// While the log is not writable: write about a record's worth of bytes past the end
+    /// and take them back. A crash in between leaves a torn tail, handled at start.
+    fn probe(&mut self) {
+        let result = self.prepare().and_then(|()| {
+            let file = self
+                .file
+                .as_mut()
+                .ok_or_else(|| io::Error::other("no file"))?;
+            self.dirty = true;
+            file.write_all(&[b' '; PROBE_BYTES])?;
+            if self.sync == AuditSync::Fsync {
+                file.sync_data()?;
+            }
+            file.set_len(self.len)?;
+            self.dirty = false;
+            Ok(())
+        });
+        match result {
+            Ok(()) => self.set_writable(true, None),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), "audit log still not writable: {e}");
+                self.truncate_dirty();
+            }
+        }
+    }
+
+    fn set_writable(&mut self, writable: bool, error: Option<&io::Error>) {
+        if writable == self.writable {
+            return;
+        }
+        self.writable = writable;
+        self.metrics.writable.set(i64::from(writable));
+        self.writable_tx.send_replace(writable);
+        match error {
+            Some(e) if !writable => tracing::error!(
+                path = %self.path.display(),
+                "audit log not writable, refusing decisions (UNAVAILABLE) until it is: {e}"
+            ),
+            _ => tracing::info!(path = %self.path.display(), "audit log writable again"),
+        }
+    }
+}
+
+/// Makes a rename or a new file in `path`'s directory durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// `<path>.<first seq, 20 digits>`: the name a full file is rotated to.
+pub fn rotated_name(path: &Path, first_seq: u64) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{first_seq:0SEQ_DIGITS$}"));
+    path.with_file_name(name)
+}
+
+/// The rotated files of `path`, oldest first, with their first seq.
+pub fn rotated_files(path: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let Some(base) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(suffix) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(base))
+            .and_then(|n| n.strip_prefix('.'))
+        else {
+            continue;
+        };
+        if suffix.len() == SEQ_DIGITS && suffix.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(seq) = suffix.parse() {
+                files.push((seq, entry.path()));
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// What is in one log file.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    /// Seq of the first complete record.
+    pub first_seq: Option<u64>,
+    /// Seq and hash of the last complete record.
+    pub last: Option<(u64, String)>,
+    /// Bytes of complete lines.
+    pub complete_len: u64,
+    /// Bytes after the last newline (a torn record).
+    pub torn_bytes: u64,
+}
+
+/// Reads `path` and checks its first and last complete records.
+pub(crate) fn scan(path: &Path) -> Result<Scan, AuditError> {
+    let open_error = |e: io::Error| AuditError::Open {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(open_error)?;
+    let complete_len = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let complete = &bytes[..complete_len];
+    let mut scan = Scan {
+        complete_len: complete_len as u64,
+        torn_bytes: (bytes.len() - complete_len) as u64,
+        ..Scan::default()
+    };
+    if complete.is_empty() {
+        return Ok(scan);
+    }
+    let lines: Vec<&[u8]> = complete[..complete.len() - 1]
+        .split(|b| *b == b'\n')
+        .collect();
+    let check = |index: usize| {
+        let line = lines.get(index).copied().unwrap_or_default();
+        record::check_line(line)
+            .map(|link| (link.seq, link.hash.to_owned()))
+            .map_err(|source| AuditError::Corrupt {
+                path: path.to_owned(),
+                line: index + 1,
+                source,
+            })
+    };
+    scan.first_seq = Some(check(0)?.0);
+    scan.last = Some(check(lines.len() - 1)?);
+    Ok(scan)
+}
+
+/// Where the chain continues.
+struct Chain {
+    next_seq: u64,
+    last_hash: String,
+    active_len: u64,
+    active_first_seq: Option<u64>,
+}
+
+fn recover(path: &Path, metrics: &AuditMetrics) -> Result<Chain, AuditError> {
+    let open_error = |e: io::Error| AuditError::Open {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut chain = Chain {
+        next_seq: 1,
+        last_hash: GENESIS_HASH.to_owned(),
+        active_len: 0,
+        active_first_seq: None,
+    };
+    let rotated = rotated_files(path).map_err(open_error)?;
+    if let Some((_, newest)) = rotated.last() {
+        if let Some((seq, hash)) = scan(newest)?.last {
+            chain.next_seq = seq + 1;
+            chain.last_hash = hash;
+        }
+    }
+    if !path.exists() {
+        return Ok(chain);
+    }
+    let active = scan(path)?;
+    if let Some((seq, hash)) = &active.last {
+        chain.next_seq = seq + 1;
+        chain.last_hash.clone_from(hash);
+    }
+    if active.torn_bytes == 0 {
+        chain.active_len = active.complete_len;
+        chain.active_first_seq = active.first_seq;
+        return Ok(chain);
+    }
+
+    // A torn last line: the process died inside a write, so that record was never
+    // acknowledged. Keep the file as it is (evidence, never "repaired") and continue the
+    // chain from the last complete record in a new file.
+    metrics.torn_tails.inc();
+    let aside = match active.first_seq {
+        Some(first) => rotated_name(path, first),
+        None => {
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(".{:0SEQ_DIGITS$}.torn", chain.next_seq));
+            path.with_file_name(name)
+        }
+    };
+    if aside.exists() {
+        return Err(AuditError::Open {
+            path: path.to_owned(),
+            reason: format!(
+                "it ends with a torn record and `{}` already exists",
+                aside.display()
+            ),
+        });
+    }
+    std::fs::rename(path, &aside).map_err(open_error)?;
+    sync_dir(path).map_err(open_error)?;
+    tracing::warn!(
+        path = %path.display(),
+        kept_as = %aside.display(),
+        torn_bytes = active.torn_bytes,
+        next_seq = chain.next_seq,
+        "audit log ends with a torn record (a crash while writing; it was never acknowledged): file kept as is, chain continues in a new file"
+    );
+    Ok(chain)
+}

@@ -1,0 +1,271 @@
+//! `arbiter`: the operator command line (`validate`, `check`, `schema`, `audit verify`,
+//! `audit replay`, `probe`). Flags are parsed here; the work is in
+//! `arbiter_policy_server::cli` and `arbiter_policy_server::probe`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use arbiter_policy_server::cli::audit::{self, AuditCommand};
+use arbiter_policy_server::cli::policy::{self, key_value, RequestSpec};
+use arbiter_policy_server::probe::{probe, ProbeOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "arbiter",
+    version,
+    about = "Arbiter policy tools: validate and try policy bundles"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a bundle as the server would load it; exit 1 with `file:line:column: problem`
+    /// lines if it is invalid.
+    Validate {
+        /// Bundle directory.
+        dir: PathBuf,
+    },
+    /// Decide one request with a bundle and print the decision, the determining policies
+    /// and why. Exit 0 once decided (1 if `--expect` does not match, 2 on errors).
+    Check(Box<CheckArgs>),
+    /// Print the built-in Arbiter Cedar schema that bundles are validated against.
+    Schema,
+    /// Audit log tools: verify the hash chain, replay records against a bundle.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Incident runbook check: what a route does right now (fail mode, override, breaker)
+    /// and what a synthetic request gets, through Envoy and/or straight from the server.
+    /// Exit 0 when the probe ran (whatever it found), 2 when it could not.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// Envoy route name.
+    #[arg(long)]
+    route: String,
+    /// Envoy admin base URL (reads the route's settings and breaker state).
+    #[arg(long, default_value = "http://127.0.0.1:9901")]
+    envoy_admin: String,
+    /// Envoy listener base URL for a synthetic request (omit to skip).
+    #[arg(long)]
+    envoy_url: Option<String>,
+    /// Policy server gRPC address for a direct Check (omit to skip).
+    #[arg(long)]
+    server: Option<String>,
+    /// HTTP method of the synthetic request.
+    #[arg(long, default_value = "POST")]
+    method: String,
+    /// Path of the synthetic request.
+    #[arg(long, default_value = "/v1/chat/completions")]
+    path: String,
+    /// Request header `name=value` (repeatable).
+    #[arg(long = "header", value_parser = key_value)]
+    headers: Vec<(String, String)>,
+    /// Bound on each network call, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// Bundle directory.
+    dir: PathBuf,
+    /// The request as a JSON file (the fields of the flags below; see the README).
+    #[arg(long, conflicts_with_all = ["principal", "api_key", "jwt_claims", "path"])]
+    request: Option<PathBuf>,
+    /// mTLS peer principal (SPIFFE ID).
+    #[arg(long)]
+    principal: Option<String>,
+    /// API key, sent as `x-api-key`.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Verified JWT claims, as a JSON object.
+    #[arg(long)]
+    jwt_claims: Option<String>,
+    /// HTTP method (default POST with a body, else GET).
+    #[arg(long)]
+    method: Option<String>,
+    /// Request path.
+    #[arg(long, required_unless_present = "request")]
+    path: Option<String>,
+    /// Envoy route name.
+    #[arg(long)]
+    route: Option<String>,
+    /// Route context entry `key=value` (repeatable; `action=...` sets the action).
+    #[arg(long = "context", value_parser = key_value)]
+    context: Vec<(String, String)>,
+    /// Request header `name=value` (repeatable), e.g. `x-tenant-id=acme`.
+    #[arg(long = "header", value_parser = key_value)]
+    headers: Vec<(String, String)>,
+    /// Request body file.
+    #[arg(long)]
+    body: Option<PathBuf>,
+    /// The body was cut at the route's max_body_bytes.
+    #[arg(long)]
+    body_truncated: bool,
+    /// Request time (RFC 3339), default now.
+    #[arg(long)]
+    time: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit 1 unless the decision is this.
+    #[arg(long, value_enum)]
+    expect: Option<Expect>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Expect {
+    Allow,
+    Deny,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Validate { dir } => match policy::validate(&dir) {
+            Ok(ok) => {
+                println!(
+                    "ok: `{}` is valid: {} policies, {} entities, version {}",
+                    dir.display(),
+                    ok.policies,
+                    ok.entities,
+                    ok.version
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                for problem in error.problems() {
+                    eprintln!("{problem}");
+                }
+                eprintln!("error: `{}` is not a valid bundle", dir.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check(args) => check(*args),
+        Command::Schema => {
+            print!("{}", arbiter_policy_server::schema::BASE_SCHEMA);
+            ExitCode::SUCCESS
+        }
+        Command::Audit(command) => {
+            ExitCode::from(audit::run(command, &mut std::io::stdout().lock()))
+        }
+        Command::Probe(args) => run_probe(&args),
+    }
+}
+
+fn run_probe(args: &ProbeArgs) -> ExitCode {
+    let options = ProbeOptions {
+        envoy_admin: Some(args.envoy_admin.clone()),
+        envoy_url: args.envoy_url.clone(),
+        server: args.server.clone(),
+        route: args.route.clone(),
+        method: args.method.clone(),
+        path: args.path.clone(),
+        headers: args.headers.clone(),
+        timeout: std::time::Duration::from_millis(args.timeout_ms),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(probe(&options)) {
+        Ok(report) if args.json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let spec = match spec(&args) {
+        Ok(spec) => spec,
+        Err(e) => return fail(&e),
+    };
+    let report = match policy::check(&args.dir, &spec) {
+        Ok(report) => report,
+        Err(policy::CliError::Bundle(error)) => {
+            for problem in error.problems() {
+                eprintln!("{problem}");
+            }
+            return ExitCode::from(2);
+        }
+        Err(e) => return fail(&e),
+    };
+    if args.json {
+        println!("{:#}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    match args.expect {
+        Some(Expect::Allow) if !report.decision.allowed => ExitCode::FAILURE,
+        Some(Expect::Deny) if report.decision.allowed => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn spec(args: &CheckArgs) -> Result<RequestSpec, policy::CliError> {
+    if let Some(path) = &args.request {
+        return policy::read_spec(path);
+    }
+    let jwt_claims = match &args.jwt_claims {
+        Some(text) => match serde_json::from_str(text) {
+            Ok(serde_json::Value::Object(claims)) => Some(claims),
+            _ => {
+                return Err(policy::CliError::Request(
+                    "`--jwt-claims` must be a JSON object".to_owned(),
+                ))
+            }
+        },
+        None => None,
+    };
+    Ok(RequestSpec {
+        principal: args.principal.clone(),
+        jwt_claims,
+        api_key: args.api_key.clone(),
+        method: args.method.clone(),
+        path: args.path.clone().unwrap_or_default(),
+        route: args.route.clone(),
+        context: args.context.iter().cloned().collect(),
+        headers: args.headers.iter().cloned().collect(),
+        body_truncated: args.body_truncated,
+        time: args.time.clone(),
+        raw_body: match &args.body {
+            Some(path) => Some(policy::read_body(path)?),
+            None => None,
+        },
+        ..RequestSpec::default()
+    })
+}
+
+fn fail(error: &policy::CliError) -> ExitCode {
+    eprintln!(
+        "error: {}",
+        arbiter_policy_server::schema::error_chain(error)
+    );
+    ExitCode::from(2)
+}

@@ -1,0 +1,221 @@
+//! `arbiter audit verify` and `arbiter audit replay`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::audit::replay::{self, Recorded, ReplayReport};
+use crate::audit::verify::{self, VerifyReport};
+use crate::engine::PolicyEngine;
+
+use super::{EXIT_ERROR, EXIT_FOUND, EXIT_OK};
+
+/// `arbiter audit …`
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain and gapless seq of audit files (rotated files in any order).
+    ///
+    /// Exit code 0: intact; 1: broken (the first broken record is named as FILE:LINE);
+    /// 2: a file cannot be read.
+    Verify(VerifyArgs),
+    /// Re-decide recorded requests with a policy bundle: server-side audit records and
+    /// Envoy access-log lines with an `arbiter_record` (requests nobody decided).
+    ///
+    /// Prints a summary and every request decided differently now (a fail-open request
+    /// policy denies: "would have been denied"). Exit code 0: no difference; 1: some;
+    /// 2: cannot run (unreadable file, invalid bundle).
+    Replay(ReplayArgs),
+}
+
+/// Flags of `arbiter audit verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Audit files (the active file and its rotated files).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+/// Flags of `arbiter audit replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Policy bundle directory to decide with.
+    #[arg(long, value_name = "DIR")]
+    pub policies: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Audit files and/or Envoy JSON access logs.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+/// Runs `command`, printing to `out` (errors to stderr); returns the exit code.
+pub fn run(command: AuditCommand, out: &mut impl Write) -> u8 {
+    let result = match command {
+        AuditCommand::Verify(args) => run_verify(&args, out),
+        AuditCommand::Replay(args) => run_replay(&args, out),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            EXIT_ERROR
+        }
+    }
+}
+
+fn run_verify(args: &VerifyArgs, out: &mut impl Write) -> Result<u8, String> {
+    let report = verify::verify(&args.files).map_err(|e| error_chain(&e))?;
+    let printed = if args.json {
+        serde_json::to_string_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|json| writeln!(out, "{json}").map_err(|e| e.to_string()))
+    } else {
+        print_verify(&report, out).map_err(|e| e.to_string())
+    };
+    printed?;
+    Ok(if report.ok() { EXIT_OK } else { EXIT_FOUND })
+}
+
+fn print_verify(report: &VerifyReport, out: &mut impl Write) -> std::io::Result<()> {
+    for warning in &report.warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
+    let range = match (report.first_seq, report.last_seq) {
+        (Some(first), Some(last)) => format!(", seq {first}..={last}"),
+        _ => String::new(),
+    };
+    match &report.broken {
+        None => {
+            writeln!(
+                out,
+                "ok: {} records in {} file(s){range}",
+                report.records,
+                report.files.len()
+            )?;
+            if let Some(hash) = &report.last_hash {
+                writeln!(out, "last hash: {hash}")?;
+            }
+        }
+        Some(broken) => {
+            writeln!(out, "broken: {broken}")?;
+            writeln!(out, "{} records verified before it{range}", report.records)?;
+        }
+    }
+    Ok(())
+}
+
+fn run_replay(args: &ReplayArgs, out: &mut impl Write) -> Result<u8, String> {
+    let engine = PolicyEngine::load(&args.policies).map_err(|e| {
+        format!(
+            "cannot load policy bundle `{}`: {}",
+            args.policies.display(),
+            error_chain(&e)
+        )
+    })?;
+    let report = replay::replay(&engine, &args.files).map_err(|e| error_chain(&e))?;
+    let printed = if args.json {
+        serde_json::to_string_pretty(&report)
+            .map_err(|e| e.to_string())
+            .and_then(|json| writeln!(out, "{json}").map_err(|e| e.to_string()))
+    } else {
+        print_replay(&report, args, out).map_err(|e| e.to_string())
+    };
+    printed?;
+    Ok(if report.differences.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_FOUND
+    })
+}
+
+fn print_replay(
+    report: &ReplayReport,
+    args: &ReplayArgs,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let total = report.server.replayed + report.fail_open.replayed + report.fail_closed.replayed;
+    writeln!(
+        out,
+        "replayed {total} records against {} ({})",
+        report.policy_version,
+        args.policies.display()
+    )?;
+    writeln!(
+        out,
+        "  server decisions: {:>6} replayed, {} decided differently now",
+        report.server.replayed, report.server.differ
+    )?;
+    writeln!(
+        out,
+        "  fail-open:        {:>6} replayed, {} would have been denied",
+        report.fail_open.replayed, report.fail_open.differ
+    )?;
+    writeln!(
+        out,
+        "  fail-closed:      {:>6} replayed, {} would have been allowed",
+        report.fail_closed.replayed, report.fail_closed.differ
+    )?;
+    if report.skipped > 0 {
+        writeln!(
+            out,
+            "  skipped:          {:>6} lines without a record to replay (access-log lines of decided requests)",
+            report.skipped
+        )?;
+    }
+    if !report.differences.is_empty() {
+        writeln!(out, "differences:")?;
+    }
+    for d in &report.differences {
+        let recorded = match &d.recorded {
+            Recorded::Server {
+                decision, audit_id, ..
+            } => format!("{} (audit id {audit_id})", decision.as_str()),
+            Recorded::FailOpen {
+                reason,
+                r#override: true,
+            } => format!("fail_open ({reason}, override)"),
+            Recorded::FailOpen { reason, .. } => format!("fail_open ({reason})"),
+            Recorded::FailClosed { reason } => format!("fail_closed ({reason})"),
+        };
+        let policies = if d.policy_ids.is_empty() {
+            "no permit applies".to_owned()
+        } else {
+            format!("policies {}", d.policy_ids.join(", "))
+        };
+        writeln!(
+            out,
+            "  {}:{}: {}: request {} on route {} by {}: {} {} ({}): recorded {recorded}; {policies}",
+            d.file.display(),
+            d.line,
+            d.verdict,
+            d.request_id,
+            d.route,
+            d.principal,
+            d.method,
+            d.path,
+            d.action,
+        )?;
+    }
+    if !report.unreadable.is_empty() {
+        writeln!(out, "unreadable lines ({}):", report.unreadable.len())?;
+        for line in &report.unreadable {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    Ok(())
+}
+
+/// `error: cause: cause` in one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

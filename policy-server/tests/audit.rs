@@ -1,0 +1,858 @@
+//! The audit trail: the real writer, the built server over real gRPC and the `arbiter` CLI.
+// Test code: helpers outside `#[test]` functions may unwrap and panic too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arbiter_policy_server::audit::record::{AuditEvent, Reason, Verdict};
+use arbiter_policy_server::audit::verify::verify;
+use arbiter_policy_server::audit::writer::rotated_files;
+use arbiter_policy_server::{AuditConfig, AuditLog, AuditMetrics, AuditSync};
+use envoy_types::pb::envoy::service::auth::v3::{
+    authorization_client::AuthorizationClient, CheckRequest,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    logs_service_server::{LogsService, LogsServiceServer},
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+use common::{audit_id, audit_lines, check_request, Server};
+
+const CLI: &str = env!("CARGO_BIN_EXE_arbiter");
+
+fn cli<P: AsRef<std::ffi::OsStr>>(
+    args: &[&str],
+    files: impl IntoIterator<Item = P>,
+) -> (i32, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = std::process::Command::new(CLI)
+        .args(args)
+        .args(files)
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr)
+    );
+    (status.code().unwrap(), out)
+}
+
+fn event(i: usize) -> AuditEvent {
+    AuditEvent {
+        ts: "2026-11-22T02:00:00.000000Z".into(),
+        id: format!("id-{i}"),
+        request_id: format!("r-{i}"),
+        decision: Verdict::Allow,
+        reason: Reason::Permit,
+        policy_version: "sha256:0123456789abcdef".into(),
+        policy_ids: vec!["routine-chat".into()],
+        shadow_decision: None,
+        principal: "anonymous".into(),
+        action: "chat.completions".into(),
+        route: "chat".into(),
+        route_context: BTreeMap::new(),
+        method: "POST".into(),
+        scheme: "http".into(),
+        host: "gw".into(),
+        path: "/v1/chat/completions".into(),
+        source: Some("127.0.0.1:5000".into()),
+        headers: BTreeMap::from([("user-agent".into(), "test".into())]),
+        model: None,
+        body_bytes: None,
+        body_truncated: None,
+        prompt_sha256: None,
+        trace_id: None,
+        latency_us: 10,
+    }
+}
+
+async fn write_events(config: &AuditConfig, range: std::ops::Range<usize>) -> AuditMetrics {
+    let metrics = AuditMetrics::default();
+    let log = AuditLog::open(config, metrics.clone()).unwrap();
+    for i in range {
+        log.append(event(i)).await.unwrap();
+    }
+    metrics
+}
+
+fn all_files(path: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = rotated_files(path)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    if path.exists() {
+        files.push(path.to_owned());
+    }
+    files
+}
+
+async fn health(server: &Server) -> i32 {
+    HealthClient::new(server.channel().await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Allowed, forbidden, default-denied and invalid requests, 64 at a time: every answered
+/// Check is in the log exactly once, in a gapless verified chain, and nothing else is.
+#[tokio::test]
+async fn every_answered_check_has_exactly_one_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--log", "warn,arbiter_policy_server=info"]).await;
+    let channel = server.channel().await;
+    let mut tasks = Vec::new();
+    for task in 0..64 {
+        let mut client = AuthorizationClient::new(channel.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut answered = Vec::new();
+            for i in 0..4 {
+                let (request, expected) = match (task + i) % 4 {
+                    0 => (
+                        check_request("", "POST", "/v1/chat/completions", &[("route", "chat")]),
+                        Some("allow"),
+                    ),
+                    1 => (
+                        check_request(
+                            "",
+                            "POST",
+                            "/regulated/v1/chat/completions",
+                            &[("route", "regulated_chat"), ("classification", "regulated")],
+                        ),
+                        Some("deny"),
+                    ),
+                    2 => (
+                        check_request("", "DELETE", "/v1/files/1", &[("route", "files")]),
+                        Some("deny"),
+                    ),
+                    _ => (CheckRequest::default(), None),
+                };
+                match (client.check(request).await, expected) {
+                    (Ok(response), Some(expected)) => {
+                        answered.push((audit_id(response.get_ref()), expected));
+                    }
+                    (Err(status), None) => {
+                        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+                    }
+                    (other, expected) => panic!("{other:?} for {expected:?}"),
+                }
+            }
+            answered
+        }));
+    }
+    let mut answered = HashMap::new();
+    for task in tasks {
+        for (id, decision) in task.await.unwrap() {
+            assert!(answered.insert(id, decision).is_none());
+        }
+    }
+    assert_eq!(answered.len(), 64 * 3);
+
+    let records = audit_lines(&server.audit);
+    assert_eq!(records.len(), answered.len());
+    for (index, record) in records.iter().enumerate() {
+        assert_eq!(record["seq"], index as u64 + 1);
+        let id = record["id"].as_str().unwrap();
+        assert_eq!(record["decision"], answered[id], "{record}");
+        assert!(record["latency_us"].is_u64());
+        assert!(record["policy_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"));
+    }
+    let ids: HashSet<&str> = records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), records.len());
+    let deny = records
+        .iter()
+        .find(|r| r["route"] == "regulated_chat")
+        .unwrap();
+    assert_eq!(deny["reason"], "forbid");
+    assert_eq!(deny["route_context"]["classification"], "regulated");
+    assert_eq!(
+        deny["policy_ids"],
+        serde_json::json!(["regulated-requires-identity"])
+    );
+
+    let (code, out) = cli(&["audit", "verify"], [&server.audit]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "ok: {} records in 1 file(s), seq 1..={}",
+            records.len(),
+            records.len()
+        )),
+        "{out}"
+    );
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(
+        path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+}
+
+/// Rewrites a line's hash so that it is self-consistent again (a careful forger).
+fn rehash(line: &str) -> String {
+    let content = &line[..line.rfind(",\"hash\":\"").unwrap()];
+    let hash = hex::encode(Sha256::digest(format!("{content}}}")));
+    format!("{content},\"hash\":\"{hash}\"}}")
+}
+
+#[tokio::test]
+async fn verify_names_the_tampered_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    write_events(&AuditConfig::new(&path), 0..8).await;
+    let original = lines_of(&path);
+    let target = dir.path().join("tampered.jsonl");
+    let run = |lines: Vec<String>| {
+        write_lines(&target, &lines);
+        cli(&["audit", "verify"], [&target])
+    };
+    let (code, out) = run(original.clone());
+    assert_eq!(code, 0, "{out}");
+
+    // Edit one record.
+    let mut lines = original.clone();
+    lines[3] = lines[3].replace("\"id\":\"id-3\"", "\"id\":\"id-X\"");
+    let (code, out) = run(lines.clone());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("tampered.jsonl:4: hash mismatch"), "{out}");
+
+    // Edit one record and fix its hash: the next record's link breaks.
+    lines[3] = rehash(&lines[3]);
+    let (code, out) = run(lines);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(
+            "tampered.jsonl:5 (seq 5): prev_hash does not match the hash of the record before"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("4 records verified before it"), "{out}");
+
+    // Delete one record.
+    let mut lines = original.clone();
+    lines.remove(3);
+    let (code, out) = run(lines);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("tampered.jsonl:4 (seq 5): expected seq 4, found 5"),
+        "{out}"
+    );
+
+    // Swap two records.
+    let mut lines = original.clone();
+    lines.swap(5, 6);
+    let (code, out) = run(lines);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("tampered.jsonl:6 (seq 7): expected seq 6, found 7"),
+        "{out}"
+    );
+
+    // Not JSON at all.
+    let mut lines = original.clone();
+    lines[0] = "garbage".into();
+    let (code, out) = run(lines);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("tampered.jsonl:1: line does not end with a `hash` member"),
+        "{out}"
+    );
+
+    // JSON report, and a missing file is an error (exit 2), not a verdict.
+    let (code, out) = cli(&["audit", "verify", "--json"], [&path]);
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["records"], 8);
+    assert_eq!(report["broken"], Value::Null);
+    let (code, out) = cli(&["audit", "verify"], [dir.path().join("missing")]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("error: cannot read"), "{out}");
+}
+
+#[tokio::test]
+async fn torn_tail_is_kept_reported_and_the_chain_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let config = AuditConfig::new(&path);
+    write_events(&config, 0..3).await;
+    // A crash inside a write: part of a line, no newline.
+    let torn = b"{\"v\":1,\"seq\":4,\"ts\":\"2026-11-22T02:";
+    let mut bytes = std::fs::read(&path).unwrap();
+    let complete = bytes.len();
+    bytes.extend_from_slice(torn);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let metrics = write_events(&config, 3..5).await;
+    assert_eq!(metrics.torn_tails.get(), 1);
+    // The torn file is kept as it was, never repaired; the chain goes on in a new file.
+    let files = rotated_files(&path).unwrap();
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].0, 1);
+    assert_eq!(std::fs::read(&files[0].1).unwrap(), bytes);
+    let new = audit_lines(&path);
+    assert_eq!(new[0]["seq"], 4);
+    let old = &std::fs::read_to_string(&files[0].1).unwrap()[..complete];
+    let last_old: Value = serde_json::from_str(old.lines().last().unwrap()).unwrap();
+    assert_eq!(new[0]["prev_hash"], last_old["hash"]);
+
+    let report = verify(&all_files(&path)).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 5);
+    assert!(
+        report.warnings.iter().any(|w| w.contains("torn last line")),
+        "{report:?}"
+    );
+    let (code, out) = cli(&["audit", "verify"], all_files(&path));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning: ") && out.contains(":4: torn last line"),
+        "{out}"
+    );
+
+    // A crash right after a rotation: the new file is nothing but a torn line. It is kept
+    // too, and the chain continues from the rotated file.
+    std::fs::rename(
+        &path,
+        arbiter_policy_server::audit::writer::rotated_name(&path, 4),
+    )
+    .unwrap();
+    std::fs::write(&path, torn).unwrap();
+    let metrics = write_events(&config, 5..7).await;
+    assert_eq!(metrics.torn_tails.get(), 1);
+    let kept = dir.path().join("audit.jsonl.00000000000000000006.torn");
+    assert_eq!(std::fs::read(&kept).unwrap(), torn);
+    assert_eq!(audit_lines(&path)[0]["seq"], 6);
+    let mut files = all_files(&path);
+    files.push(kept);
+    let report = verify(&files).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.records, 7);
+
+    // A complete last line that does not verify is not continued: the server refuses to
+    // start rather than chain onto a record it cannot trust.
+    let mut lines = lines_of(&path);
+    let last = lines.len() - 1;
+    lines[last] = lines[last].replace("id-6", "id-Y");
+    write_lines(&path, &lines);
+    let err = AuditLog::open(&config, AuditMetrics::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("line {}", last + 1)) && err.contains("hash mismatch"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn rotation_keeps_one_chain_across_files_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let config = AuditConfig {
+        path: path.clone(),
+        sync: AuditSync::Write,
+        max_bytes: 4096,
+    };
+    let metrics = write_events(&config, 0..40).await;
+    assert!(metrics.rotations.get() >= 4, "{}", metrics.rotations.get());
+    let rotated = rotated_files(&path).unwrap();
+    assert_eq!(rotated.len() as u64, metrics.rotations.get());
+    assert_eq!(rotated[0].0, 1);
+    for (first, file) in &rotated {
+        assert!(std::fs::metadata(file).unwrap().len() >= 4096);
+        assert_eq!(audit_lines(file)[0]["seq"], *first);
+    }
+    // Restart: the chain goes on.
+    write_events(&config, 40..45).await;
+    // Given in any order (as a shell glob puts the active file first).
+    let mut files = all_files(&path);
+    files.reverse();
+    let report = verify(&files).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(
+        (report.first_seq, report.last_seq, report.records),
+        (Some(1), Some(45), 45)
+    );
+
+    // A deleted middle file is a gap at the start of the next one.
+    files.retain(|f| *f != rotated[1].1);
+    let report = verify(&files).unwrap();
+    let broken = report.broken.unwrap();
+    assert_eq!(broken.file, rotated[2].1);
+    assert_eq!(broken.line, 1);
+    assert!(broken.why.contains("missing"), "{broken:?}");
+}
+
+/// A file-size limit on the running server makes every write fail like a full disk.
+fn set_file_size_limit(pid: u32, soft: Option<u64>) {
+    let soft = soft.map_or("unlimited".to_owned(), |n| n.to_string());
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--fsize={soft}:unlimited"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn unwritable_log_refuses_decisions_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // Decision events off, so the server's own log stays smaller than the limit below.
+    let server = Server::start(dir.path(), &["--log", "info,arbiter::decision=warn"]).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let chat = || check_request("", "POST", "/v1/chat/completions", &[("route", "chat")]);
+    for _ in 0..3 {
+        client.check(chat()).await.unwrap();
+    }
+    assert_eq!(health(&server).await, ServingStatus::Serving as i32);
+    let size = std::fs::metadata(&server.audit).unwrap().len();
+    assert!(size > std::fs::metadata(&server.log).unwrap().len());
+
+    set_file_size_limit(server.pid(), Some(size));
+    for _ in 0..3 {
+        let status = client.check(chat()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("no decision"), "{status:?}");
+    }
+    wait_for("health NOT_SERVING", || async {
+        health(&server).await == ServingStatus::NotServing as i32
+    })
+    .await;
+    assert_eq!(audit_lines(&server.audit).len(), 3);
+    assert_eq!(std::fs::metadata(&server.audit).unwrap().len(), size);
+
+    set_file_size_limit(server.pid(), None);
+    wait_for("health SERVING", || async {
+        health(&server).await == ServingStatus::Serving as i32
+    })
+    .await;
+    let response = client.check(chat()).await.unwrap();
+    let records = audit_lines(&server.audit);
+    assert_eq!(records.len(), 4);
+    assert_eq!(records[3]["id"], audit_id(response.get_ref()));
+    let (code, out) = cli(&["audit", "verify"], [&server.audit]);
+    assert_eq!(code, 0, "{out}");
+    let log = server.log();
+    assert!(log.contains("audit log not writable"), "{log}");
+    assert!(log.contains("audit log writable again"), "{log}");
+}
+
+#[tokio::test]
+async fn secrets_and_prompts_never_reach_the_record_or_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--redact-header", "X-Tenant-Pin"]).await;
+    let secrets = [
+        "sk-live-AAAA1111",
+        "COOKIEVALUE2222",
+        "sk-key-BBBB3333",
+        "PIN-4242",
+        "goog-CCCC5555",
+        "TOP-SECRET-PROMPT",
+        "query-secret-6666",
+    ];
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        secrets[5]
+    );
+    let mut request = check_request(
+        "",
+        "POST",
+        &format!("/v1/chat/completions?key={}", secrets[6]),
+        &[("route", "chat")],
+    );
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    for (name, value) in [
+        ("authorization", format!("Bearer {}", secrets[0])),
+        ("cookie", format!("session={}", secrets[1])),
+        ("x-api-key", secrets[2].to_owned()),
+        ("x-tenant-pin", secrets[3].to_owned()),
+        ("x-goog-api-key", secrets[4].to_owned()),
+        (":path", format!("/v1/chat/completions?key={}", secrets[6])),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+        ),
+        ("user-agent", "curl/8".to_owned()),
+    ] {
+        http.headers.insert(name.into(), value);
+    }
+    http.raw_body = body.clone().into_bytes();
+    http.size = body.len() as i64;
+    AuthorizationClient::new(server.channel().await)
+        .check(request)
+        .await
+        .unwrap();
+
+    let text = std::fs::read_to_string(&server.audit).unwrap();
+    let log = server.log();
+    for secret in secrets {
+        assert!(
+            !text.contains(secret),
+            "`{secret}` in the audit log: {text}"
+        );
+        assert!(!log.contains(secret), "`{secret}` in the server log: {log}");
+    }
+    let record = &audit_lines(&server.audit)[0];
+    for header in [
+        "authorization",
+        "cookie",
+        "x-api-key",
+        "x-tenant-pin",
+        "x-goog-api-key",
+    ] {
+        assert_eq!(record["headers"][header], "[redacted]", "{record}");
+    }
+    assert_eq!(record["headers"]["user-agent"], "curl/8");
+    assert_eq!(record["path"], "/v1/chat/completions");
+    assert_eq!(record["body_bytes"], body.len());
+    assert_eq!(record["body_truncated"], false);
+    assert_eq!(
+        record["prompt_sha256"],
+        hex::encode(Sha256::digest(body.as_bytes()))
+    );
+    assert_eq!(record["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(record["model"], Value::Null);
+}
+
+#[tokio::test]
+async fn replay_names_the_requests_policy_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    client
+        .check(check_request(
+            "",
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "chat")],
+        ))
+        .await
+        .unwrap();
+    client
+        .check(check_request(
+            "",
+            "DELETE",
+            "/v1/files/1",
+            &[("route", "files")],
+        ))
+        .await
+        .unwrap();
+    server.kill().await;
+
+    // Envoy-side records of requests nobody decided (the filter's `arbiter_record`), as
+    // Envoy's JSON access log prints them, plus a line of a decided request.
+    let record = |route: &str, path: &str, outcome: &str, context: &str| {
+        let inner = format!(
+            r#"{{"v":1,"ts":"2026-11-22T02:00:00Z","outcome":"{outcome}","reason":"unreachable","override":false,"route":"{route}","request_id":"req-{route}","method":"POST","path":"{path}","host":"gw","scheme":"http","source":"127.0.0.1:4000","principal":null,"context":{context},"policy_version":"sha256:0123456789abcdef","api_key_sha256":null}}"#
+        );
+        serde_json::json!({"route_name": route, "response_code": 200, "arbiter_record": inner})
+            .to_string()
+    };
+    let access = dir.path().join("access.log");
+    std::fs::write(
+        &access,
+        [
+            record("embeddings", "/v1/embeddings", "fail_open", "{}"),
+            record(
+                "regulated_open",
+                "/regulated/v1/chat/completions",
+                "fail_open",
+                r#"{"classification":"regulated"}"#,
+            ),
+            record("chat", "/v1/chat/completions", "fail_closed", "{}"),
+            serde_json::json!({"route_name": "chat", "arbiter_record": "-"}).to_string(),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+
+    let policies = common::example_bundle();
+    let policies = policies.to_str().unwrap();
+    let (code, out) = cli(
+        &["audit", "replay", "--policies", policies],
+        [server_audit(&dir), access.clone()],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("server decisions:      2 replayed, 0 decided differently now"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fail-open:             2 replayed, 1 would have been denied"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fail-closed:           1 replayed, 1 would have been allowed"),
+        "{out}"
+    );
+    assert!(out.contains("access.log:2: would have been denied: request req-regulated_open on route regulated_open by anonymous"), "{out}");
+    assert!(out.contains("regulated-requires-identity"), "{out}");
+
+    let (code, out) = cli(
+        &["audit", "replay", "--json", "--policies", policies],
+        [&access],
+    );
+    assert_eq!(code, 1, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["skipped"], 1);
+    let denied: Vec<&Value> = report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["verdict"] == "would have been denied")
+        .collect();
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["request_id"], "req-regulated_open");
+    assert_eq!(denied[0]["recorded"]["kind"], "fail_open");
+
+    let (code, out) = cli(&["audit", "replay", "--policies", "/nonexistent"], [access]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("cannot load policy bundle"), "{out}");
+}
+
+fn server_audit(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("audit.jsonl")
+}
+
+/// An OTLP/gRPC logs receiver that keeps what it is sent.
+#[derive(Clone, Default)]
+struct Receiver {
+    records: Arc<Mutex<Vec<LogRecord>>>,
+}
+
+#[tonic::async_trait]
+impl LogsService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let mut records = self.records.lock().unwrap();
+        for resource in request.into_inner().resource_logs {
+            for scope in resource.scope_logs {
+                records.extend(scope.log_records);
+            }
+        }
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    fn ids(&self) -> HashSet<String> {
+        self.records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| {
+                r.attributes
+                    .iter()
+                    .find(|a| a.key == "arbiter.audit.id")
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        any_value::Value::StringValue(s) => Some(s.clone()),
+                        _ => None,
+                    })
+            })
+            .collect()
+    }
+
+    /// Serves on `listener` until the returned sender is dropped or fired.
+    fn serve(
+        &self,
+        listener: TcpListener,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = LogsServiceServer::new(self.clone());
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await
+                .unwrap();
+        });
+        (stop, task)
+    }
+}
+
+#[tokio::test]
+async fn otlp_export_survives_receiver_and_server_outages() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let (stop, task) = receiver.serve(listener);
+
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://{addr}");
+    let args = [
+        "--otlp-endpoint",
+        endpoint.as_str(),
+        "--audit-sync",
+        "write",
+    ];
+    let server = Server::start(dir.path(), &args).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let mut answered = HashSet::new();
+    let mut traced = check_request("", "GET", "/v1/models", &[("route", "models")]);
+    traced
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap()
+        .headers
+        .insert(
+            "traceparent".into(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        );
+    answered.insert(audit_id(client.check(traced).await.unwrap().get_ref()));
+    for _ in 0..4 {
+        let response = client
+            .check(check_request(
+                "",
+                "POST",
+                "/v1/chat/completions",
+                &[("route", "chat")],
+            ))
+            .await
+            .unwrap();
+        answered.insert(audit_id(response.get_ref()));
+    }
+    wait_for("5 records at the receiver", || async {
+        receiver.ids() == answered
+    })
+    .await;
+    {
+        let records = receiver.records.lock().unwrap();
+        let traced = records.iter().find(|r| !r.trace_id.is_empty()).unwrap();
+        assert_eq!(
+            hex::encode(&traced.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        let Some(any_value::Value::StringValue(body)) =
+            traced.body.as_ref().and_then(|b| b.value.as_ref())
+        else {
+            panic!("no body");
+        };
+        // The body is the audit line itself, hash included.
+        let line: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(line["seq"], 1);
+        assert_eq!(traced.event_name, "arbiter.decision");
+        assert!(traced.time_unix_nano > 0);
+    }
+
+    // The receiver goes away: decisions go on, nothing is lost.
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..5 {
+        let response = client
+            .check(check_request(
+                "",
+                "POST",
+                "/v1/chat/completions",
+                &[("route", "chat")],
+            ))
+            .await
+            .unwrap();
+        answered.insert(audit_id(response.get_ref()));
+    }
+    // The server crashes too, and comes back.
+    server.kill().await;
+    let server = Server::start(dir.path(), &args).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    for _ in 0..2 {
+        let response = client
+            .check(check_request(
+                "",
+                "POST",
+                "/v1/chat/completions",
+                &[("route", "chat")],
+            ))
+            .await
+            .unwrap();
+        answered.insert(audit_id(response.get_ref()));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.ids().len(), 5);
+
+    // The receiver is back on the same address: everything arrives.
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let (_stop, _task) = receiver.serve(listener);
+    wait_for("all 12 records at the receiver", || async {
+        receiver.ids() == answered
+    })
+    .await;
+    wait_for("the saved position", || async {
+        std::fs::read_to_string(dir.path().join("audit.jsonl.otlp-position"))
+            .is_ok_and(|p| p.trim() == "12")
+    })
+    .await;
+    drop(server);
+}

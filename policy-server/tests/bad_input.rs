@@ -1,0 +1,212 @@
+//! Bad input gets a defined answer, never a crash: bodies over the limit, bodies that are
+//! not JSON, header values that are not UTF-8, messages that are not valid protobuf, and
+//! messages larger than the server accepts. After each, the server still answers.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::auth::v3::{
+    authorization_client::AuthorizationClient, check_response::HttpResponse, CheckRequest,
+    CheckResponse,
+};
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
+
+use common::{check_request, example_bundle, Running};
+
+fn with_body(mut request: CheckRequest, body: &[u8], size: i64, partial: bool) -> CheckRequest {
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.raw_body = body.to_vec();
+    http.size = size;
+    if partial {
+        http.headers
+            .insert("x-envoy-auth-partial-body".into(), "true".into());
+    }
+    request
+}
+
+fn denied_by(response: &CheckResponse) -> Vec<String> {
+    match &response.http_response {
+        Some(HttpResponse::DeniedResponse(denied)) => {
+            let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+            serde_json::from_value(body["error"]["policy_ids"].clone()).unwrap()
+        }
+        other => panic!("not denied: {other:?}"),
+    }
+}
+
+fn chat() -> CheckRequest {
+    check_request("", "POST", "/v1/chat/completions", &[("route", "chat")])
+}
+
+/// Sends raw bytes as the Check request message.
+#[derive(Debug, Clone, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let mut bytes = vec![0; buf.remaining()];
+        buf.copy_to_slice(&mut bytes);
+        Ok(Some(bytes))
+    }
+}
+
+async fn send_raw(server: &Running, bytes: Vec<u8>) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/envoy.service.auth.v3.Authorization/Check");
+    grpc.unary(tonic::Request::new(bytes), path, Raw)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_and_headers_are_decided() {
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let client = AuthorizationClient::new(server.channel().await);
+    let check = |request: CheckRequest| {
+        let mut client = client.clone();
+        async move { client.check(request).await.unwrap().into_inner() }
+    };
+
+    // Over the limit: the filter cut it and said so.
+    let prefix = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"aaaaaaaa"#;
+    let strict = check_request(
+        "",
+        "POST",
+        "/v1/chat/completions",
+        &[("route", "chat"), ("body_policy", "strict")],
+    );
+    let response = check(with_body(strict, prefix, 1_000_000, true)).await;
+    assert_eq!(denied_by(&response), ["body-must-be-readable"]);
+    // Routes that do not ask for it let a cut body through (with the other rules).
+    let response = check(with_body(chat(), prefix, 1_000_000, true)).await;
+    assert_eq!(response.status.unwrap().code, 0);
+
+    // Not JSON, not UTF-8, JSON of the wrong shape.
+    for body in [
+        &b"{\"model\": gpt-4o}"[..],
+        b"\xff\xfe\x00\x01",
+        b"[]",
+        b"{\"model\":{}}",
+    ] {
+        let response = check(with_body(chat(), body, body.len() as i64, false)).await;
+        assert_eq!(denied_by(&response), ["body-must-be-readable"], "{body:?}");
+    }
+
+    // A valid body still goes through.
+    let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let response = check(with_body(chat(), body, body.len() as i64, false)).await;
+    assert_eq!(response.status.unwrap().code, 0);
+
+    // Header values that are not UTF-8 arrive as raw bytes in `header_map`: the tenant
+    // (lossily decoded) matches no tenant, the API key (hashed as bytes) no caller.
+    let mut request = chat();
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.header_map = Some(HeaderMap {
+        headers: vec![
+            HeaderValue {
+                key: "x-tenant-id".into(),
+                value: String::new(),
+                raw_value: b"acme\xc0".to_vec(),
+            },
+            HeaderValue {
+                key: "x-api-key".into(),
+                value: String::new(),
+                raw_value: b"demo-key-acme-batch\xff".to_vec(),
+            },
+        ],
+    });
+    let response = check(request).await;
+    assert_eq!(denied_by(&response), ["tenant-isolation"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_serving() {
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+
+    // A header value with invalid UTF-8 in a protobuf `string` field.
+    let mut request = chat();
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.headers.insert("x-tenant-id".into(), "MARKER".into());
+    let mut bytes = request.encode_to_vec();
+    let at = bytes.windows(6).position(|w| w == b"MARKER").unwrap();
+    bytes[at..at + 6].copy_from_slice(b"\xff\xfe\xfd\xfc\xfb\xfa");
+    let status = send_raw(&server, bytes).await.unwrap_err();
+    assert_ne!(status.code(), tonic::Code::Ok);
+
+    // Not protobuf at all.
+    let status = send_raw(&server, vec![0xff; 64]).await.unwrap_err();
+    assert_ne!(status.code(), tonic::Code::Ok);
+
+    // Larger than the server's 4 MiB message limit.
+    let huge = with_body(chat(), &vec![b'a'; 5 * 1024 * 1024], 5 * 1024 * 1024, false);
+    let status = AuthorizationClient::new(server.channel().await)
+        .check(huge)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+
+    // Still serving, and a well-formed request sent raw decodes as usual.
+    let response = send_raw(&server, chat().encode_to_vec()).await.unwrap();
+    let response = CheckResponse::decode(response.as_slice()).unwrap();
+    assert_eq!(response.status.unwrap().code, 0);
+    server.stop().await;
+}
