@@ -38,7 +38,11 @@ impl Summary {
         Summary {
             ok,
             errors,
-            rps: if wall_s > 0.0 { ok as f64 / wall_s } else { 0.0 },
+            rps: if wall_s > 0.0 {
+                ok as f64 / wall_s
+            } else {
+                0.0
+            },
             p50_ms: percentile(&micros, 50.0),
             p90_ms: percentile(&micros, 90.0),
             p99_ms: percentile(&micros, 99.0),
@@ -114,7 +118,9 @@ pub fn percentile(sorted_micros: &[u32], p: f64) -> f64 {
         return 0.0;
     }
     let n = sorted_micros.len();
-    let rank = ((p / 100.0) * n as f64).ceil() as usize;
+    // The epsilon keeps float error (0.999 * 1000 = 999.0000000000001) from moving the
+    // rank up by one.
+    let rank = ((p / 100.0) * n as f64 - 1e-9).ceil() as usize;
     let index = rank.clamp(1, n) - 1;
     f64::from(sorted_micros[index]) / 1000.0
 }

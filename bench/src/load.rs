@@ -90,7 +90,9 @@ impl Recorder {
     }
 
     fn push(vec: &Mutex<Vec<u32>>, value: u32) {
-        vec.lock().unwrap_or_else(PoisonError::into_inner).push(value);
+        vec.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(value);
     }
 
     fn take(vec: &Mutex<Vec<u32>>) -> Vec<u32> {
@@ -167,8 +169,8 @@ pub async fn open_loop(target: Arc<dyn Target>, config: &OpenLoop) -> RunResult 
         p99_us: percentile(&lags, 99.0) * 1000.0,
         max_us: lags.last().map_or(0.0, |&v| f64::from(v)),
     };
-    let errors = recorder.errors.load(Ordering::Relaxed)
-        + recorder.in_flight.load(Ordering::Relaxed) as u64;
+    let errors =
+        recorder.errors.load(Ordering::Relaxed) + recorder.in_flight.load(Ordering::Relaxed) as u64;
     // The rate over the scheduled span: the generator offered `rate`, this is how much of
     // it was answered.
     let summary = Summary::from_micros(

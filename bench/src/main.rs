@@ -12,7 +12,10 @@ use arbiter_bench::{procfs, profile, svg};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "arbiter-bench", about = "Arbiter benchmarks (see bench/README.md)")]
+#[command(
+    name = "arbiter-bench",
+    about = "Arbiter benchmarks (see bench/README.md)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -112,76 +115,91 @@ async fn command(
     server_cpus: Option<String>,
     pin_note: Option<String>,
 ) -> Result<ExitCode> {
-        match command {
-            Command::Run {
-                kind,
-                out,
-                repeats,
-                duration_s,
-            } => {
-                let mut plan = match kind {
-                    Kind::Full => Plan::full(),
-                    Kind::Quick => Plan::quick(),
-                };
-                if let Some(r) = repeats {
-                    plan.repeats = r.max(1);
-                }
-                if let Some(d) = duration_s {
-                    plan.duration = Duration::from_secs_f64(d.max(0.1));
-                }
-                plan.client_cpus = client_cpus;
-                plan.server_cpus = server_cpus;
-                let mut report = runner::run(&plan).await?;
-                if let Some(note) = pin_note {
-                    report.notes.push(note);
-                }
-                let md = report.markdown();
-                println!("\n{md}");
-                let stem = report.date.clone();
-                write(&out, &format!("{stem}.json"), &serde_json::to_string_pretty(&report)?)?;
-                write(&out, &format!("{stem}.md"), &md)?;
-                write(&out, &format!("{stem}.svg"), &svg::render(&report))?;
-                let problems = runner::problems(&report);
-                if problems.is_empty() {
-                    println!("bench: every scenario ran and produced numbers ({:.0} s)", report.total_s);
-                    Ok(ExitCode::SUCCESS)
-                } else {
-                    for p in &problems {
-                        eprintln!("bench: {p}");
-                    }
-                    Ok(ExitCode::FAILURE)
-                }
+    match command {
+        Command::Run {
+            kind,
+            out,
+            repeats,
+            duration_s,
+        } => {
+            let mut plan = match kind {
+                Kind::Full => Plan::full(),
+                Kind::Quick => Plan::quick(),
+            };
+            if let Some(r) = repeats {
+                plan.repeats = r.max(1);
             }
-            Command::Soak { minutes, rate, out } => {
-                let mut plan = Plan::full();
-                plan.client_cpus = client_cpus;
-                plan.server_cpus = server_cpus;
-                let soak_plan = SoakPlan {
-                    duration: Duration::from_secs_f64(minutes.max(0.05) * 60.0),
-                    rate,
-                    warmup: Duration::from_secs(20).min(Duration::from_secs_f64(minutes * 60.0)),
-                    chunk: Duration::from_secs(10),
-                };
-                let report = soak::soak(&plan, &soak_plan).await?;
-                let md = report.markdown();
-                println!("\n{md}");
-                let stem = format!("soak-{}", report.date);
-                write(&out, &format!("{stem}.json"), &serde_json::to_string_pretty(&report)?)?;
-                write(&out, &format!("{stem}.md"), &md)?;
-                Ok(ExitCode::SUCCESS)
+            if let Some(d) = duration_s {
+                plan.duration = Duration::from_secs_f64(d.max(0.1));
             }
-            Command::Profile => {
-                let profile = profile::run().await?;
-                println!("{}", profile.markdown());
+            plan.client_cpus = client_cpus;
+            plan.server_cpus = server_cpus;
+            let mut report = runner::run(&plan).await?;
+            if let Some(note) = pin_note {
+                report.notes.push(note);
+            }
+            let md = report.markdown();
+            println!("\n{md}");
+            let stem = report.date.clone();
+            write(
+                &out,
+                &format!("{stem}.json"),
+                &serde_json::to_string_pretty(&report)?,
+            )?;
+            write(&out, &format!("{stem}.md"), &md)?;
+            write(&out, &format!("{stem}.svg"), &svg::render(&report))?;
+            let problems = runner::problems(&report);
+            if problems.is_empty() {
+                println!(
+                    "bench: every scenario ran and produced numbers ({:.0} s)",
+                    report.total_s
+                );
                 Ok(ExitCode::SUCCESS)
+            } else {
+                for p in &problems {
+                    eprintln!("bench: {p}");
+                }
+                Ok(ExitCode::FAILURE)
             }
         }
+        Command::Soak { minutes, rate, out } => {
+            let mut plan = Plan::full();
+            plan.client_cpus = client_cpus;
+            plan.server_cpus = server_cpus;
+            let soak_plan = SoakPlan {
+                duration: Duration::from_secs_f64(minutes.max(0.05) * 60.0),
+                rate,
+                warmup: Duration::from_secs(20).min(Duration::from_secs_f64(minutes * 60.0)),
+                chunk: Duration::from_secs(10),
+            };
+            let report = soak::soak(&plan, &soak_plan).await?;
+            let md = report.markdown();
+            println!("\n{md}");
+            let stem = format!("soak-{}", report.date);
+            write(
+                &out,
+                &format!("{stem}.json"),
+                &serde_json::to_string_pretty(&report)?,
+            )?;
+            write(&out, &format!("{stem}.md"), &md)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Profile => {
+            let profile = profile::run().await?;
+            println!("{}", profile.markdown());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// Client and server CPU lists, and a note when the run is not pinned.
 fn pinning(cli: &Cli) -> (Option<String>, Option<String>, Option<String>) {
     if cli.no_pin {
-        return (None, None, Some("processes not pinned (--no-pin)".to_owned()));
+        return (
+            None,
+            None,
+            Some("processes not pinned (--no-pin)".to_owned()),
+        );
     }
     let has_taskset = std::process::Command::new("taskset")
         .arg("--version")

@@ -67,7 +67,13 @@ fn parse_memory(status: &str) -> Result<Memory> {
         status
             .lines()
             .find_map(|line| line.strip_prefix(key))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
             .with_context(|| format!("no `{key}` in /proc status"))
     };
     Ok(Memory {
@@ -155,7 +161,8 @@ mod tests {
 
     #[test]
     fn parses_cpu_ticks_after_the_command_name() {
-        let line = "4242 (envoy (main) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 9 0 1 2 3";
+        let line =
+            "4242 (envoy (main) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 9 0 1 2 3";
         assert_eq!(parse_cpu_ticks(line).unwrap(), 325);
         assert!(parse_cpu_ticks("garbage").is_err());
         assert!(parse_cpu_ticks("1 (x) S 1").is_err());

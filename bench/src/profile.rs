@@ -111,7 +111,11 @@ impl Host for CountingHost {
     }
     fn shared_get(&self, key: &str) -> Option<Vec<u8>> {
         let value = self.0.shared.borrow().get(key).cloned();
-        self.count(Call::SharedData, value.as_ref().map_or(0, Vec::len), key.len());
+        self.count(
+            Call::SharedData,
+            value.as_ref().map_or(0, Vec::len),
+            key.len(),
+        );
         value
     }
     fn shared_set(&self, key: &str, value: &[u8]) {
@@ -240,7 +244,10 @@ pub async fn run() -> Result<Profile> {
             "arbiter".to_owned(),
             prost_types::Struct {
                 fields: [
-                    ("fail_mode", prost_types::value::Kind::StringValue("closed".into())),
+                    (
+                        "fail_mode",
+                        prost_types::value::Kind::StringValue("closed".into()),
+                    ),
                     ("timeout_ms", prost_types::value::Kind::NumberValue(200.0)),
                 ]
                 .into_iter()
@@ -328,8 +335,12 @@ pub async fn run() -> Result<Profile> {
     for size in ENGINE_SIZES {
         let dir = bundles.path().join(size.to_string());
         crate::policies::write_bundle(&dir, size)?;
-        let engine = PolicyEngine::load(&dir).with_context(|| format!("loading {size} policies"))?;
-        engine_decide_us.push((size, time_bounded(|| engine.decide(&request).is_ok()) / 1000.0));
+        let engine =
+            PolicyEngine::load(&dir).with_context(|| format!("loading {size} policies"))?;
+        engine_decide_us.push((
+            size,
+            time_bounded(|| engine.decide(&request).is_ok()) / 1000.0,
+        ));
     }
     Ok(Profile {
         engine_decide_us,

@@ -412,7 +412,9 @@ impl Report {
             ("p50", 0.25, Percentile::P50),
             ("p99", 1.0, Percentile::P99),
         ] {
-            let target = format!("added latency over no-auth at 1,000 rps, {label} ≤ {limit} ms (write-mode audit)");
+            let target = format!(
+                "added latency over no-auth at 1,000 rps, {label} ≤ {limit} ms (write-mode audit)"
+            );
             lines.push(match added {
                 Some(a) => {
                     let value = match pick {
@@ -463,7 +465,11 @@ impl Report {
             .server_alone
             .iter()
             .find(|s| s.id == "server_audit_write")
-            .or_else(|| self.server_alone.iter().find(|s| s.id == "server_default_audit"))
+            .or_else(|| {
+                self.server_alone
+                    .iter()
+                    .find(|s| s.id == "server_default_audit")
+            })
             .or_else(|| self.server_alone.iter().find(|s| s.id == "server_no_audit"));
         let target =
             "policy server alone ≥ 20,000 decisions/s on one core (write-mode audit)".to_owned();
@@ -601,8 +607,18 @@ impl Report {
             for r in &self.ratios.arbiter_vs_ext_authz {
                 match r.rate {
                     Some(rate) => {
-                        let _ = writeln!(md, "| p50 at {} rps | {} |", fmt_rate(rate), fmt_opt(r.p50, 2));
-                        let _ = writeln!(md, "| p99 at {} rps | {} |", fmt_rate(rate), fmt_opt(r.p99, 2));
+                        let _ = writeln!(
+                            md,
+                            "| p50 at {} rps | {} |",
+                            fmt_rate(rate),
+                            fmt_opt(r.p50, 2)
+                        );
+                        let _ = writeln!(
+                            md,
+                            "| p99 at {} rps | {} |",
+                            fmt_rate(rate),
+                            fmt_opt(r.p99, 2)
+                        );
                     }
                     None => {
                         let _ = writeln!(md, "| max rps | {} |", fmt_opt(r.max_rps, 2));

@@ -200,20 +200,11 @@ pub fn detect_audit_support() -> Result<AuditSupport> {
 }
 
 /// Starts a policy server with `mode`, pinned to the server CPUs.
-pub async fn start_server(
-    policies: &Path,
-    mode: AuditMode,
-    plan: &Plan,
-) -> Result<PolicyServer> {
+pub async fn start_server(policies: &Path, mode: AuditMode, plan: &Plan) -> Result<PolicyServer> {
     let addr = arbiter_e2e::util::loopback(free_port()?);
-    let server = PolicyServer::start_with_audit(
-        addr,
-        policies,
-        &mode.args(),
-        None,
-        mode != AuditMode::None,
-    )
-    .await?;
+    let server =
+        PolicyServer::start_with_audit(addr, policies, &mode.args(), None, mode != AuditMode::None)
+            .await?;
     if let (Some(cpus), Some(pid)) = (&plan.server_cpus, server.pid()) {
         procfs::pin(pid, cpus)?;
     }
@@ -494,10 +485,22 @@ async fn server_alone(
     report: &mut Report,
 ) -> Result<()> {
     let mut variants: Vec<(&str, String, AuditMode)> = Vec::new();
-    variants.push(("server_no_audit", "no audit log".to_owned(), AuditMode::None));
+    variants.push((
+        "server_no_audit",
+        "no audit log".to_owned(),
+        AuditMode::None,
+    ));
     if support.audit_sync {
-        variants.push(("server_audit_write", "audit write".to_owned(), AuditMode::Write));
-        variants.push(("server_audit_fsync", "audit fsync".to_owned(), AuditMode::Fsync));
+        variants.push((
+            "server_audit_write",
+            "audit write".to_owned(),
+            AuditMode::Write,
+        ));
+        variants.push((
+            "server_audit_fsync",
+            "audit fsync".to_owned(),
+            AuditMode::Fsync,
+        ));
     } else if support.audit_log {
         variants.push((
             "server_default_audit",
@@ -846,7 +849,11 @@ pub fn problems(report: &Report) -> Vec<String> {
     }
     for s in &report.scenarios {
         for r in &s.open_loop {
-            check(&mut problems, format!("{} at {} rps", s.id, r.rate), &r.repeats);
+            check(
+                &mut problems,
+                format!("{} at {} rps", s.id, r.rate),
+                &r.repeats,
+            );
         }
         match &s.closed_loop {
             Some(r) => check(&mut problems, format!("{} closed loop", s.id), &r.repeats),
@@ -855,16 +862,29 @@ pub fn problems(report: &Report) -> Vec<String> {
     }
     for s in &report.server_alone {
         for r in &s.open_loop {
-            check(&mut problems, format!("{} at {} rps", s.id, r.rate), &r.repeats);
+            check(
+                &mut problems,
+                format!("{} at {} rps", s.id, r.rate),
+                &r.repeats,
+            );
         }
         if let Some(r) = &s.closed_loop {
             check(&mut problems, format!("{} closed loop", s.id), &r.repeats);
         }
     }
     for s in &report.policy_scaling {
-        check(&mut problems, format!("{} policies", s.policies), &s.open_loop.repeats);
+        check(
+            &mut problems,
+            format!("{} policies", s.policies),
+            &s.open_loop.repeats,
+        );
     }
-    let expected = [ids::NO_AUTH, ids::EXT_AUTHZ, ids::ARBITER, ids::ARBITER_CACHE];
+    let expected = [
+        ids::NO_AUTH,
+        ids::EXT_AUTHZ,
+        ids::ARBITER,
+        ids::ARBITER_CACHE,
+    ];
     for id in expected {
         if report.scenario(id).is_none() {
             problems.push(format!("scenario `{id}` did not run"));

@@ -117,8 +117,10 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
         plan,
     )
     .await?;
-    let target: Arc<dyn Target> =
-        HttpTarget::new(&envoy.url("/v1/chat/completions")?, Bytes::from_static(CHAT_BODY))?;
+    let target: Arc<dyn Target> = HttpTarget::new(
+        &envoy.url("/v1/chat/completions")?,
+        Bytes::from_static(CHAT_BODY),
+    )?;
     let envoy_pid = envoy.pid().context("Envoy is not running")?;
     let server_pid = server.pid().context("the policy server is not running")?;
     let config = |duration| OpenLoop {
@@ -174,10 +176,14 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     let stats = envoy.stats().await?;
     let counters: BTreeMap<String, u64> = stats
         .into_iter()
-        .filter(|(k, _)| k.starts_with("wasmcustom.arbiter.checks.") || k.starts_with("wasmcustom.arbiter.no_decision."))
+        .filter(|(k, _)| {
+            k.starts_with("wasmcustom.arbiter.checks.")
+                || k.starts_with("wasmcustom.arbiter.no_decision.")
+        })
         .collect();
     let count = |name: &str| counters.get(name).copied().unwrap_or(0);
-    let decided = count("wasmcustom.arbiter.checks.allow") + count("wasmcustom.arbiter.checks.deny");
+    let decided =
+        count("wasmcustom.arbiter.checks.allow") + count("wasmcustom.arbiter.checks.deny");
     let audit_records = match server.audit_log_path() {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -205,7 +211,10 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     );
     latency_ms.insert(
         "p999_worst_chunk".to_owned(),
-        samples.iter().map(|s| s.summary.p999_ms).fold(0.0, f64::max),
+        samples
+            .iter()
+            .map(|s| s.summary.p999_ms)
+            .fold(0.0, f64::max),
     );
     let verdict = |ok: bool| if ok { "PASS" } else { "MISS" }.to_owned();
     let mut targets = vec![
@@ -307,7 +316,12 @@ impl SoakReport {
             let _ = writeln!(
                 md,
                 "| {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {} |",
-                s.t_s, s.envoy.rss_mib, s.server.rss_mib, s.summary.p50_ms, s.summary.p99_ms, s.summary.errors
+                s.t_s,
+                s.envoy.rss_mib,
+                s.server.rss_mib,
+                s.summary.p50_ms,
+                s.summary.p99_ms,
+                s.summary.errors
             );
         }
         md

@@ -23,10 +23,7 @@ pub fn render(report: &Report) -> String {
             .filter_map(|s| {
                 let r = s.open_loop.iter().find(|r| r.rate == *rate)?;
                 let m = &r.median.summary;
-                Some((
-                    s.label.clone(),
-                    Percentile::ALL.map(|p| m.at(p)),
-                ))
+                Some((s.label.clone(), Percentile::ALL.map(|p| m.at(p))))
             })
             .collect();
         let title = format!(
@@ -228,7 +225,11 @@ fn bar_panel(out: &mut String, top: f64, title: &str, rows: &[(String, f64)], co
     let row_h = 24.0;
     let plot_top = top + 30.0;
     let plot_w = WIDTH - LEFT - RIGHT - 70.0;
-    let max = rows.iter().map(|(_, v)| *v).fold(0.0_f64, f64::max).max(1.0);
+    let max = rows
+        .iter()
+        .map(|(_, v)| *v)
+        .fold(0.0_f64, f64::max)
+        .max(1.0);
     let _ = writeln!(
         out,
         r#"<text x="20" y="{:.1}" font-size="14" font-weight="bold">{}</text>"#,
