@@ -55,7 +55,7 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # binaries the end-to-end tests start.
 .PHONY: test
 test: setup wasm ## Run every test tier (unit, server, end-to-end), then the benchmark smoke run
-	$(CARGO) test --workspace -- --test-threads=2
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 	$(BENCH_QUICK)
 
 .PHONY: test-unit

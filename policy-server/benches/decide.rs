@@ -1,7 +1,7 @@
 //! Decision latency by bundle size, and under a concurrent reload of a 10k-policy bundle.
 //!
 //! `cargo bench -p arbiter-policy-server --bench decide` (or `make bench-decide`). Besides
-//! criterion's mean, prints p50/p99 over 200k single decisions per case, since the target
+//! criterion's mean, prints p50/p99 over 50k single decisions per case, since the target
 //! is a tail latency (p99 <= 50 µs at 1,000 policies, flat to 10,000).
 //!
 //! Bundles: `n` per-route permits in the shape teams write them (group, action and route in
@@ -103,7 +103,7 @@ fn bench(c: &mut Criterion) {
         let (_dir, engine, req) = engine(n, scoped);
         let name = format!("{n}{}", if scoped { "" } else { "-unscoped" });
         group.bench_function(&name, |b| b.iter(|| engine.decide(&req).unwrap()));
-        let (p50, p99) = percentiles(&engine, &req, 200_000);
+        let (p50, p99) = percentiles(&engine, &req, 50_000);
         println!("decide/{name}: p50 {p50:?} p99 {p99:?}");
     }
     group.finish();
@@ -113,7 +113,7 @@ fn bench(c: &mut Criterion) {
 fn reload_impact() {
     let (dir, engine, req) = engine(10_000, true);
     let engine = Arc::new(engine);
-    let (_, idle) = percentiles(&engine, &req, 200_000);
+    let (_, idle) = percentiles(&engine, &req, 50_000);
     let stop = Arc::new(AtomicBool::new(false));
     let reloads = {
         let engine = Arc::clone(&engine);
@@ -129,7 +129,7 @@ fn reload_impact() {
         })
     };
     let started = Instant::now();
-    let (_, busy) = percentiles(&engine, &req, 200_000);
+    let (_, busy) = percentiles(&engine, &req, 50_000);
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let n = reloads.join().unwrap();

