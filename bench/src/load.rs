@@ -266,7 +266,7 @@ mod tests {
         fn call(&self) -> CallFuture {
             let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
             let delay = self.delay;
-            let fail = self.fail_every > 0 && n % self.fail_every == 0;
+            let fail = self.fail_every > 0 && n.is_multiple_of(self.fail_every);
             Box::pin(async move {
                 tokio::time::sleep(delay).await;
                 if fail {

@@ -321,7 +321,7 @@ pub async fn run() -> Result<Profile> {
 
     let request_path_ns = time_per_iter(|| one(&host).is_ok());
     let now = SystemTime::now();
-    let build_and_encode_ns = time_per_iter(|| encode_check_request(&info, &[], now).len() > 0);
+    let build_and_encode_ns = time_per_iter(|| !encode_check_request(&info, &[], now).is_empty());
     let check_request_bytes = encode_check_request(&info, &[], now).len();
     let build_and_encode_ns = build_and_encode_ns.max(0.0);
     let decode_response_ns =
