@@ -171,8 +171,8 @@ impl PolicyServer {
             .output()
             .context("running policy server --help")?;
         let help = String::from_utf8_lossy(&help.stdout);
-        let audit_log = (audit_log && help.contains("--audit-log"))
-            .then(|| dir.path().join("audit.jsonl"));
+        let audit_log =
+            (audit_log && help.contains("--audit-log")).then(|| dir.path().join("audit.jsonl"));
         let metrics_addr = if help.contains("--metrics-listen") {
             Some(loopback(free_port()?))
         } else {

@@ -177,7 +177,11 @@ fn passthrough_template_validates() {
 fn ext_authz_template_validates() {
     let output = validate(
         EXT_AUTHZ_TEMPLATE,
-        &vars(&[("POLICY_PORT", "1"), ("PRIMARY_PORT", "2"), ("BACKUP_PORT", "3")]),
+        &vars(&[
+            ("POLICY_PORT", "1"),
+            ("PRIMARY_PORT", "2"),
+            ("BACKUP_PORT", "3"),
+        ]),
     )
     .unwrap();
     assert!(
