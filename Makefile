@@ -38,7 +38,7 @@ wasm: rust-target ## Build the filter (wasm32-wasip1, size-optimized)
 	@ls -l $(WASM) | awk '{print "wasm: " $$NF " (" $$5 " bytes)"}'
 
 .PHONY: build
-build: wasm ## Build the filter, the policy server and the test harness binaries
+build: wasm ## Build the filter, the policy server, the test harness and benchmark binaries
 	$(CARGO) build --workspace --bins
 
 # --- run --------------------------------------------------------------------------------
@@ -54,8 +54,9 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # shared dependencies with other features). It also builds the policy server and harness
 # binaries the end-to-end tests start.
 .PHONY: test
-test: setup wasm ## Run every test tier (unit, server, end-to-end)
+test: setup wasm ## Run every test tier (unit, server, end-to-end), then the benchmark smoke run
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+	$(BENCH_QUICK)
 
 .PHONY: test-unit
 test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
@@ -70,8 +71,37 @@ test-e2e: setup wasm ## End-to-end: real Envoy + real wasm + real policy server
 	$(CARGO) build -p arbiter-policy-server --bins
 	$(CARGO) test -p arbiter-e2e -- --test-threads=2
 
+# --- bench ------------------------------------------------------------------------------
+# The benchmark pins itself to CPU 0 and Envoy + policy server to CPU 1 (taskset, util-linux).
+
+TARGET_DIR  := $(or $(CARGO_TARGET_DIR),target)
+BENCH_OUT   ?= bench/results
+RELEASE_BIN := ARBITER_POLICY_SERVER_BIN=$(abspath $(TARGET_DIR))/release/arbiter-policy-server
+# `cargo test --workspace` (make test) builds this binary too (bench/tests/cli.rs uses it).
+BENCH_QUICK := $(TARGET_DIR)/debug/arbiter-bench run --kind quick --out $(TARGET_DIR)/bench-quick
+
 .PHONY: bench
-bench: ## Policy decision benchmarks (criterion; p50/p99 by bundle size, p99 during reloads)
+bench: setup wasm ## Benchmarks, minutes: arbiter vs no-auth vs native ext_authz, server alone, policy scaling -> bench/results/<date>.{json,md,svg}
+	$(CARGO) build --release -p arbiter-policy-server -p arbiter-bench
+	$(RELEASE_BIN) $(TARGET_DIR)/release/arbiter-bench run --kind full --out $(BENCH_OUT)
+
+.PHONY: bench-quick
+bench-quick: setup wasm ## Benchmark smoke test (< 60 s, debug build): every scenario runs and yields numbers; asserts nothing about speed
+	$(CARGO) build --workspace --bins
+	$(BENCH_QUICK)
+
+.PHONY: soak
+soak: setup wasm ## 10-minute soak of the arbiter scenario at 500 rps: Envoy RSS growth, errors, audit count -> bench/results/soak-<date>.*
+	$(CARGO) build --release -p arbiter-policy-server -p arbiter-bench
+	$(RELEASE_BIN) $(TARGET_DIR)/release/arbiter-bench soak --minutes 10 --rate 500 --out $(BENCH_OUT)
+
+.PHONY: bench-profile
+bench-profile: ## The filter's per-request host calls and native cost (no Envoy)
+	$(CARGO) build --release -p arbiter-bench
+	$(TARGET_DIR)/release/arbiter-bench profile
+
+.PHONY: bench-decide
+bench-decide: ## Policy decision micro-benchmarks (criterion; p50/p99 by bundle size, p99 during reloads)
 	$(CARGO) bench -p arbiter-policy-server --bench decide
 
 .PHONY: lint

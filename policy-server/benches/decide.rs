@@ -1,6 +1,6 @@
 //! Decision latency by bundle size, and under a concurrent reload of a 10k-policy bundle.
 //!
-//! `cargo bench -p arbiter-policy-server --bench decide` (or `make bench`). Besides
+//! `cargo bench -p arbiter-policy-server --bench decide` (or `make bench-decide`). Besides
 //! criterion's mean, prints p50/p99 over 50k single decisions per case, since the target
 //! is a tail latency (p99 <= 50 µs at 1,000 policies, flat to 10,000).
 //!

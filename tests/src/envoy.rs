@@ -406,6 +406,11 @@ impl Envoy {
         std::fs::read_to_string(self.proc.stderr_path()).unwrap_or_default()
     }
 
+    /// The OS process id while running (benchmarks read its CPU time and memory).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.proc.exited().is_none()

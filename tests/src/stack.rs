@@ -28,6 +28,9 @@ pub const E2E_TEMPLATE: &str = "tests/envoy/e2e.yaml.tmpl";
 pub const DEMO_TEMPLATE: &str = "envoy/arbiter.yaml.tmpl";
 /// The template without the wasm filter.
 pub const PASSTHROUGH_TEMPLATE: &str = "tests/envoy/passthrough.yaml.tmpl";
+/// The passthrough template plus Envoy's native `envoy.filters.http.ext_authz` (gRPC) calling
+/// the policy server at `POLICY_PORT`: the benchmark's peer baseline.
+pub const EXT_AUTHZ_TEMPLATE: &str = "tests/envoy/ext_authz.yaml.tmpl";
 /// The policy bundle used when the builder is not given one.
 pub const DEFAULT_POLICIES: &str = "examples/ai-gateway/policies";
 /// The plugin configuration rendered into `PLUGIN_CONFIG_JSON` by default.
@@ -142,6 +145,19 @@ impl PolicyServer {
         extra_args: &[String],
         dir: Option<&Path>,
     ) -> Result<PolicyServer> {
+        Self::start_with_audit(addr, policies, extra_args, dir, true).await
+    }
+
+    /// Like [`PolicyServer::start_in`]; with `audit_log` false the harness does not pass
+    /// `--audit-log` even when the server has it (benchmarks measure "audit off" this way;
+    /// a server that requires the flag then fails to start).
+    pub async fn start_with_audit(
+        addr: SocketAddr,
+        policies: impl AsRef<Path>,
+        extra_args: &[String],
+        dir: Option<&Path>,
+        audit_log: bool,
+    ) -> Result<PolicyServer> {
         let bin = policy_server_bin()?;
         let policies = template_path(policies);
         if !policies.is_dir() {
@@ -155,9 +171,8 @@ impl PolicyServer {
             .output()
             .context("running policy server --help")?;
         let help = String::from_utf8_lossy(&help.stdout);
-        let audit_log = help
-            .contains("--audit-log")
-            .then(|| dir.path().join("audit.jsonl"));
+        let audit_log =
+            (audit_log && help.contains("--audit-log")).then(|| dir.path().join("audit.jsonl"));
         let metrics_addr = if help.contains("--metrics-listen") {
             Some(loopback(free_port()?))
         } else {

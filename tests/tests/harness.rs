@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use arbiter_e2e::envoy::{render, validate};
 use arbiter_e2e::grpc_misbehaving::grpc_frame;
 use arbiter_e2e::stack::{
-    chat_body, client, default_vars, wasm_path, DEMO_TEMPLATE, E2E_TEMPLATE, PASSTHROUGH_TEMPLATE,
+    chat_body, client, default_vars, wasm_path, DEMO_TEMPLATE, E2E_TEMPLATE, EXT_AUTHZ_TEMPLATE,
+    PASSTHROUGH_TEMPLATE,
 };
 use arbiter_e2e::{Fault, FaultProxy, GrpcMisbehaving, Misbehaviour, MockLlm, Mode, Stack};
 use bytes::Bytes;
@@ -119,6 +120,18 @@ fn templates_stay_in_step() {
         demo,
         "e2e.yaml.tmpl must be arbiter.yaml.tmpl plus test-only routes"
     );
+    let ext_authz = template_body(EXT_AUTHZ_TEMPLATE);
+    assert!(ext_authz.contains("name: envoy.filters.http.ext_authz"));
+    assert_eq!(
+        strip_between(
+            &ext_authz,
+            "# --- ext_authz-only begin ---",
+            "# --- ext_authz-only end ---",
+            true
+        ),
+        template_body(PASSTHROUGH_TEMPLATE),
+        "ext_authz.yaml.tmpl must be passthrough.yaml.tmpl plus the ext_authz-only blocks"
+    );
 }
 
 /// Validating the wasm templates loads the filter; without it they are skipped unless
@@ -151,6 +164,24 @@ fn passthrough_template_validates() {
     let output = validate(
         PASSTHROUGH_TEMPLATE,
         &vars(&[("PRIMARY_PORT", "1"), ("BACKUP_PORT", "2")]),
+    )
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn ext_authz_template_validates() {
+    let output = validate(
+        EXT_AUTHZ_TEMPLATE,
+        &vars(&[
+            ("POLICY_PORT", "1"),
+            ("PRIMARY_PORT", "2"),
+            ("BACKUP_PORT", "3"),
+        ]),
     )
     .unwrap();
     assert!(

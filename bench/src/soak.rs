@@ -1,0 +1,329 @@
+//! `make soak`: the arbiter scenario at a steady open-loop rate for minutes, watching Envoy's
+//! memory (wasm memory growth is a known failure in the field), errors, and — once the
+//! server has an audit log — that every decided request left exactly one audit record.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use arbiter_e2e::stack::{DEFAULT_POLICIES, DEMO_TEMPLATE};
+use arbiter_e2e::util::workspace_root;
+use arbiter_e2e::MockLlm;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::http::HttpTarget;
+use crate::latency::{median, Summary};
+use crate::load::{open_loop, OpenLoop, Target};
+use crate::procfs::{self, Memory};
+use crate::report::{fmt_rate, TargetLine};
+use crate::runner::{detect_audit_support, start_envoy, start_server, AuditMode, Plan};
+use crate::CHAT_BODY;
+
+/// Soak settings.
+#[derive(Debug, Clone)]
+pub struct SoakPlan {
+    /// Measured time.
+    pub duration: Duration,
+    /// Requests per second.
+    pub rate: f64,
+    /// Unmeasured time at the same rate before the start RSS is taken (V8 compiles, pools
+    /// and buffers fill).
+    pub warmup: Duration,
+    /// Memory is sampled between chunks of this length.
+    pub chunk: Duration,
+}
+
+/// One chunk of the soak.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SoakSample {
+    /// Seconds since the measured start, at the end of the chunk.
+    pub t_s: f64,
+    /// Envoy memory.
+    pub envoy: Memory,
+    /// Policy server memory.
+    pub server: Memory,
+    /// Latency and counts of the chunk.
+    pub summary: Summary,
+}
+
+/// The soak's results file (`bench/results/soak-<date>.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SoakReport {
+    /// Layout version.
+    pub schema: u32,
+    /// Always `soak`.
+    pub kind: String,
+    /// UTC date.
+    pub date: String,
+    /// UTC start, RFC 3339.
+    pub started_at: String,
+    /// CPUs online.
+    pub cpus: usize,
+    /// Load average before and after.
+    pub load: [Option<[f64; 3]>; 2],
+    /// Requests/s offered.
+    pub rate: f64,
+    /// Measured seconds.
+    pub duration_s: f64,
+    /// Audit mode of the server.
+    pub audit: String,
+    /// Envoy RSS after warm-up, MiB.
+    pub envoy_rss_start_mib: f64,
+    /// Envoy RSS at the end, MiB.
+    pub envoy_rss_end_mib: f64,
+    /// Growth from start to end, %.
+    pub envoy_rss_growth_pct: f64,
+    /// Policy server RSS after warm-up and at the end, MiB.
+    pub server_rss_mib: [f64; 2],
+    /// Requests answered 200.
+    pub ok: u64,
+    /// Requests not answered 200 (any reason).
+    pub errors: u64,
+    /// First error seen.
+    pub first_error: Option<String>,
+    /// Median of the chunks' p50 and p99, worst chunk p99.9, ms.
+    pub latency_ms: BTreeMap<String, f64>,
+    /// Envoy's filter counters at the end (whole Envoy lifetime, warm-up included).
+    pub counters: BTreeMap<String, u64>,
+    /// Audit records in the server's audit log (when it has one).
+    pub audit_records: Option<u64>,
+    /// Requests the server decided (filter `allow` + `deny`), warm-up included.
+    pub decided: u64,
+    /// Memory and latency per chunk.
+    pub samples: Vec<SoakSample>,
+    /// PASS/MISS per soak target.
+    pub targets: Vec<TargetLine>,
+}
+
+/// Runs the soak.
+pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
+    let now = OffsetDateTime::now_utc();
+    let load_before = procfs::load_average();
+    let support = detect_audit_support()?;
+    let mode = AuditMode::best_write(support);
+    let primary = MockLlm::start("primary").await?;
+    let backup = MockLlm::start("backup").await?;
+    let server = start_server(&workspace_root().join(DEFAULT_POLICIES), mode, plan).await?;
+    let envoy = start_envoy(
+        DEMO_TEMPLATE,
+        Some(server.addr().port()),
+        &primary,
+        &backup,
+        plan,
+    )
+    .await?;
+    let target: Arc<dyn Target> = HttpTarget::new(
+        &envoy.url("/v1/chat/completions")?,
+        Bytes::from_static(CHAT_BODY),
+    )?;
+    let envoy_pid = envoy.pid().context("Envoy is not running")?;
+    let server_pid = server.pid().context("the policy server is not running")?;
+    let config = |duration| OpenLoop {
+        rate: soak.rate,
+        duration,
+        timeout: plan.timeout,
+        max_in_flight: plan.max_in_flight,
+    };
+
+    println!(
+        "soak: {} rps for {:.0} s after {:.0} s warm-up (arbiter, {})",
+        fmt_rate(soak.rate),
+        soak.duration.as_secs_f64(),
+        soak.warmup.as_secs_f64(),
+        mode.label()
+    );
+    let warm = open_loop(Arc::clone(&target), &config(soak.warmup)).await;
+    primary.clear();
+    let envoy_start = procfs::memory(envoy_pid)?;
+    let server_start = procfs::memory(server_pid)?;
+    let mut samples = Vec::new();
+    let mut errors = warm.summary.errors;
+    let mut first_error = warm.first_error;
+    let mut ok = 0;
+    let started = Instant::now();
+    while started.elapsed() < soak.duration {
+        let left = soak.duration.saturating_sub(started.elapsed());
+        let result = open_loop(Arc::clone(&target), &config(soak.chunk.min(left))).await;
+        primary.clear();
+        ok += result.summary.ok;
+        errors += result.summary.errors;
+        if first_error.is_none() {
+            first_error = result.first_error;
+        }
+        let sample = SoakSample {
+            t_s: started.elapsed().as_secs_f64(),
+            envoy: procfs::memory(envoy_pid)?,
+            server: procfs::memory(server_pid)?,
+            summary: result.summary,
+        };
+        println!(
+            "  t={:>5.0} s  Envoy RSS {:>7.1} MiB  server RSS {:>6.1} MiB  p99 {:.3} ms  errors {}",
+            sample.t_s,
+            sample.envoy.rss_mib,
+            sample.server.rss_mib,
+            sample.summary.p99_ms,
+            sample.summary.errors
+        );
+        samples.push(sample);
+    }
+    let envoy_end = procfs::memory(envoy_pid)?;
+    let server_end = procfs::memory(server_pid)?;
+    let stats = envoy.stats().await?;
+    let counters: BTreeMap<String, u64> = stats
+        .into_iter()
+        .filter(|(k, _)| {
+            k.starts_with("wasmcustom.arbiter.checks.")
+                || k.starts_with("wasmcustom.arbiter.no_decision.")
+        })
+        .collect();
+    let count = |name: &str| counters.get(name).copied().unwrap_or(0);
+    let decided =
+        count("wasmcustom.arbiter.checks.allow") + count("wasmcustom.arbiter.checks.deny");
+    let audit_records = match server.audit_log_path() {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the audit log {}", path.display()))?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count() as u64,
+        ),
+        None => None,
+    };
+
+    let growth = if envoy_start.rss_mib > 0.0 {
+        (envoy_end.rss_mib - envoy_start.rss_mib) / envoy_start.rss_mib * 100.0
+    } else {
+        0.0
+    };
+    let mut latency_ms = BTreeMap::new();
+    latency_ms.insert(
+        "p50_median_of_chunks".to_owned(),
+        median(samples.iter().map(|s| s.summary.p50_ms).collect()),
+    );
+    latency_ms.insert(
+        "p99_median_of_chunks".to_owned(),
+        median(samples.iter().map(|s| s.summary.p99_ms).collect()),
+    );
+    latency_ms.insert(
+        "p999_worst_chunk".to_owned(),
+        samples
+            .iter()
+            .map(|s| s.summary.p999_ms)
+            .fold(0.0, f64::max),
+    );
+    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" }.to_owned();
+    let mut targets = vec![
+        TargetLine {
+            target: "Envoy RSS growth ≤ 5 % (after warm-up → end)".to_owned(),
+            measured: format!(
+                "{:+.2} % ({:.1} → {:.1} MiB)",
+                growth, envoy_start.rss_mib, envoy_end.rss_mib
+            ),
+            verdict: verdict(growth <= 5.0),
+            note: None,
+        },
+        TargetLine {
+            target: "zero unexpected errors".to_owned(),
+            measured: format!("{errors} errors in {} requests", ok + errors),
+            verdict: verdict(errors == 0),
+            note: first_error.clone(),
+        },
+    ];
+    targets.push(match audit_records {
+        Some(records) => TargetLine {
+            target: "audit records = decided requests".to_owned(),
+            measured: format!("{records} records, {decided} decided"),
+            verdict: verdict(records == decided),
+            note: None,
+        },
+        None => TargetLine {
+            target: "audit records = decided requests".to_owned(),
+            measured: "not measured".to_owned(),
+            verdict: "N/A".to_owned(),
+            note: Some("the policy server has no --audit-log yet".to_owned()),
+        },
+    });
+    Ok(SoakReport {
+        schema: 1,
+        kind: "soak".to_owned(),
+        date: now.date().to_string(),
+        started_at: now.format(&Rfc3339)?,
+        cpus: procfs::cpu_count(),
+        load: [load_before, procfs::load_average()],
+        rate: soak.rate,
+        duration_s: started.elapsed().as_secs_f64(),
+        audit: mode.label().to_owned(),
+        envoy_rss_start_mib: envoy_start.rss_mib,
+        envoy_rss_end_mib: envoy_end.rss_mib,
+        envoy_rss_growth_pct: growth,
+        server_rss_mib: [server_start.rss_mib, server_end.rss_mib],
+        ok,
+        errors,
+        first_error,
+        latency_ms,
+        counters,
+        audit_records,
+        decided,
+        samples,
+        targets,
+    })
+}
+
+impl SoakReport {
+    /// Markdown summary.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "# Arbiter soak, {}\n\narbiter ({}) at {} rps for {:.0} s, Envoy `--concurrency 1`; {} CPUs, load average before {:?} after {:?}.\n",
+            self.date,
+            self.audit,
+            fmt_rate(self.rate),
+            self.duration_s,
+            self.cpus,
+            self.load[0],
+            self.load[1]
+        );
+        md.push_str("| target | measured | verdict | note |\n|---|---|---|---|\n");
+        for t in &self.targets {
+            let _ = writeln!(
+                md,
+                "| {} | {} | **{}** | {} |",
+                t.target,
+                t.measured,
+                t.verdict,
+                t.note.as_deref().unwrap_or("")
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nRequests answered: {}, errors: {}. Latency: median chunk p50 {:.3} ms, median chunk p99 {:.3} ms, worst chunk p99.9 {:.3} ms. Policy server RSS {:.1} → {:.1} MiB.\n",
+            self.ok,
+            self.errors,
+            self.latency_ms.get("p50_median_of_chunks").copied().unwrap_or(0.0),
+            self.latency_ms.get("p99_median_of_chunks").copied().unwrap_or(0.0),
+            self.latency_ms.get("p999_worst_chunk").copied().unwrap_or(0.0),
+            self.server_rss_mib[0],
+            self.server_rss_mib[1]
+        );
+        md.push_str("| t (s) | Envoy RSS MiB | server RSS MiB | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|---:|\n");
+        for s in &self.samples {
+            let _ = writeln!(
+                md,
+                "| {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {} |",
+                s.t_s,
+                s.envoy.rss_mib,
+                s.server.rss_mib,
+                s.summary.p50_ms,
+                s.summary.p99_ms,
+                s.summary.errors
+            );
+        }
+        md
+    }
+}
