@@ -285,6 +285,25 @@ enum Load {
     Closed(usize),
 }
 
+/// What the reader should know about the machine, from its load when the run started: a
+/// busy machine inflates absolute numbers, while ratios from the same run stay comparable.
+fn caveat(cpus: usize, load: Option<[f64; 3]>) -> String {
+    let busy = match load {
+        // The 1-minute load average above a quarter of the CPUs means something else ran.
+        Some([one, ..]) => one > cpus as f64 / 4.0,
+        None => true,
+    };
+    if busy {
+        "The machine was busy when the run started (see the load average): absolute numbers are \
+         indicative only; compare the ratios, which come from the same run."
+            .to_owned()
+    } else {
+        "The machine was otherwise idle when the run started; absolute numbers depend on the \
+         machine, the ratios come from the same run."
+            .to_owned()
+    }
+}
+
 /// Runs the plan and returns the report (ratios and targets evaluated).
 pub async fn run(plan: &Plan) -> Result<Report> {
     let started = Instant::now();
@@ -300,7 +319,7 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             cpu_model: procfs::cpu_model(),
             load_before: procfs::load_average(),
             load_after: None,
-            caveat: "Shared 2-core development VM with other builds running: absolute numbers are indicative only; compare the ratios, which come from the same run.".to_owned(),
+            caveat: caveat(procfs::cpu_count(), procfs::load_average()),
         },
         method: method(plan)?,
         audit: support,
