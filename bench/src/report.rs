@@ -28,6 +28,9 @@ pub mod ids {
     pub const ARBITER_FSYNC: &str = "arbiter_fsync";
     /// The Arbiter wasm filter on a route with the allow-cache on.
     pub const ARBITER_CACHE: &str = "arbiter_cache";
+    /// The Arbiter wasm filter loaded, on a route that disables it: what running any wasm
+    /// filter costs Envoy, before the filter does any work of its own.
+    pub const ARBITER_DISABLED: &str = "arbiter_disabled";
 }
 
 /// One benchmark run.

@@ -262,6 +262,7 @@ const EXTRA_ARBITER_COUNTERS: &[&str] = &[
     "wasmcustom.arbiter.checks.fail_open",
     "wasmcustom.arbiter.cache.misses",
 ];
+const DISABLED_COUNTERS: &[&str] = &["wasmcustom.arbiter.checks.disabled"];
 const EXT_AUTHZ_COUNTERS: &[&str] = &["http.ingress.ext_authz.ok"];
 const EXTRA_EXT_AUTHZ_COUNTERS: &[&str] = &[
     "http.ingress.ext_authz.denied",
@@ -399,6 +400,20 @@ pub async fn run(plan: &Plan) -> Result<Report> {
         server: Some(0),
         audit: Some(main_mode),
         checked_by: ARBITER_COUNTERS,
+    });
+
+    // The filter's fixed cost: same module and plugin config, on the e2e template's
+    // `t_disabled` route (`disabled: true`), so it returns at once without a policy call.
+    // Its distance to no-auth is what V8 and the proxy-wasm ABI cost per request; the
+    // distance from it to `arbiter` is the filter's own work plus the gRPC call.
+    defs.push(Def {
+        id: ids::ARBITER_DISABLED,
+        label: "arbiter loaded, route disabled".to_owned(),
+        template: E2E_TEMPLATE,
+        path: "/t/disabled/v1/chat/completions",
+        server: Some(0),
+        audit: None,
+        checked_by: DISABLED_COUNTERS,
     });
 
     let mut envoys = Vec::with_capacity(defs.len());
@@ -796,6 +811,7 @@ fn sanity_notes(report: &Report) -> Vec<String> {
         let checked_by: &[&str] = match s.id.as_str() {
             ids::NO_AUTH => NO_AUTH_COUNTERS,
             ids::EXT_AUTHZ => EXT_AUTHZ_COUNTERS,
+            ids::ARBITER_DISABLED => DISABLED_COUNTERS,
             _ => ARBITER_COUNTERS,
         };
         for (what, run) in s
@@ -907,6 +923,7 @@ pub fn problems(report: &Report) -> Vec<String> {
         ids::EXT_AUTHZ,
         ids::ARBITER,
         ids::ARBITER_CACHE,
+        ids::ARBITER_DISABLED,
     ];
     for id in expected {
         if report.scenario(id).is_none() {
