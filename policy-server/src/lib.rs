@@ -7,8 +7,9 @@
 //! `403` with a JSON body. Every decision is first written to the [`AuditLog`] (see
 //! [`audit`]); a decision that cannot be recorded is not given. Bundles are validated against
 //! the built-in Arbiter schema ([`schema`]), hot-reloaded with last-known-good ([`reload`]),
-//! optionally shadowed by a candidate bundle, and measured ([`metrics`]). See the crate
-//! README for the Cedar model and the audit record.
+//! optionally shadowed by a candidate bundle, and measured ([`metrics`]). Health is
+//! `SERVING` only while a synthetic decision succeeds in time and the audit log is writable
+//! ([`health`]). See the crate README for the Cedar model and the audit record.
 
 pub mod ai;
 pub mod audit;
