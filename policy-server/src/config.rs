@@ -2,8 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::audit::{AuditConfig, AuditSync, DEFAULT_MAX_BYTES};
+use crate::health::{self, HealthConfig};
 
 /// Server configuration.
 #[derive(Debug, Clone, clap::Parser)]
@@ -57,6 +59,12 @@ pub struct Config {
     /// OTLP/gRPC logs receiver to ship audit records to, e.g. `http://127.0.0.1:4317`.
     #[arg(long, env = "ARBITER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// How often health decides a synthetic request through the engine (`1s`, `500ms`).
+    #[arg(long, env = "ARBITER_HEALTH_INTERVAL", default_value = "1s", value_parser = health::parse_duration)]
+    pub health_interval: Duration,
+    /// Bound on one synthetic decision; a slower one turns health NOT_SERVING (`250ms`).
+    #[arg(long, env = "ARBITER_HEALTH_DECISION_TIMEOUT", default_value = "250ms", value_parser = health::parse_duration)]
+    pub health_decision_timeout: Duration,
 }
 
 impl Config {
@@ -79,6 +87,16 @@ impl Config {
             audit_max_bytes: DEFAULT_MAX_BYTES,
             redact_headers: Vec::new(),
             otlp_endpoint: None,
+            health_interval: health::DEFAULT_INTERVAL,
+            health_decision_timeout: health::DEFAULT_DECISION_TIMEOUT,
+        }
+    }
+
+    /// The health monitor's part of the configuration.
+    pub fn health(&self) -> HealthConfig {
+        HealthConfig {
+            interval: self.health_interval,
+            decision_timeout: self.health_decision_timeout,
         }
     }
 
@@ -124,6 +142,11 @@ mod tests {
         assert_eq!(config.shadow_policies, None);
         assert_eq!(config.metrics_listen, None);
         assert_eq!(config.reload_interval_ms, 250);
+        assert_eq!(config.health(), HealthConfig::default());
+        assert_eq!(
+            Config::new(config.listen, "p", "a.jsonl").health(),
+            HealthConfig::default()
+        );
         let config = Config::try_parse_from([
             "arbiter-policy-server",
             "--policies",
@@ -140,8 +163,14 @@ mod tests {
             "X-Pin",
             "--redact-header",
             "x-other",
+            "--health-interval",
+            "200ms",
+            "--health-decision-timeout",
+            "50ms",
         ])
         .unwrap();
+        assert_eq!(config.health_interval, Duration::from_millis(200));
+        assert_eq!(config.health_decision_timeout, Duration::from_millis(50));
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.audit_sync, AuditSync::Write);

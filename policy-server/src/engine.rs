@@ -363,6 +363,14 @@ impl PolicyEngine {
         self.shadow.store(bundle);
     }
 
+    /// Decides `req` with the current bundle alone, recording nothing: no decision metrics,
+    /// no shadow evaluation. The health monitor's synthetic decision (see
+    /// [`crate::health`]): the same evaluation as [`Self::decide`], without counting a
+    /// request nobody made.
+    pub fn decide_synthetic(&self, req: &AuthzRequest) -> Result<Decision, EngineError> {
+        self.bundle.load().decide(&self.authorizer, req)
+    }
+
     /// Decides `req` with the current bundle; with a shadow bundle set, also with it (its
     /// answer is recorded on the decision and in metrics, and never changes the decision).
     pub fn decide(&self, req: &AuthzRequest) -> Result<Decision, EngineError> {

@@ -7,8 +7,9 @@
 //! `403` with a JSON body. Every decision is first written to the [`AuditLog`] (see
 //! [`audit`]); a decision that cannot be recorded is not given. Bundles are validated against
 //! the built-in Arbiter schema ([`schema`]), hot-reloaded with last-known-good ([`reload`]),
-//! optionally shadowed by a candidate bundle, and measured ([`metrics`]). See the crate
-//! README for the Cedar model and the audit record.
+//! optionally shadowed by a candidate bundle, and measured ([`metrics`]). Health is
+//! `SERVING` only while a synthetic decision succeeds in time and the audit log is writable
+//! ([`health`]). See the crate README for the Cedar model and the audit record.
 
 pub mod ai;
 pub mod audit;
@@ -16,6 +17,7 @@ pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod health;
 pub mod identity;
 pub mod index;
 pub mod metrics;
@@ -40,6 +42,7 @@ pub use audit::{AuditConfig, AuditError, AuditLog, AuditMetrics, AuditSync, Reda
 pub use bundle::{Bundle, BundleError};
 pub use config::{Config, LogFormat};
 pub use engine::{Decision, EngineError, PolicyEngine};
+pub use health::{HealthConfig, HealthMetrics, HealthMonitor};
 pub use metrics::{BundleRole, Metrics};
 pub use reload::{StatusBoard, Watch};
 pub use request::{AuthzRequest, RequestError};
@@ -75,7 +78,8 @@ pub enum ServerError {
     Export(#[from] audit::export::ExportError),
 }
 
-/// What runs beside the gRPC services: bundle watchers and the metrics listener.
+/// What runs beside the gRPC services: bundle watchers, the metrics listener and the health
+/// monitor's settings.
 #[derive(Debug, Default)]
 pub struct Extras {
     /// Bundle directories to watch, and how often (`Duration::ZERO`: not at all).
@@ -86,6 +90,8 @@ pub struct Extras {
     pub metrics_listener: Option<TcpListener>,
     /// Reload state, shown by `/status`.
     pub status: Arc<StatusBoard>,
+    /// How often and how strictly health decides its synthetic request.
+    pub health: HealthConfig,
 }
 
 /// Loads the bundles, binds `config.listen` (and `config.metrics_listen`) and serves until
@@ -135,6 +141,7 @@ pub async fn run(
         reload_interval: Duration::from_millis(config.reload_interval_ms),
         metrics_listener,
         status,
+        health: config.health(),
     };
     serve_with(listener, engine, audit, redactor, extras, shutdown).await
 }
@@ -180,26 +187,30 @@ pub async fn serve_with(
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
     })?;
-    // Overall health ("") starts SERVING; the engine holds a loaded bundle, so the
-    // authorization service is SERVING too, and the bundle on disk is the one in use.
+    // The bundle on disk is the one in use: `arbiter.PolicyBundle` starts SERVING.
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<AuthorizationServer<AuthorizationService>>()
-        .await;
     health
         .set_service_status(
             reload::BUNDLE_HEALTH_SERVICE,
             tonic_health::ServingStatus::Serving,
         )
         .await;
-
-    // Background tasks end with the server (aborted below), not on their own.
-    let mut tasks = Vec::new();
-    // NOT_SERVING while the audit log cannot be written (no decision can be given then).
-    tasks.push(tokio::spawn(audit::mirror_health(
+    // "" and the Authorization service: SERVING only while a synthetic decision succeeds in
+    // time and the audit log is writable. The first synthetic decision runs before the
+    // server takes calls, so the first health answer is already a computed one.
+    let health_metrics = HealthMetrics::default();
+    health_metrics.register(engine.metrics());
+    let mut monitor = HealthMonitor::new(
+        Arc::clone(&engine),
         audit.writable(),
         health.clone(),
-    )));
+        extras.health,
+        health_metrics,
+    );
+    monitor.check_now().await;
+
+    // Background tasks end with the server (aborted below), not on their own.
+    let mut tasks = vec![tokio::spawn(monitor.run())];
     if !extras.reload_interval.is_zero() {
         for watch in extras.watches {
             tasks.push(tokio::spawn(watch.run(

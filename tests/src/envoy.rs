@@ -370,6 +370,23 @@ impl Envoy {
         Ok(matching)
     }
 
+    /// The health flags of each host of `cluster`, by `ip:port`, from the admin `/clusters`
+    /// (`healthy`, or flags such as `/failed_active_hc`, `/failed_outlier_check`).
+    pub async fn host_health_flags(&self, cluster: &str) -> Result<HashMap<String, String>> {
+        let text = self.admin_get("/clusters").await?;
+        let prefix = format!("{cluster}::");
+        let mut flags = HashMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            if let Some((host, value)) = rest.split_once("::health_flags::") {
+                flags.insert(host.to_owned(), value.trim().to_owned());
+            }
+        }
+        Ok(flags)
+    }
+
     /// Path of the JSON-lines access log.
     pub fn access_log_path(&self) -> &Path {
         &self.access_log

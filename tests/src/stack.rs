@@ -392,6 +392,7 @@ pub struct StackBuilder {
     vars: HashMap<String, String>,
     plugin_config: String,
     policy_target: Option<SocketAddr>,
+    second_policy_server: bool,
     envoy: EnvoyOptions,
 }
 
@@ -405,6 +406,7 @@ impl Default for StackBuilder {
             vars: HashMap::new(),
             plugin_config: DEFAULT_PLUGIN_CONFIG.to_owned(),
             policy_target: None,
+            second_policy_server: false,
             envoy: EnvoyOptions::default(),
         }
     }
@@ -435,6 +437,15 @@ impl StackBuilder {
     pub fn policy_target(mut self, addr: SocketAddr) -> Self {
         self.policy_target = Some(addr);
         self.policy_server = false;
+        self
+    }
+
+    /// Start a second policy server (same bundle and arguments, its own audit log) as one
+    /// more endpoint of the `arbiter_policy` cluster, reached directly rather than through
+    /// the fault proxy: two instances behind Envoy's health checks and load balancing. Needs
+    /// a template with `POLICY_EXTRA_ENDPOINT` ([`E2E_TEMPLATE`]).
+    pub fn second_policy_server(mut self) -> Self {
+        self.second_policy_server = true;
         self
     }
 
@@ -485,6 +496,17 @@ impl StackBuilder {
             (None, Some(target)) => target,
             (None, None) => loopback(free_port()?),
         };
+        let second_policy = if self.second_policy_server {
+            if !text.contains("{{POLICY_EXTRA_ENDPOINT}}") {
+                bail!(
+                    "{} has no POLICY_EXTRA_ENDPOINT for a second policy server",
+                    template.display()
+                );
+            }
+            Some(PolicyServer::start(&self.policies, &self.policy_args).await?)
+        } else {
+            None
+        };
         let fault = FaultProxy::start(target).await?;
         let primary = MockLlm::start("primary").await?;
         let backup = MockLlm::start("backup").await?;
@@ -493,6 +515,16 @@ impl StackBuilder {
         vars.insert("POLICY_PORT".into(), fault.port().to_string());
         vars.insert("PRIMARY_PORT".into(), primary.port().to_string());
         vars.insert("BACKUP_PORT".into(), backup.port().to_string());
+        if let Some(second) = &second_policy {
+            vars.insert(
+                "POLICY_EXTRA_ENDPOINT".into(),
+                format!(
+                    "- endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}",
+                    second.addr().ip(),
+                    second.addr().port()
+                ),
+            );
+        }
         vars.insert(
             "PLUGIN_CONFIG_JSON".into(),
             yaml_single_quoted(&self.plugin_config),
@@ -507,6 +539,7 @@ impl StackBuilder {
             backup,
             fault,
             policy,
+            second_policy,
             http,
         })
     }
@@ -514,8 +547,10 @@ impl StackBuilder {
 
 /// Defaults for the variables a template uses besides ports and `ACCESS_LOG`: `WASM_PATH`
 /// (only if `template` uses it; errors with "run `make wasm` first" when not built),
-/// `PLUGIN_CONFIG_JSON`, `TIMEOUT_MS` (200) and `OVERRIDE_ACTIVE` / `OVERRIDE_EXPIRED` /
-/// `OVERRIDE_TOO_FAR` (now+1h, now-1h, now+48h, RFC 3339). `template` is the template text.
+/// `PLUGIN_CONFIG_JSON`, `TIMEOUT_MS` (200), `POLICY_HC_INTERVAL` (60s),
+/// `POLICY_EXTRA_ENDPOINT` (empty: one policy server) and `OVERRIDE_ACTIVE` /
+/// `OVERRIDE_EXPIRED` / `OVERRIDE_TOO_FAR` (now+1h, now-1h, now+48h, RFC 3339). `template` is
+/// the template text.
 pub fn default_vars(template: &str) -> Result<HashMap<String, String>> {
     let mut vars = HashMap::new();
     vars.insert(
@@ -531,6 +566,7 @@ pub fn default_vars(template: &str) -> Result<HashMap<String, String>> {
     // Health checks of the policy cluster go through the fault proxy too; a long interval
     // keeps them out of byte and connection counts (tests that need them set it lower).
     vars.insert("POLICY_HC_INTERVAL".into(), "60s".into());
+    vars.insert("POLICY_EXTRA_ENDPOINT".into(), String::new());
     vars.insert("OVERRIDE_ACTIVE".into(), at(time::Duration::hours(1))?);
     vars.insert("OVERRIDE_EXPIRED".into(), at(time::Duration::hours(-1))?);
     vars.insert("OVERRIDE_TOO_FAR".into(), at(time::Duration::hours(48))?);
@@ -613,6 +649,8 @@ pub struct Stack {
     pub fault: FaultProxy,
     /// The policy server, unless the builder turned it off.
     pub policy: Option<PolicyServer>,
+    /// The second policy server ([`StackBuilder::second_policy_server`]), reached directly.
+    pub second_policy: Option<PolicyServer>,
     http: reqwest::Client,
 }
 

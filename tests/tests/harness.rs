@@ -110,15 +110,22 @@ fn templates_stay_in_step() {
     );
     let e2e = template_body(E2E_TEMPLATE);
     assert!(e2e.contains("name: t_closed"));
+    assert!(e2e.contains("{{POLICY_EXTRA_ENDPOINT}}"));
+    let e2e = strip_between(
+        &e2e,
+        "# --- test-only routes begin",
+        "# --- test-only routes end ---",
+        false,
+    );
     assert_eq!(
         strip_between(
             &e2e,
-            "# --- test-only routes begin",
-            "# --- test-only routes end ---",
+            "# --- test-only endpoints begin",
+            "# --- test-only endpoints end ---",
             false
         ),
         demo,
-        "e2e.yaml.tmpl must be arbiter.yaml.tmpl plus test-only routes"
+        "e2e.yaml.tmpl must be arbiter.yaml.tmpl plus test-only routes and endpoints"
     );
     let ext_authz = template_body(EXT_AUTHZ_TEMPLATE);
     assert!(ext_authz.contains("name: envoy.filters.http.ext_authz"));

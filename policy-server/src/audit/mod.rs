@@ -139,31 +139,6 @@ pub fn timestamp(at: OffsetDateTime) -> String {
     )
 }
 
-/// Mirrors the log's writability into gRPC health: NOT_SERVING while no record can be
-/// written (so no decision can be given), SERVING again once writing works.
-pub async fn mirror_health(
-    mut writable: tokio::sync::watch::Receiver<bool>,
-    reporter: tonic_health::server::HealthReporter,
-) {
-    use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
-    type Service = AuthorizationServer<crate::service::AuthorizationService>;
-    loop {
-        let now = *writable.borrow_and_update();
-        let status = if now {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        reporter.set_service_status("", status).await;
-        reporter
-            .set_service_status(<Service as tonic::server::NamedService>::NAME, status)
-            .await;
-        if writable.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

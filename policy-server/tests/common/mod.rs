@@ -105,6 +105,7 @@ impl Running {
             reload_interval: interval,
             metrics_listener: Some(metrics_listener),
             status,
+            ..Extras::default()
         };
         let audit_dir = tempfile::tempdir().unwrap();
         let mut audit_config =
