@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use arbiter_e2e::envoy;
 use arbiter_e2e::eventually;
-use arbiter_e2e::stack::{chat_body, Stack};
+use arbiter_e2e::stack::{chat_body, default_vars, Stack, E2E_TEMPLATE};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     trace_service_server::{TraceService, TraceServiceServer},
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -171,5 +172,46 @@ async fn client_traceparent_reaches_the_decision_span_and_the_audit_record() -> 
         );
         assert!(!attr(&span, "arbiter.policy_version").is_empty());
     }
+    Ok(())
+}
+
+/// The Envoy tracing example is valid Envoy config: put into the shipped e2e config, it
+/// passes `envoy --mode validate`.
+#[tokio::test(flavor = "multi_thread")]
+async fn envoy_tracing_example_validates() -> Result<()> {
+    let example: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        envoy::template_path("examples/observability/envoy-tracing.yaml"),
+    )?)?;
+    // JSON is YAML in flow style; spaced so that no `}}` reads as a placeholder's end.
+    let flow = |key: &str| -> Result<String> {
+        let value = example.get(key).with_context(|| format!("no `{key}`"))?;
+        Ok(serde_json::to_string(value)?
+            .replace('{', "{ ")
+            .replace('}', " }"))
+    };
+    let text = std::fs::read_to_string(envoy::template_path(E2E_TEMPLATE))?;
+    let mut vars = default_vars(&text)?;
+    let text = text
+        .replacen(
+            "stat_prefix: ingress",
+            "stat_prefix: ingress\n          tracing: {{TRACING}}",
+            1,
+        )
+        .replacen("  clusters:\n", "  clusters:\n  - {{COLLECTOR}}\n", 1);
+    assert!(text.contains("{{TRACING}}") && text.contains("{{COLLECTOR}}"));
+    vars.insert("TRACING".into(), flow("tracing")?);
+    vars.insert("COLLECTOR".into(), flow("cluster")?);
+    for port in ["POLICY_PORT", "PRIMARY_PORT", "BACKUP_PORT"] {
+        vars.insert(port.into(), "1".into());
+    }
+    let dir = tempfile::tempdir()?;
+    let template = dir.path().join("traced.yaml.tmpl");
+    std::fs::write(&template, text)?;
+    let out = envoy::validate(&template, &vars)?;
+    assert!(
+        out.status.success(),
+        "the tracing example must validate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
