@@ -456,8 +456,9 @@ struct Sender<E> {
 }
 
 impl<E: SpanExporter> Sender<E> {
-    /// One export call; spans the receiver does not take in time are dropped (traces are
-    /// best effort: no retries that would grow the backlog during an outage).
+    /// One export call (the OTLP exporter retries an `UNAVAILABLE` a few times inside it);
+    /// spans the receiver does not take within the bound are dropped: traces are best
+    /// effort, and holding on to them would grow the backlog during an outage.
     async fn send(&mut self, batch: Vec<SpanData>) {
         if batch.is_empty() {
             return;
