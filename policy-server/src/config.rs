@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::audit::{AuditConfig, AuditSync, DEFAULT_MAX_BYTES};
 use crate::health::{self, HealthConfig};
+use crate::trace::TraceConfig;
 
 /// Server configuration.
 #[derive(Debug, Clone, clap::Parser)]
@@ -65,6 +66,14 @@ pub struct Config {
     /// Bound on one synthetic decision; a slower one turns health NOT_SERVING (`250ms`).
     #[arg(long, env = "ARBITER_HEALTH_DECISION_TIMEOUT", default_value = "250ms", value_parser = health::parse_duration)]
     pub health_decision_timeout: Duration,
+    /// OTLP/gRPC traces receiver for one span per decision, e.g. `http://127.0.0.1:4317`
+    /// (off by default; `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is used when this is not set).
+    #[arg(long, env = "ARBITER_OTLP_TRACES_ENDPOINT")]
+    pub otlp_traces_endpoint: Option<String>,
+    /// Share of new traces (requests without a valid `traceparent`) that are sampled, 0–1.
+    /// Requests with a `traceparent` follow its sampled flag.
+    #[arg(long, env = "ARBITER_OTLP_TRACES_SAMPLE_RATIO", default_value_t = 1.0, value_parser = sample_ratio)]
+    pub otlp_traces_sample_ratio: f64,
 }
 
 impl Config {
@@ -89,6 +98,8 @@ impl Config {
             otlp_endpoint: None,
             health_interval: health::DEFAULT_INTERVAL,
             health_decision_timeout: health::DEFAULT_DECISION_TIMEOUT,
+            otlp_traces_endpoint: None,
+            otlp_traces_sample_ratio: 1.0,
         }
     }
 
@@ -100,6 +111,19 @@ impl Config {
         }
     }
 
+    /// Where to export traces: `--otlp-traces-endpoint`, else a non-empty
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `None`: tracing is off.
+    pub fn traces(&self) -> Option<TraceConfig> {
+        let endpoint = self.otlp_traces_endpoint.clone().or_else(|| {
+            std::env::var(crate::trace::OTEL_TRACES_ENDPOINT_ENV)
+                .ok()
+                .filter(|e| !e.trim().is_empty())
+        })?;
+        let mut config = TraceConfig::new(endpoint);
+        config.root_sample_ratio = self.otlp_traces_sample_ratio;
+        Some(config)
+    }
+
     /// The audit writer's part of the configuration.
     pub fn audit(&self) -> AuditConfig {
         AuditConfig {
@@ -107,6 +131,13 @@ impl Config {
             sync: self.audit_sync,
             max_bytes: self.audit_max_bytes,
         }
+    }
+}
+
+fn sample_ratio(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("`{value}` is not a ratio between 0 and 1")),
     }
 }
 
@@ -175,6 +206,30 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.audit_sync, AuditSync::Write);
         assert_eq!(config.redact_headers, ["X-Pin", "x-other"]);
+        assert_eq!(config.otlp_traces_endpoint, None);
+        assert_eq!(config.otlp_traces_sample_ratio, 1.0);
+        let traced = |extra: &[&str]| {
+            let base = [
+                "arbiter-policy-server",
+                "--policies",
+                "p",
+                "--audit-log",
+                "a",
+            ];
+            Config::try_parse_from(base.iter().chain(extra))
+        };
+        let config = traced(&[
+            "--otlp-traces-endpoint",
+            "http://collector:4317",
+            "--otlp-traces-sample-ratio",
+            "0.25",
+        ])
+        .unwrap();
+        let traces = config.traces().unwrap();
+        assert_eq!(traces.endpoint, "http://collector:4317");
+        assert_eq!(traces.root_sample_ratio, 0.25);
+        assert!(traced(&["--otlp-traces-sample-ratio", "1.5"]).is_err());
+        assert!(traced(&["--otlp-traces-sample-ratio", "-0.1"]).is_err());
         assert!(Config::try_parse_from(["arbiter-policy-server"]).is_err());
         // Every decision is recorded: there is no running without an audit log.
         assert!(Config::try_parse_from(["arbiter-policy-server", "--policies", "p"]).is_err());

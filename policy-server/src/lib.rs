@@ -26,6 +26,7 @@ pub mod reload;
 pub mod request;
 pub mod schema;
 pub mod service;
+pub mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -115,6 +116,7 @@ pub async fn run(
     let audit_metrics = AuditMetrics::default();
     let mut metrics = Metrics::new();
     audit_metrics.register(metrics.registry_mut());
+    trace::metrics().register(metrics.registry_mut());
     let engine = Arc::new(PolicyEngine::with_metrics(bundle, Arc::new(metrics)));
     let mut watches = vec![watch];
     if let Some(dir) = &config.shadow_policies {

@@ -2,42 +2,73 @@
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use arbiter_policy_server::trace::{self, Tracing};
 use arbiter_policy_server::{Config, LogFormat};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    if let Err(e) = init_logging(&config) {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    let tracing = match init_logging(&config) {
+        Ok(tracing) => tracing,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     ignore_file_size_signal();
-    match arbiter_policy_server::run(config, shutdown_signal()).await {
+    let code = match arbiter_policy_server::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{:#}", anyhow::Error::from(e));
             ExitCode::FAILURE
         }
+    };
+    if let Some(tracing) = tracing {
+        tracing.shutdown(TRACE_FLUSH_TIMEOUT).await;
     }
+    code
 }
 
-fn init_logging(config: &Config) -> anyhow::Result<()> {
+/// Longest the exit waits for the last spans to reach the collector.
+const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Logs to stderr; with a traces endpoint, also exports the decision spans (the returned
+/// handle flushes them on exit).
+fn init_logging(config: &Config) -> anyhow::Result<Option<Tracing>> {
     let filter = EnvFilter::try_new(&config.log)
-        .with_context(|| format!("invalid log filter `{}`", config.log))?;
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_context(|| format!("invalid log filter `{}`", config.log))?
+        // The exported spans stay out of the log lines, whatever the filter says.
+        .add_directive(format!("{}=off", trace::TARGET).parse()?);
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match config.log_format {
-        LogFormat::Plain => logs.try_init(),
-        LogFormat::Json => logs.json().try_init(),
-    }
-    .map_err(|e| anyhow::anyhow!(e))
-    .context("cannot set up logging")
+    let logs = match config.log_format {
+        LogFormat::Plain => logs.with_filter(filter).boxed(),
+        LogFormat::Json => logs.json().with_filter(filter).boxed(),
+    };
+    let (tracing, spans) = match config.traces() {
+        Some(traces) => {
+            let (tracing, layer) = Tracing::start(&traces)?;
+            (Some((tracing, traces.endpoint)), Some(layer))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(spans)
+        .try_init()
+        .context("cannot set up logging")?;
+    Ok(tracing.map(|(tracing, endpoint)| {
+        tracing::info!("exporting decision spans to {endpoint}");
+        tracing
+    }))
 }
 
 /// Past a file-size limit (`ulimit -f`) the kernel sends SIGXFSZ, which kills the process

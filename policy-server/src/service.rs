@@ -14,11 +14,13 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc;
 use tonic::{Code, Request, Response, Status};
+use tracing::{Instrument as _, Span};
 use uuid::Uuid;
 
-use crate::audit::{AuditEvent, AuditLog, Redactor};
+use crate::audit::{AuditEvent, AuditLog, Redactor, RequestFacts, TraceParent};
 use crate::engine::{Decision, PolicyEngine};
 use crate::request::AuthzRequest;
+use crate::trace;
 
 /// Header naming the decision's audit record, on allowed requests.
 pub const AUDIT_ID_HEADER: &str = "x-arbiter-audit-id";
@@ -54,21 +56,58 @@ impl Authorization for AuthorizationService {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let started = Instant::now();
+        // Envoy's native ext_authz (with tracing on) names its own span in the call's
+        // metadata; the request's own `traceparent` header, when valid, takes precedence.
+        let call_parent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .and_then(TraceParent::parse);
         let check = request.into_inner();
         // Headers and body are read for the record here, redacted, before the request is
         // reduced to what policy sees.
-        let facts = self.redactor.facts(&check);
+        let mut facts = self.redactor.facts(&check);
+        if facts.trace.is_none() {
+            facts.trace = call_parent;
+        }
+        let span = trace::check_span(facts.trace.as_ref());
+        self.decide(check, facts, started, &span)
+            .instrument(span.clone())
+            .await
+    }
+}
+
+impl AuthorizationService {
+    async fn decide(
+        &self,
+        check: CheckRequest,
+        facts: RequestFacts,
+        started: Instant,
+        span: &Span,
+    ) -> Result<Response<CheckResponse>, Status> {
         // A request without attributes or an HTTP request is a caller bug, not a policy
         // question: INVALID_ARGUMENT is "no decision", so the filter applies the route's fail
         // mode instead of reading an allow or a deny into it.
-        let req =
-            AuthzRequest::try_from(check).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let req = AuthzRequest::try_from(check).map_err(|e| {
+            trace::fail(span, "invalid request");
+            Status::invalid_argument(e.to_string())
+        })?;
+        span.record("arbiter.route", req.route.as_str());
+        span.record("arbiter.request_id", req.request_id.as_str());
         // Same for a request Cedar cannot express: no decision rather than a guessed one.
-        let decision = self
-            .engine
-            .decide(&req)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let decision = tracing::info_span!(target: trace::TARGET, "arbiter.evaluate")
+            .in_scope(|| self.engine.decide(&req))
+            .map_err(|e| {
+                trace::fail(span, "evaluation failed");
+                Status::internal(e.to_string())
+            })?;
         let audit_id = Uuid::now_v7().to_string();
+        span.record("arbiter.decision", outcome(&decision));
+        span.record("arbiter.policy_version", decision.policy_version.as_str());
+        if !span.is_disabled() {
+            span.record("arbiter.policy_ids", decision.policy_ids.join(","));
+        }
+        span.record("arbiter.audit.id", audit_id.as_str());
         let latency = started.elapsed();
         let event = AuditEvent::new(audit_id.clone(), &req, &decision, facts, latency);
         // No decision without a record: if the record cannot be written (disk full, I/O
@@ -78,8 +117,13 @@ impl Authorization for AuthorizationService {
         let written = self
             .audit
             .append(event)
+            .instrument(tracing::info_span!(target: trace::TARGET, "arbiter.audit.write"))
             .await
-            .map_err(|e| Status::unavailable(format!("no decision: {e}")))?;
+            .map_err(|e| {
+                trace::fail(span, "audit write failed");
+                Status::unavailable(format!("no decision: {e}"))
+            })?;
+        span.record("arbiter.audit.seq", written.seq);
 
         for error in &decision.errors {
             tracing::debug!(target: DECISION_TARGET, id = %audit_id, %error, "policy skipped");

@@ -25,7 +25,7 @@ use crate::request::AuthzRequest;
 
 pub use metrics::AuditMetrics;
 pub use record::{AuditEvent, AuditRecord, Reason, Verdict};
-pub use redact::{Redactor, RequestFacts};
+pub use redact::{Redactor, RequestFacts, TraceParent};
 pub use writer::{AuditError, AuditLog, Written};
 
 /// Default `--audit-max-bytes`: 128 MiB per file.
@@ -73,7 +73,7 @@ impl AuditEvent {
     ) -> Self {
         let RequestFacts {
             headers,
-            trace_id,
+            trace,
             body_bytes,
             body_truncated,
             prompt_sha256,
@@ -119,7 +119,7 @@ impl AuditEvent {
             body_bytes,
             body_truncated,
             prompt_sha256,
-            trace_id,
+            trace_id: trace.map(|t| t.trace_id),
             latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
         }
     }

@@ -67,7 +67,7 @@ impl Redactor {
             return RequestFacts::default();
         };
         let mut headers = BTreeMap::new();
-        let mut trace_id = None;
+        let mut trace = None;
         let mut truncated = false;
         let all = http
             .headers
@@ -91,7 +91,7 @@ impl Redactor {
                 continue;
             }
             if name == "traceparent" {
-                trace_id = trace_id_of(&value);
+                trace = TraceParent::parse(&value);
             }
             if name == PARTIAL_BODY_HEADER {
                 truncated = value.eq_ignore_ascii_case("true");
@@ -118,7 +118,7 @@ impl Redactor {
         };
         RequestFacts {
             headers,
-            trace_id,
+            trace,
             body_bytes,
             body_truncated: sent_body.then_some(truncated),
             prompt_sha256: sent_body.then(|| hex::encode(Sha256::digest(body))),
@@ -131,8 +131,9 @@ impl Redactor {
 pub struct RequestFacts {
     /// Headers without pseudo-headers, secret values replaced by [`REDACTED`].
     pub headers: BTreeMap<String, String>,
-    /// Trace id from a valid `traceparent`.
-    pub trace_id: Option<String>,
+    /// The request's valid W3C `traceparent` header: its trace id goes into the record, and
+    /// the decision's span continues it.
+    pub trace: Option<TraceParent>,
     /// Full body length when Envoy knew it, else the length of the body sent.
     pub body_bytes: Option<u64>,
     /// Whether the body sent was cut short (`None` when no body was sent).
@@ -153,24 +154,49 @@ fn http(check: &CheckRequest) -> Option<&HttpRequest> {
     }
 }
 
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), lowercase;
-/// `None` when malformed or all zeros (invalid per the spec).
+/// A valid W3C `traceparent` (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    /// Trace id, 32 lowercase hex digits, not all zeros.
+    pub trace_id: String,
+    /// Id of the caller's span, 16 lowercase hex digits, not all zeros.
+    pub parent_id: String,
+    /// The caller's `sampled` flag.
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// Parses a `traceparent` value; `None` when malformed or invalid per the spec (version
+    /// `ff`, an all-zero trace or parent id, extra fields after a version-00 value).
+    pub fn parse(traceparent: &str) -> Option<Self> {
+        let mut parts = traceparent.trim().split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let zeros = |s: &str| s.bytes().all(|b| b == b'0');
+        // Version ff is invalid; later versions may append fields.
+        if !hex(version, 2)
+            || version.eq_ignore_ascii_case("ff")
+            || (version == "00" && parts.next().is_some())
+        {
+            return None;
+        }
+        if !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) || zeros(trace) || zeros(span) {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(Self {
+            trace_id: trace.to_ascii_lowercase(),
+            parent_id: span.to_ascii_lowercase(),
+            sampled: flags & 1 == 1,
+        })
+    }
+}
+
+/// The trace id of a W3C `traceparent`, lowercase; `None` when it is not valid (see
+/// [`TraceParent::parse`]).
 pub fn trace_id_of(traceparent: &str) -> Option<String> {
-    let mut parts = traceparent.trim().split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    // Version ff is invalid; later versions may append fields.
-    if !hex(version, 2)
-        || version.eq_ignore_ascii_case("ff")
-        || (version == "00" && parts.next().is_some())
-    {
-        return None;
-    }
-    if !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) || trace.bytes().all(|b| b == b'0') {
-        return None;
-    }
-    Some(trace.to_ascii_lowercase())
+    TraceParent::parse(traceparent).map(|t| t.trace_id)
 }
 
 #[cfg(test)]
@@ -278,8 +304,17 @@ mod tests {
         );
         let facts = Redactor::default().facts(&check(&[("traceparent", tp)], b"", 0));
         assert_eq!(
-            facts.trace_id.as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+            facts.trace,
+            Some(TraceParent {
+                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+                parent_id: "00f067aa0ba902b7".into(),
+                sampled: true,
+            })
+        );
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert_eq!(
+            TraceParent::parse(unsampled).map(|t| t.sampled),
+            Some(false)
         );
         for bad in [
             "",
@@ -288,6 +323,8 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
         ] {
             assert_eq!(trace_id_of(bad), None, "{bad}");
         }
