@@ -237,10 +237,7 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
         ("scheme", string(&req.scheme)),
         ("source", string(&req.source)),
         ("request_id", string(&req.request_id)),
-        (
-            "time",
-            RestrictedExpression::new_datetime(cedar_datetime(req.time)),
-        ),
+        ("time", memo::datetime(cedar_datetime(req.time))),
         ("identity_source", string(source.as_str())),
         (
             "body_bytes",
@@ -256,7 +253,7 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
         ),
     ];
     if let Some(ip) = source_ip(&req.source) {
-        pairs.push(("source_ip", RestrictedExpression::new_ip(ip)));
+        pairs.push(("source_ip", memo::ip(ip)));
     }
     if let Some(tenant) = &req.requested_tenant {
         pairs.push(("requested_tenant", string(tenant)));
@@ -275,6 +272,92 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
     }
     Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
         .map_err(|e| EngineError::Request(e.to_string()))
+}
+
+/// Extension values of the context, remembered per thread.
+///
+/// `RestrictedExpression::new_datetime` / `new_ip` parse the extension function's name with
+/// Cedar's full parser on every call (a third of a decision's context building in the
+/// profile, see bench/README.md). The same value is rebuilt constantly under load (the time
+/// has millisecond precision; callers' IPs repeat), so each thread keeps the last time and a
+/// bounded set of IPs and clones them instead.
+mod memo {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use cedar_policy::RestrictedExpression;
+
+    /// IPs remembered per thread; the set starts over when full.
+    const MAX_IPS: usize = 1024;
+
+    #[derive(Default)]
+    struct Memo {
+        time: Option<(String, RestrictedExpression)>,
+        ips: HashMap<String, RestrictedExpression>,
+    }
+
+    thread_local! {
+        static MEMO: RefCell<Memo> = RefCell::new(Memo::default());
+    }
+
+    /// `datetime(at)`.
+    pub fn datetime(at: String) -> RestrictedExpression {
+        MEMO.with_borrow_mut(|memo| match &memo.time {
+            Some((last, expr)) if *last == at => expr.clone(),
+            _ => {
+                let expr = RestrictedExpression::new_datetime(&at);
+                memo.time = Some((at, expr.clone()));
+                expr
+            }
+        })
+    }
+
+    /// `ip(addr)`.
+    pub fn ip(addr: String) -> RestrictedExpression {
+        MEMO.with_borrow_mut(|memo| {
+            if let Some(expr) = memo.ips.get(&addr) {
+                return expr.clone();
+            }
+            if memo.ips.len() >= MAX_IPS {
+                memo.ips.clear();
+            }
+            let expr = RestrictedExpression::new_ip(&addr);
+            memo.ips.insert(addr, expr.clone());
+            expr
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn remembered_values_equal_fresh_ones() {
+            let at = "2026-11-22T07:00:00.123Z".to_owned();
+            assert_eq!(
+                datetime(at.clone()),
+                RestrictedExpression::new_datetime(&at)
+            );
+            assert_eq!(
+                datetime(at.clone()),
+                RestrictedExpression::new_datetime(&at)
+            );
+            let later = "2026-11-22T07:00:00.124Z".to_owned();
+            assert_eq!(
+                datetime(later.clone()),
+                RestrictedExpression::new_datetime(&later)
+            );
+            for n in 0..(MAX_IPS + 10) {
+                let addr = format!("10.0.{}.{}", n / 256, n % 256);
+                assert_eq!(ip(addr.clone()), RestrictedExpression::new_ip(&addr));
+            }
+            assert_eq!(
+                ip("10.0.0.1".into()),
+                RestrictedExpression::new_ip("10.0.0.1")
+            );
+            MEMO.with_borrow(|memo| assert!(memo.ips.len() <= MAX_IPS));
+        }
+    }
 }
 
 /// The IP of an `ip:port` / `[ip]:port` source.
