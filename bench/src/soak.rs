@@ -185,13 +185,7 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     let decided =
         count("wasmcustom.arbiter.checks.allow") + count("wasmcustom.arbiter.checks.deny");
     let audit_records = match server.audit_log_path() {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the audit log {}", path.display()))?
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .count() as u64,
-        ),
+        Some(path) => Some(count_audit_records(path)?),
         None => None,
     };
 
@@ -274,20 +268,54 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     })
 }
 
+/// `0.25 1.14 1.40`, or `unknown`.
+fn load_text(load: Option<[f64; 3]>) -> String {
+    load.map_or("unknown".to_owned(), |[a, b, c]| {
+        format!("{a:.2} {b:.2} {c:.2}")
+    })
+}
+
+/// Records in the audit log at `path` and in the files rotated out of it
+/// (`<path>.<20-digit seq>`, see policy-server/README.md): every decision of the soak, not
+/// only those still in the active file.
+fn count_audit_records(path: &std::path::Path) -> Result<u64> {
+    let dir = path.parent().unwrap_or_else(|| std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("audit log path has no file name")?;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        let rotated = file
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|seq| seq.len() == 20 && seq.bytes().all(|b| b.is_ascii_digit()));
+        if file == name || rotated {
+            let text = std::fs::read_to_string(entry.path())
+                .with_context(|| format!("reading the audit log {}", entry.path().display()))?;
+            total += text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+        }
+    }
+    Ok(total)
+}
+
 impl SoakReport {
     /// Markdown summary.
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let _ = writeln!(
             md,
-            "# Arbiter soak, {}\n\narbiter ({}) at {} rps for {:.0} s, Envoy `--concurrency 1`; {} CPUs, load average before {:?} after {:?}.\n",
+            "# Arbiter soak, {}\n\narbiter ({}) at {} rps for {:.0} s, Envoy `--concurrency 1`; {} CPUs, load average before {} after {}.\n",
             self.date,
             self.audit,
             fmt_rate(self.rate),
             self.duration_s,
             self.cpus,
-            self.load[0],
-            self.load[1]
+            load_text(self.load[0]),
+            load_text(self.load[1])
         );
         md.push_str("| target | measured | verdict | note |\n|---|---|---|---|\n");
         for t in &self.targets {
