@@ -248,8 +248,6 @@ struct Def {
     path: &'static str,
     server: Option<usize>,
     audit: Option<AuditMode>,
-    /// Envoy counters whose deltas must cover every answered request.
-    checked_by: &'static [&'static str],
 }
 
 const ARBITER_COUNTERS: &[&str] = &[
@@ -270,6 +268,16 @@ const EXTRA_EXT_AUTHZ_COUNTERS: &[&str] = &[
     "http.ingress.ext_authz.failure_mode_allowed",
 ];
 const NO_AUTH_COUNTERS: &[&str] = &["http.ingress.downstream_rq_2xx"];
+
+/// The Envoy counters that together must count every answered request of scenario `id`.
+fn checked_by(id: &str) -> &'static [&'static str] {
+    match id {
+        ids::NO_AUTH => NO_AUTH_COUNTERS,
+        ids::EXT_AUTHZ => EXT_AUTHZ_COUNTERS,
+        ids::ARBITER_DISABLED => DISABLED_COUNTERS,
+        _ => ARBITER_COUNTERS,
+    }
+}
 
 /// What a measurement looks at besides the load generator.
 struct Probe<'a> {
@@ -357,7 +365,6 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             path: "/v1/chat/completions",
             server: None,
             audit: None,
-            checked_by: NO_AUTH_COUNTERS,
         },
         Def {
             id: ids::EXT_AUTHZ,
@@ -366,7 +373,6 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             path: "/v1/chat/completions",
             server: Some(0),
             audit: Some(main_mode),
-            checked_by: EXT_AUTHZ_COUNTERS,
         },
         Def {
             id: ids::ARBITER,
@@ -375,7 +381,6 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             path: "/v1/chat/completions",
             server: Some(0),
             audit: Some(main_mode),
-            checked_by: ARBITER_COUNTERS,
         },
     ];
     if let Some(index) = fsync_index {
@@ -386,7 +391,6 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             path: "/v1/chat/completions",
             server: Some(index),
             audit: Some(AuditMode::Fsync),
-            checked_by: ARBITER_COUNTERS,
         });
     }
     // The demo routes have no cache; the e2e template's `t_cached` route (cache_ttl_ms
@@ -399,7 +403,6 @@ pub async fn run(plan: &Plan) -> Result<Report> {
         path: "/t/cached/v1/chat/completions",
         server: Some(0),
         audit: Some(main_mode),
-        checked_by: ARBITER_COUNTERS,
     });
 
     // The filter's fixed cost: same module and plugin config, on the e2e template's
@@ -413,7 +416,6 @@ pub async fn run(plan: &Plan) -> Result<Report> {
         path: "/t/disabled/v1/chat/completions",
         server: Some(0),
         audit: None,
-        checked_by: DISABLED_COUNTERS,
     });
 
     let mut envoys = Vec::with_capacity(defs.len());
@@ -454,7 +456,7 @@ pub async fn run(plan: &Plan) -> Result<Report> {
                 let probe = Probe {
                     envoy: Some(envoy),
                     server_pid: defs[i].server.and_then(|s| servers[s].pid()),
-                    checked_by: defs[i].checked_by,
+                    checked_by: checked_by(defs[i].id),
                 };
                 let m = measure(plan, target, &probe, Load::Open(rate)).await?;
                 progress(&defs[i].label, Load::Open(rate), &m);
@@ -468,7 +470,7 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             let probe = Probe {
                 envoy: Some(envoy),
                 server_pid: defs[i].server.and_then(|s| servers[s].pid()),
-                checked_by: defs[i].checked_by,
+                checked_by: checked_by(defs[i].id),
             };
             let load = Load::Closed(plan.closed_concurrency);
             let m = measure(plan, target, &probe, load).await?;
@@ -808,12 +810,7 @@ async fn counters(probe: &Probe<'_>) -> Result<BTreeMap<String, u64>> {
 fn sanity_notes(report: &Report) -> Vec<String> {
     let mut notes = Vec::new();
     for s in &report.scenarios {
-        let checked_by: &[&str] = match s.id.as_str() {
-            ids::NO_AUTH => NO_AUTH_COUNTERS,
-            ids::EXT_AUTHZ => EXT_AUTHZ_COUNTERS,
-            ids::ARBITER_DISABLED => DISABLED_COUNTERS,
-            _ => ARBITER_COUNTERS,
-        };
+        let checked_by = checked_by(&s.id);
         for (what, run) in s
             .open_loop
             .iter()
