@@ -355,3 +355,25 @@ impl SoakReport {
         md
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_records_of_rotated_files_count_and_other_files_do_not() {
+        let dir = std::env::temp_dir().join(format!("arbiter-soak-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let active = dir.join("audit.jsonl");
+        std::fs::write(&active, "{}\n{}\n").unwrap();
+        std::fs::write(dir.join("audit.jsonl.00000000000000000001"), "{}\n{}\n{}\n").unwrap();
+        std::fs::write(dir.join("audit.jsonl.00000000000000000004"), "{}\n\n").unwrap();
+        // Not rotated files of this log: another log, an outbox position, a short suffix.
+        std::fs::write(dir.join("other.jsonl"), "{}\n").unwrap();
+        std::fs::write(dir.join("audit.jsonl.otlp-position"), "12\n").unwrap();
+        std::fs::write(dir.join("audit.jsonl.0001"), "{}\n").unwrap();
+        assert_eq!(count_audit_records(&active).unwrap(), 6);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
