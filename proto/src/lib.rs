@@ -58,3 +58,12 @@ pub mod xds {
 pub const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 /// Method name within [`CHECK_SERVICE`].
 pub const CHECK_METHOD: &str = "Check";
+
+/// Largest encoded `CheckRequest` the filter sends and the policy server accepts.
+///
+/// One number both sides agree on: the filter never sends a larger message (it cuts the body
+/// further and marks it partial), and the server's gRPC decoder accepts up to this size, so
+/// no request can make the server refuse a Check for its size. It covers the largest
+/// `max_body_bytes` (8 MiB) plus Envoy's largest request header block (8 MiB) with room
+/// for the message framing.
+pub const MAX_CHECK_REQUEST_BYTES: usize = 17 * 1024 * 1024;
