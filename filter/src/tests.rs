@@ -20,7 +20,7 @@ use crate::filter::{Filter, Flow, Shared, FAIL_OPEN_HEADER, PARTIAL_BODY_HEADER}
 use crate::host::{DispatchError, Host, Level, Metric, Outcome};
 use crate::outcome::Reason;
 
-type LocalReply = (u32, Vec<(String, String)>, Vec<u8>);
+pub(crate) type LocalReply = (u32, Vec<(String, String)>, Vec<u8>);
 
 #[derive(Default)]
 struct Recorded {
@@ -42,8 +42,65 @@ struct Recorded {
     shared: Rc<RefCell<HashMap<String, Vec<u8>>>>,
 }
 
+/// A recording [`Host`] double.
 #[derive(Clone, Default)]
-struct MockHost(Rc<RefCell<Recorded>>);
+pub(crate) struct MockHost(Rc<RefCell<Recorded>>);
+
+impl MockHost {
+    /// The token every dispatched call gets.
+    pub(crate) const TOKEN: u32 = 7;
+
+    /// Sets the request as the client sent it, the route's metadata and the body.
+    pub(crate) fn set_request(
+        &self,
+        headers: &[(String, Vec<u8>)],
+        metadata: Vec<u8>,
+        body: Vec<u8>,
+    ) {
+        let mut r = self.0.borrow_mut();
+        for (k, v) in [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            (":authority", "gw"),
+        ] {
+            r.headers.push((k.into(), v.as_bytes().to_vec()));
+        }
+        r.headers.extend(headers.iter().cloned());
+        r.properties.insert("xds.route_name".into(), b"r".to_vec());
+        r.properties.insert("xds.route_metadata".into(), metadata);
+        r.body = body;
+    }
+
+    /// The body of the next answer.
+    pub(crate) fn set_answer(&self, body: Option<Vec<u8>>) {
+        self.0.borrow_mut().response_body = body;
+    }
+
+    /// A counter's value.
+    pub(crate) fn metric(&self, m: Metric) -> u64 {
+        self.0.borrow().metrics.get(&m).copied().unwrap_or(0)
+    }
+
+    /// The request headers as they are now (what would go upstream).
+    pub(crate) fn request_headers_now(&self) -> Vec<(String, Vec<u8>)> {
+        self.0.borrow().headers.clone()
+    }
+
+    /// A request header's current value.
+    pub(crate) fn header_now(&self, name: &str) -> Option<String> {
+        header(self, name)
+    }
+
+    /// The local reply, if one was sent.
+    pub(crate) fn local_reply(&self) -> Option<LocalReply> {
+        self.0.borrow().local.clone()
+    }
+
+    /// How often the request was resumed.
+    pub(crate) fn resumed(&self) -> u32 {
+        self.0.borrow().resumed
+    }
+}
 
 impl Host for MockHost {
     fn request_body(&self, max: usize) -> Option<Vec<u8>> {
@@ -104,7 +161,7 @@ impl Host for MockHost {
         }
         r.dispatched
             .push((cluster.into(), message.to_vec(), timeout));
-        Ok(7)
+        Ok(Self::TOKEN)
     }
     fn grpc_response_body(&self, _size: usize) -> Option<Vec<u8>> {
         self.0.borrow().response_body.clone()
