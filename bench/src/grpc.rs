@@ -42,6 +42,8 @@ pub fn chat_request_info(listener: SocketAddr) -> RequestInfo {
         destination_address: Some(listener.to_string()),
         peer_principal: None,
         protocol: Some("HTTP/1.1".to_owned()),
+        // As the filter reports it: the announced content-length.
+        body_size: Some(crate::CHAT_BODY.len() as u64),
     }
 }
 

@@ -4,6 +4,13 @@
 //! cross-thread compare-and-swap on the request path. The cost is that with N workers up to
 //! N × `threshold` requests wait for the timeout before every worker has opened; a brownout
 //! is still cut off within a handful of requests per worker.
+//!
+//! A probe holds a slot until its call is answered. A request can end without an answer
+//! (its client reset the stream: the filter's context is gone and the answer goes nowhere),
+//! so the filter releases the slot when such a request ends ([`Breaker::release_probe`]),
+//! and every probe also has its own deadline: slots still held past it are taken as lost
+//! and handed to new probes. Either alone keeps one cancelled probe from wedging the
+//! worker; together they also cover an answer the host never delivers.
 
 use std::time::{Duration, SystemTime};
 
@@ -31,9 +38,17 @@ pub enum Transition {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: SystemTime },
-    HalfOpen { in_flight: u32 },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: SystemTime,
+    },
+    HalfOpen {
+        in_flight: u32,
+        /// When the newest probe should have had its answer.
+        deadline: SystemTime,
+    },
 }
 
 /// The breaker state machine.
@@ -57,25 +72,58 @@ impl Breaker {
         matches!(self.state, State::Open { until } if now < until)
     }
 
-    /// Decides whether a request may call the policy server at `now`.
-    pub fn admit(&mut self, now: SystemTime) -> Admit {
+    /// Decides whether a request may call the policy server at `now`; `bound` is how long
+    /// its call may take (the route's timeout plus a grace), the probe's deadline.
+    pub fn admit(&mut self, now: SystemTime, bound: Duration) -> Admit {
         if self.config.threshold == 0 {
             return Admit::Call;
         }
+        let deadline = now.checked_add(bound).unwrap_or(now);
         match self.state {
             State::Closed { .. } => Admit::Call,
             State::Open { until } if now < until => Admit::Reject,
             State::Open { .. } => {
-                self.state = State::HalfOpen { in_flight: 1 };
+                self.state = State::HalfOpen {
+                    in_flight: 1,
+                    deadline,
+                };
                 Admit::Probe
             }
-            State::HalfOpen { in_flight } if in_flight < self.config.probes => {
+            State::HalfOpen {
+                in_flight,
+                deadline: previous,
+            } if in_flight < self.config.probes => {
                 self.state = State::HalfOpen {
                     in_flight: in_flight + 1,
+                    deadline: deadline.max(previous),
+                };
+                Admit::Probe
+            }
+            // Every slot is held past its deadline: those answers are lost, start over.
+            State::HalfOpen {
+                deadline: previous, ..
+            } if now >= previous => {
+                self.state = State::HalfOpen {
+                    in_flight: 1,
+                    deadline,
                 };
                 Admit::Probe
             }
             State::HalfOpen { .. } => Admit::Reject,
+        }
+    }
+
+    /// A probe's request ended without an answer (cancelled by its client): its slot is free.
+    pub fn release_probe(&mut self) {
+        if let State::HalfOpen {
+            in_flight,
+            deadline,
+        } = self.state
+        {
+            self.state = State::HalfOpen {
+                in_flight: in_flight.saturating_sub(1),
+                deadline,
+            };
         }
     }
 
@@ -116,7 +164,7 @@ impl Breaker {
 
     fn open(&mut self, now: SystemTime) {
         self.state = State::Open {
-            until: now + self.config.cooldown,
+            until: now.checked_add(self.config.cooldown).unwrap_or(now),
         };
     }
 
@@ -141,6 +189,8 @@ mod tests {
         }
     }
 
+    const BOUND: Duration = Duration::from_millis(300);
+
     fn t(ms: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
     }
@@ -149,7 +199,7 @@ mod tests {
     fn opens_after_threshold_consecutive_failures() {
         let mut b = Breaker::new(cfg(3, 1));
         for _ in 0..2 {
-            assert_eq!(b.admit(t(0)), Admit::Call);
+            assert_eq!(b.admit(t(0), BOUND), Admit::Call);
             assert_eq!(b.on_failure(t(0)), None);
         }
         // A success in between resets the count.
@@ -158,7 +208,7 @@ mod tests {
             b.on_failure(t(0));
         }
         assert_eq!(b.on_failure(t(0)), Some(Transition::Opened));
-        assert_eq!(b.admit(t(10)), Admit::Reject);
+        assert_eq!(b.admit(t(10), BOUND), Admit::Reject);
         assert!(b.is_open(t(10)));
         assert_eq!(b.open_for(t(10)), Some(Duration::from_millis(990)));
     }
@@ -167,19 +217,75 @@ mod tests {
     fn half_open_probes_then_closes_or_reopens() {
         let mut b = Breaker::new(cfg(1, 2));
         assert_eq!(b.on_failure(t(0)), Some(Transition::Opened));
-        assert_eq!(b.admit(t(999)), Admit::Reject);
-        assert_eq!(b.admit(t(1000)), Admit::Probe);
-        assert_eq!(b.admit(t(1000)), Admit::Probe);
+        assert_eq!(b.admit(t(999), BOUND), Admit::Reject);
+        assert_eq!(b.admit(t(1000), BOUND), Admit::Probe);
+        assert_eq!(b.admit(t(1000), BOUND), Admit::Probe);
         assert_eq!(
-            b.admit(t(1000)),
+            b.admit(t(1000), BOUND),
             Admit::Reject,
             "only `probes` calls at once"
         );
         assert_eq!(b.on_failure(t(1100)), Some(Transition::Opened));
-        assert_eq!(b.admit(t(1500)), Admit::Reject);
-        assert_eq!(b.admit(t(2100)), Admit::Probe);
+        assert_eq!(b.admit(t(1500), BOUND), Admit::Reject);
+        assert_eq!(b.admit(t(2100), BOUND), Admit::Probe);
         assert_eq!(b.on_success(), Some(Transition::Closed));
-        assert_eq!(b.admit(t(2100)), Admit::Call);
+        assert_eq!(b.admit(t(2100), BOUND), Admit::Call);
+    }
+
+    #[test]
+    fn a_cancelled_probe_frees_its_slot() {
+        let mut b = Breaker::new(cfg(1, 1));
+        b.on_failure(t(0));
+        assert_eq!(b.admit(t(1000), BOUND), Admit::Probe);
+        assert_eq!(b.admit(t(1001), BOUND), Admit::Reject);
+        // The probe's client went away: no answer will ever come for it.
+        b.release_probe();
+        assert_eq!(b.admit(t(1002), BOUND), Admit::Probe);
+        assert_eq!(b.on_success(), Some(Transition::Closed));
+        assert_eq!(b.admit(t(1003), BOUND), Admit::Call);
+        // Releasing outside half-open changes nothing.
+        b.release_probe();
+        assert_eq!(b.admit(t(1004), BOUND), Admit::Call);
+    }
+
+    #[test]
+    fn a_probe_whose_answer_never_comes_is_replaced_after_its_deadline() {
+        let mut b = Breaker::new(cfg(1, 1));
+        b.on_failure(t(0));
+        assert_eq!(b.admit(t(1000), BOUND), Admit::Probe);
+        assert_eq!(b.admit(t(1299), BOUND), Admit::Reject);
+        assert_eq!(
+            b.admit(t(1300), BOUND),
+            Admit::Probe,
+            "slot lost at its deadline"
+        );
+        assert_eq!(b.admit(t(1301), BOUND), Admit::Reject);
+        assert_eq!(b.on_success(), Some(Transition::Closed));
+    }
+
+    #[test]
+    fn probe_deadline_follows_the_newest_probe() {
+        let mut b = Breaker::new(cfg(1, 2));
+        b.on_failure(t(0));
+        assert_eq!(b.admit(t(1000), BOUND), Admit::Probe);
+        assert_eq!(b.admit(t(1200), BOUND), Admit::Probe);
+        assert_eq!(
+            b.admit(t(1400), BOUND),
+            Admit::Reject,
+            "second probe due at 1500"
+        );
+        assert_eq!(b.admit(t(1500), BOUND), Admit::Probe);
+    }
+
+    #[test]
+    fn far_times_do_not_overflow() {
+        let mut b = Breaker::new(BreakerConfig {
+            threshold: 1,
+            cooldown: Duration::MAX,
+            probes: 1,
+        });
+        assert_eq!(b.on_failure(t(0)), Some(Transition::Opened));
+        assert_eq!(b.admit(t(5), Duration::MAX), Admit::Probe);
     }
 
     #[test]
@@ -187,7 +293,7 @@ mod tests {
         let mut b = Breaker::new(cfg(1, 1));
         b.on_failure(t(0));
         assert_eq!(b.on_success(), None);
-        assert_eq!(b.admit(t(1)), Admit::Reject);
+        assert_eq!(b.admit(t(1), BOUND), Admit::Reject);
     }
 
     #[test]
@@ -196,6 +302,6 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(b.on_failure(t(0)), None);
         }
-        assert_eq!(b.admit(t(0)), Admit::Call);
+        assert_eq!(b.admit(t(0), BOUND), Admit::Call);
     }
 }

@@ -13,6 +13,12 @@ use crate::route::ROUTE_CONTEXT_KEY;
 
 /// Prefix of the headers only Arbiter may set; client-sent ones are removed first.
 pub const RESERVED_HEADER_PREFIX: &str = "x-arbiter-";
+/// Header ext_authz servers read as "the body was cut at the limit": only the filter may
+/// set it (a client's copy would make policy skip the body's attributes).
+pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
+/// Envoy headers the filter sets or the policy server reads, so a client's copies are
+/// removed before anything reads the request.
+pub const FILTER_OWNED_ENVOY_HEADERS: &[&str] = &[PARTIAL_BODY_HEADER];
 
 /// What the filter knows about one request, read from the host once.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -30,6 +36,10 @@ pub struct RequestInfo {
     pub peer_principal: Option<String>,
     /// `HTTP/1.1`, `HTTP/2`, ...
     pub protocol: Option<String>,
+    /// The request body's full length, when known: 0 for a request without a body,
+    /// `content-length` (Envoy's codecs hold the body to it), or the length of a complete
+    /// body the filter buffered. `None` is "unknown" (`size: -1` in the CheckRequest).
+    pub body_size: Option<u64>,
 }
 
 impl RequestInfo {
@@ -42,11 +52,26 @@ impl RequestInfo {
     }
 }
 
-/// True for header names a client may not send (`x-arbiter-*`, any case).
+/// True for header names a client may not send (`x-arbiter-*` and the Envoy headers the
+/// filter owns, any case).
 pub fn is_reserved_header(name: &str) -> bool {
-    name.len() >= RESERVED_HEADER_PREFIX.len()
-        && name.as_bytes()[..RESERVED_HEADER_PREFIX.len()]
-            .eq_ignore_ascii_case(RESERVED_HEADER_PREFIX.as_bytes())
+    let prefix = RESERVED_HEADER_PREFIX.as_bytes();
+    name.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        || FILTER_OWNED_ENVOY_HEADERS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// The body length `content-length` announces, if it is a plain decimal number (Envoy
+/// rejects requests with invalid or conflicting values before the filter runs).
+pub fn content_length(info: &RequestInfo) -> Option<u64> {
+    let v = info.header("content-length")?.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
 }
 
 /// Encodes the CheckRequest for `info` on a route with `context`.
@@ -87,11 +112,10 @@ pub fn build_check_request(
         host: get(":authority"),
         scheme: get(":scheme"),
         protocol: info.protocol.clone().unwrap_or_default(),
-        // No body is sent on this path; -1 matches ext_authz for "unknown".
+        // -1 is ext_authz's "unknown".
         size: info
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(-1),
+            .body_size
+            .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
         headers,
         ..Default::default()
     };
@@ -159,6 +183,7 @@ mod tests {
             destination_address: Some("[::1]:10000".into()),
             peer_principal: Some("spiffe://mesh/ns/a/sa/b".into()),
             protocol: Some("HTTP/1.1".into()),
+            body_size: None,
         }
     }
 
@@ -218,5 +243,53 @@ mod tests {
         assert!(is_reserved_header("X-Arbiter-Anything"));
         assert!(!is_reserved_header("x-arbite"));
         assert!(!is_reserved_header("x-request-id"));
+        assert!(is_reserved_header("x-envoy-auth-partial-body"));
+        assert!(is_reserved_header("X-Envoy-Auth-Partial-Body"));
+        assert!(!is_reserved_header("x-envoy-auth-partial-bod"));
+        assert!(!is_reserved_header(""));
+    }
+
+    #[test]
+    fn size_is_unknown_unless_known() {
+        let mut i = info();
+        assert_eq!(
+            build_check_request(&i, &[], SystemTime::UNIX_EPOCH)
+                .attributes
+                .unwrap()
+                .request
+                .unwrap()
+                .http
+                .unwrap()
+                .size,
+            -1
+        );
+        i.body_size = Some(0);
+        let size = |i: &RequestInfo| {
+            build_check_request(i, &[], SystemTime::UNIX_EPOCH)
+                .attributes
+                .unwrap()
+                .request
+                .unwrap()
+                .http
+                .unwrap()
+                .size
+        };
+        assert_eq!(size(&i), 0);
+        i.body_size = Some(u64::MAX);
+        assert_eq!(size(&i), i64::MAX);
+        for (v, want) in [
+            ("12", Some(12)),
+            (" 7 ", Some(7)),
+            ("-1", None),
+            ("1e3", None),
+            ("", None),
+            ("99999999999999999999999", None),
+        ] {
+            let i = RequestInfo {
+                headers: vec![("content-length".into(), v.into())],
+                ..RequestInfo::default()
+            };
+            assert_eq!(content_length(&i), want, "{v:?}");
+        }
     }
 }

@@ -55,6 +55,8 @@ pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 2_000;
 pub const DEFAULT_BREAKER_PROBES: u32 = 1;
 /// Default allow-cache slots.
 pub const DEFAULT_CACHE_MAX_ENTRIES: u32 = 10_000;
+/// Default gateway credential headers: read by policy, never sent upstream.
+pub const DEFAULT_CREDENTIAL_HEADERS: &[&str] = &["x-api-key"];
 
 /// VM-wide defaults, compiled from the plugin configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +78,9 @@ pub struct FilterConfig {
     pub breaker: BreakerConfig,
     /// Slots of the shared allow-cache (used only by routes with `cache_ttl_ms`).
     pub cache_max_entries: u32,
+    /// Headers carrying the caller's gateway credential (lowercase): sent to policy, removed
+    /// from the request before anything goes upstream, on every route.
+    pub credential_headers: Vec<String>,
 }
 
 /// When the filter stops calling a failing policy server, and how it tries again.
@@ -121,6 +126,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "breaker_cooldown_ms",
     "breaker_probes",
     "cache_max_entries",
+    "credential_headers",
 ];
 
 impl FilterConfig {
@@ -266,6 +272,35 @@ impl FilterConfig {
             1..=1_000_000,
         ) as u32;
 
+        let credential_headers = match map.get("credential_headers") {
+            None => DEFAULT_CREDENTIAL_HEADERS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| match v.as_str().map(header_name) {
+                    Some(Ok(name)) => Some(name),
+                    Some(Err(e)) => {
+                        problems.push(format!("`credential_headers`: {e}"));
+                        None
+                    }
+                    None => {
+                        problems.push(format!(
+                            "`credential_headers` entries must be header names, got `{v}`"
+                        ));
+                        None
+                    }
+                })
+                .collect(),
+            Some(other) => {
+                problems.push(format!(
+                    "`credential_headers` must be a list of header names, got `{other}`"
+                ));
+                Vec::new()
+            }
+        };
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -278,8 +313,25 @@ impl FilterConfig {
             metadata_namespaces,
             breaker,
             cache_max_entries,
+            credential_headers,
         })
     }
+}
+
+/// A request header name an operator may list, lowercased: an HTTP token, not a
+/// pseudo-header, not one of Arbiter's own `x-arbiter-*` markers.
+fn header_name(s: &str) -> Result<String, String> {
+    let is_token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if s.is_empty() || !s.bytes().all(is_token) {
+        return Err(format!("`{s}` is not a header name"));
+    }
+    let name = s.to_ascii_lowercase();
+    if name.starts_with(crate::check::RESERVED_HEADER_PREFIX) {
+        return Err(format!(
+            "`{s}` is an Arbiter marker, removed from every request anyway"
+        ));
+    }
+    Ok(name)
 }
 
 /// Accepts a whole number of milliseconds in `1..=MAX_TIMEOUT_MS`.
@@ -328,6 +380,36 @@ mod tests {
         assert_eq!(c.metadata_namespaces, vec![JWT_AUTHN_NAMESPACE.to_owned()]);
         assert_eq!(c.breaker, BreakerConfig::default());
         assert_eq!(c.cache_max_entries, DEFAULT_CACHE_MAX_ENTRIES);
+        assert_eq!(c.credential_headers, vec!["x-api-key".to_owned()]);
+    }
+
+    #[test]
+    fn credential_headers_are_lowercased_header_names() {
+        let c = FilterConfig::parse(
+            br#"{"policy_cluster":"p","credential_headers":["X-Api-Key","x-gateway-token"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.credential_headers, vec!["x-api-key", "x-gateway-token"]);
+        let c = FilterConfig::parse(br#"{"policy_cluster":"p","credential_headers":[]}"#).unwrap();
+        assert!(c.credential_headers.is_empty());
+        let msg = FilterConfig::parse(
+            br#"{"policy_cluster":"p","credential_headers":["",":path","a b",5,"x-arbiter-x"]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "`` is not a header name",
+            "`:path` is not a header name",
+            "`a b` is not a header name",
+            "entries must be header names, got `5`",
+            "`x-arbiter-x` is an Arbiter marker",
+        ] {
+            assert!(msg.contains(needle), "{msg} lacks {needle}");
+        }
+        assert!(
+            FilterConfig::parse(br#"{"policy_cluster":"p","credential_headers":"x-api-key"}"#)
+                .is_err()
+        );
     }
 
     #[test]

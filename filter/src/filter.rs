@@ -2,10 +2,10 @@
 //!
 //! headers ─▶ (body, when the route sends it) ─▶ cache? ─▶ breaker? ─▶ Check ─▶ outcome
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use prost::Message;
 use serde_json::json;
@@ -14,26 +14,29 @@ use time::OffsetDateTime;
 
 use crate::breaker::{Admit, Breaker, Transition};
 use crate::cache::{self, CacheKey, Entry};
-use crate::check::{build_check_request, is_reserved_header, RequestInfo};
+use crate::check::{build_check_request, content_length, is_reserved_header, RequestInfo};
 use crate::config::FilterConfig;
 use crate::host::{Host, Level, Metric, Outcome};
 use crate::outcome::{self, FailAction, HeaderOp, Reason, Verdict};
 use crate::route::{Resolved, RouteSettings};
 
+pub use crate::check::PARTIAL_BODY_HEADER;
+
 /// Header that tells the upstream a request passed without a decision.
 pub const FAIL_OPEN_HEADER: &str = "x-arbiter-fail-open";
-/// Header ext_authz servers read as "the body was cut at the limit".
-pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
+
+/// How much longer than its route's timeout a breaker probe may hold its slot: the call's
+/// own timeout answers it, this only covers an answer that never arrives.
+const PROBE_GRACE: Duration = Duration::from_secs(1);
 
 /// Distinct route metadata values remembered per VM (routes are few; this bounds memory
 /// if something generates metadata per request).
 const ROUTE_CACHE_LIMIT: usize = 512;
 
-/// A route's parsed settings and whether its problems were already logged.
+/// A route's settings, parsed and judged when this VM first saw them.
 #[derive(Debug)]
 struct CachedRoute {
     settings: RouteSettings,
-    time_problem_logged: Cell<bool>,
 }
 
 /// State shared by every request of one VM (one per Envoy worker).
@@ -63,12 +66,14 @@ impl Shared {
         self.policy_version.borrow().clone()
     }
 
-    /// Parses (or recalls) the settings for `metadata`, logging problems once.
+    /// Parses (or recalls) the settings for `metadata`, logging problems once. Settings are
+    /// judged at `now` the first time (an override too far ahead stays refused).
     fn route(
         &self,
         host: &dyn Host,
         route_name: &str,
         metadata: Option<Vec<u8>>,
+        now: SystemTime,
     ) -> Rc<CachedRoute> {
         let key = metadata.unwrap_or_default();
         if let Some(hit) = self.routes.borrow().get(&key) {
@@ -77,7 +82,8 @@ impl Shared {
         let settings = RouteSettings::from_metadata_bytes(
             (!key.is_empty()).then_some(key.as_slice()),
             &self.config.metadata_namespace,
-        );
+        )
+        .judge_at_load(now);
         if !settings.problems.is_empty() {
             host.log(
                 Level::Warn,
@@ -88,10 +94,7 @@ impl Shared {
                 ),
             );
         }
-        let cached = Rc::new(CachedRoute {
-            settings,
-            time_problem_logged: Cell::new(false),
-        });
+        let cached = Rc::new(CachedRoute { settings });
         let mut routes = self.routes.borrow_mut();
         if routes.len() >= ROUTE_CACHE_LIMIT {
             routes.clear();
@@ -121,6 +124,10 @@ struct Pending {
     metadata: Option<prost_types::Struct>,
     /// Body bytes sent to policy, when the route includes the body.
     body: Option<Vec<u8>>,
+    /// The body was cut (at `max_body_bytes`, or to fit the CheckRequest size limit).
+    body_partial: bool,
+    /// Body bytes Envoy has buffered for this request so far (body routes).
+    received: usize,
 }
 
 #[derive(Debug)]
@@ -131,6 +138,8 @@ enum State {
         token: u32,
         started: SystemTime,
         cache_key: Option<CacheKey>,
+        /// This call is a breaker probe: its slot is released if the request ends first.
+        probe: bool,
         pending: Box<Pending>,
     },
     Done,
@@ -167,12 +176,19 @@ impl<H: Host> Filter<H> {
         if !matches!(self.state, State::Idle) {
             return Flow::Continue;
         }
-        // Remove forged markers before anything else reads the headers.
+        // Remove forged markers before anything else reads the headers, and the caller's
+        // gateway credential before anything can go upstream (policy still sees it).
         let mut headers = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
         for (name, value) in self.host.request_headers() {
-            if is_reserved_header(&name) {
+            let reserved = is_reserved_header(&name);
+            if (reserved || self.shared.config.credential_headers.contains(&name))
+                && !removed.contains(&name)
+            {
                 self.host.remove_request_header(&name);
-            } else {
+                removed.push(name.clone());
+            }
+            if !reserved {
                 headers.push((name, String::from_utf8_lossy(&value).into_owned()));
             }
         }
@@ -181,17 +197,9 @@ impl<H: Host> Filter<H> {
             .string_property(&["xds", "route_name"])
             .unwrap_or_default();
         let metadata = self.host.property(&["xds", "route_metadata"]);
-        let settings = self.shared.route(&self.host, &route_name, metadata);
         let now = self.host.now();
+        let settings = self.shared.route(&self.host, &route_name, metadata, now);
         let route = settings.settings.resolve(&self.shared.config, now);
-        if let Some(problem) = settings.settings.time_problem(now) {
-            if !settings.time_problem_logged.replace(true) {
-                self.host.log(
-                    Level::Warn,
-                    &format!("route `{route_name}`: {problem}; handling the route as `closed`"),
-                );
-            }
-        }
         if route.invalid {
             self.host.increment(Metric::InvalidRouteConfig);
         }
@@ -203,7 +211,7 @@ impl<H: Host> Filter<H> {
             return Flow::Continue;
         }
 
-        let info = RequestInfo {
+        let mut info = RequestInfo {
             headers,
             route_name,
             source_address: self.string_property(&["source", "address"]),
@@ -212,6 +220,14 @@ impl<H: Host> Filter<H> {
                 .string_property(&["connection", "uri_san_peer_certificate"])
                 .filter(|p| !p.is_empty()),
             protocol: self.string_property(&["request", "protocol"]),
+            body_size: None,
+        };
+        // Headers that end the stream: no body at all. Otherwise the announced length (the
+        // codecs hold the body to it) until a body route has the whole body.
+        info.body_size = if end_of_stream {
+            Some(0)
+        } else {
+            content_length(&info)
         };
         let pending = Box::new(Pending {
             request_id: info.header("x-request-id").unwrap_or_default().to_owned(),
@@ -220,12 +236,15 @@ impl<H: Host> Filter<H> {
             route,
             settings,
             body: None,
+            body_partial: false,
+            received: 0,
         });
         if pending.route.refuse_without_check {
             return self.no_decision(Reason::InvalidRouteConfig, &pending);
         }
         if pending.route.body_limit.is_some() && !end_of_stream {
             self.state = State::AwaitingBody(pending);
+            self.mark_undecided();
             return Flow::Pause;
         }
         self.decide(pending)
@@ -233,7 +252,7 @@ impl<H: Host> Filter<H> {
 
     /// A chunk of request body arrived (Envoy keeps buffering while this pauses).
     pub fn on_request_body(&mut self, buffered: usize, end_of_stream: bool) -> Flow {
-        let State::AwaitingBody(pending) = &self.state else {
+        let State::AwaitingBody(pending) = &mut self.state else {
             return if matches!(self.state, State::Waiting { .. }) {
                 // The check is in flight: hold the rest of the body until it answers.
                 Flow::Pause
@@ -241,27 +260,46 @@ impl<H: Host> Filter<H> {
                 Flow::Continue
             };
         };
+        pending.received = buffered;
         let limit = usize::try_from(pending.route.body_limit.unwrap_or(0)).unwrap_or(usize::MAX);
         if !end_of_stream && buffered < limit {
             return Flow::Pause;
         }
+        self.body_ready(end_of_stream)
+    }
+
+    /// Request trailers arrived. They end the request: on a body route the body is
+    /// complete, and while the check is in flight they are held with everything else (the
+    /// SDK's default would release the paused request to the upstream undecided).
+    pub fn on_request_trailers(&mut self) -> Flow {
+        match self.state {
+            State::AwaitingBody(_) => self.body_ready(true),
+            State::Waiting { .. } => Flow::Pause,
+            State::Idle | State::Done => Flow::Continue,
+        }
+    }
+
+    /// The body route has what policy gets: all of the body (`complete`), or its first
+    /// `max_body_bytes`.
+    fn body_ready(&mut self, complete: bool) -> Flow {
         let State::AwaitingBody(mut pending) = std::mem::replace(&mut self.state, State::Done)
         else {
             return Flow::Continue;
         };
+        let buffered = pending.received;
+        let limit = usize::try_from(pending.route.body_limit.unwrap_or(0)).unwrap_or(usize::MAX);
         let body = self
             .host
             .request_body(buffered.min(limit))
             .unwrap_or_default();
-        if buffered > limit || (!end_of_stream && buffered >= limit) {
-            // Like native ext_authz: policy sees the first `max_body_bytes` and is told so.
-            pending
-                .info
-                .headers
-                .push((PARTIAL_BODY_HEADER.to_owned(), "true".to_owned()));
+        if complete {
+            // Exactly what was received, whatever `content-length` said or did not say.
+            pending.info.body_size = Some(buffered as u64);
         }
+        // Like native ext_authz: policy sees the first `max_body_bytes` and is told so.
+        pending.body_partial = buffered > limit || (!complete && buffered >= limit);
         pending.body = Some(body);
-        // Returning Continue from the body callback releases the paused headers too.
+        // Returning Continue from a body or trailers callback releases what was paused.
         self.decide(pending)
     }
 
@@ -288,11 +326,97 @@ impl<H: Host> Filter<H> {
             self.host.increment(Metric::CacheMiss);
         }
 
-        let admit = self.shared.breaker.borrow_mut().admit(now);
+        let admit = self
+            .shared
+            .breaker
+            .borrow_mut()
+            .admit(now, pending.route.timeout.saturating_add(PROBE_GRACE));
         if admit == Admit::Reject {
             return self.no_decision(Reason::BreakerOpen, &pending);
         }
 
+        let Some(message) = self.check_message(&pending, now) else {
+            // Larger than the server accepts even without a body: caused by the request, so
+            // refused on every route and never a mark against the policy server.
+            self.host.log(
+                Level::Warn,
+                &format!(
+                    "route `{}`: request too large to describe to policy (over {} bytes)",
+                    pending.info.route_name,
+                    arbiter_proto::MAX_CHECK_REQUEST_BYTES
+                ),
+            );
+            if admit == Admit::Probe {
+                self.shared.breaker.borrow_mut().release_probe();
+            }
+            return self.refuse(Reason::Error, &pending);
+        };
+        let grpc_metadata: [(&str, &[u8]); 1] = [("x-request-id", pending.request_id.as_bytes())];
+        match self.host.dispatch_check(
+            &self.shared.config.policy_cluster,
+            if pending.request_id.is_empty() {
+                &[]
+            } else {
+                &grpc_metadata
+            },
+            &message,
+            pending.route.timeout,
+        ) {
+            Ok(token) => {
+                self.state = State::Waiting {
+                    token,
+                    started: now,
+                    cache_key,
+                    probe: admit == Admit::Probe,
+                    pending,
+                };
+                self.mark_undecided();
+                Flow::Pause
+            }
+            Err(e) => {
+                // The call could not even start (e.g. the cluster is not defined): nobody
+                // can answer, which is what `unreachable` means to the route's fail mode.
+                self.host.log(
+                    Level::Error,
+                    &format!(
+                        "route `{}`: cannot call policy cluster `{}`: {}",
+                        pending.info.route_name, self.shared.config.policy_cluster, e.0
+                    ),
+                );
+                self.breaker_failure(now);
+                self.no_decision(Reason::Unreachable, &pending)
+            }
+        }
+    }
+
+    /// The encoded CheckRequest, within [`arbiter_proto::MAX_CHECK_REQUEST_BYTES`]: a body
+    /// that would push it over is cut further and marked partial. `None` if even no body
+    /// would fit.
+    fn check_message(&self, pending: &Pending, now: SystemTime) -> Option<Vec<u8>> {
+        let limit = arbiter_proto::MAX_CHECK_REQUEST_BYTES;
+        let mut body_len = pending.body.as_ref().map_or(0, Vec::len);
+        let mut partial = pending.body_partial;
+        loop {
+            let message = self.encode_check(pending, now, body_len, partial);
+            if message.len() <= limit {
+                return Some(message);
+            }
+            if body_len == 0 {
+                return None;
+            }
+            body_len = body_len.saturating_sub(message.len() - limit);
+            partial = true;
+        }
+    }
+
+    /// Encodes the CheckRequest with the first `body_len` body bytes.
+    fn encode_check(
+        &self,
+        pending: &Pending,
+        now: SystemTime,
+        body_len: usize,
+        partial: bool,
+    ) -> Vec<u8> {
         let mut request =
             build_check_request(&pending.info, &pending.settings.settings.context, now);
         if let Some(attrs) = request.attributes.as_mut() {
@@ -315,56 +439,14 @@ impl<H: Host> Filter<H> {
                 &pending.body,
                 attrs.request.as_mut().and_then(|r| r.http.as_mut()),
             ) {
-                http.raw_body = body.clone();
-                if http.size < 0 {
-                    http.size = i64::try_from(body.len()).unwrap_or(i64::MAX);
-                }
-                // The partial-body marker was added to `info` after the map was built.
-                if let Some((k, v)) = pending
-                    .info
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == PARTIAL_BODY_HEADER)
-                {
-                    http.headers.insert(k.clone(), v.clone());
+                http.raw_body = body.get(..body_len).unwrap_or(body).to_vec();
+                if partial {
+                    http.headers
+                        .insert(PARTIAL_BODY_HEADER.to_owned(), "true".to_owned());
                 }
             }
         }
-        let message = request.encode_to_vec();
-        let grpc_metadata: [(&str, &[u8]); 1] = [("x-request-id", pending.request_id.as_bytes())];
-        match self.host.dispatch_check(
-            &self.shared.config.policy_cluster,
-            if pending.request_id.is_empty() {
-                &[]
-            } else {
-                &grpc_metadata
-            },
-            &message,
-            pending.route.timeout,
-        ) {
-            Ok(token) => {
-                self.state = State::Waiting {
-                    token,
-                    started: now,
-                    cache_key,
-                    pending,
-                };
-                Flow::Pause
-            }
-            Err(e) => {
-                // The call could not even start (e.g. the cluster is not defined): nobody
-                // can answer, which is what `unreachable` means to the route's fail mode.
-                self.host.log(
-                    Level::Error,
-                    &format!(
-                        "route `{}`: cannot call policy cluster `{}`: {}",
-                        pending.info.route_name, self.shared.config.policy_cluster, e.0
-                    ),
-                );
-                self.breaker_failure(now);
-                self.no_decision(Reason::Unreachable, &pending)
-            }
-        }
+        request.encode_to_vec()
     }
 
     /// The policy call finished. `status_code` is the gRPC status Envoy passed to the
@@ -377,6 +459,7 @@ impl<H: Host> Filter<H> {
         let State::Waiting {
             started,
             cache_key,
+            probe,
             pending,
             ..
         } = std::mem::replace(&mut self.state, State::Done)
@@ -388,6 +471,25 @@ impl<H: Host> Filter<H> {
         self.host
             .record_latency(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
 
+        if outcome::caused_by_request(status_code) {
+            // The server refused to decide because of what this request is (malformed, or
+            // something policy cannot express): it says nothing about the server's health,
+            // and an open route's fail mode is for an unavailable server, not a door a
+            // crafted request can open. Refused on every route, not a breaker failure.
+            self.host.log(
+                Level::Debug,
+                &format!(
+                    "route `{}`: policy server refused the request (gRPC status {status_code}): {}",
+                    pending.info.route_name,
+                    self.host.grpc_status_message().unwrap_or_default()
+                ),
+            );
+            if probe {
+                // Neither a success nor a failure of the server: the next request probes.
+                self.shared.breaker.borrow_mut().release_probe();
+            }
+            return self.refuse(Reason::Error, &pending);
+        }
         let verdict = if status_code != 0 {
             let message = self.host.grpc_status_message();
             let reason = outcome::classify_failure(
@@ -470,6 +572,32 @@ impl<H: Host> Filter<H> {
         flow
     }
 
+    /// The request's stream ended (Envoy destroys the filter). A request still waiting for
+    /// its body or its decision was cancelled: nothing went upstream; it gets its own
+    /// outcome, and a breaker probe slot it held is released.
+    pub fn on_stream_end(&mut self) {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Waiting { probe, .. } => {
+                if probe {
+                    self.shared.breaker.borrow_mut().release_probe();
+                }
+                self.host.increment(Metric::Outcome(Outcome::Cancelled));
+            }
+            State::AwaitingBody(_) => {
+                self.host.increment(Metric::Outcome(Outcome::Cancelled));
+            }
+            State::Idle | State::Done => {}
+        }
+    }
+
+    /// The request is paused without a decision. Envoy writes the access log before it
+    /// destroys the filter, so an outcome for a request that ends here has to be in place
+    /// already: `cancelled`, replaced when the decision (or fail mode) is applied.
+    fn mark_undecided(&self) {
+        self.host
+            .set_log_field("arbiter_outcome", Outcome::Cancelled.as_str());
+    }
+
     /// Response headers: add what the policy server asked for.
     pub fn on_response_headers(&mut self) {
         for op in std::mem::take(&mut self.response_headers) {
@@ -520,15 +648,23 @@ impl<H: Host> Filter<H> {
         }
     }
 
+    /// No decision, because of the request itself: fail closed whatever the route's mode.
+    fn refuse(&mut self, reason: Reason, pending: &Pending) -> Flow {
+        let mut route = pending.route.clone();
+        route.fail_mode = crate::config::FailMode::Closed;
+        route.override_active = false;
+        self.apply_fail_mode(reason, &route, pending)
+    }
+
     fn no_decision(&mut self, reason: Reason, pending: &Pending) -> Flow {
+        self.apply_fail_mode(reason, &pending.route, pending)
+    }
+
+    fn apply_fail_mode(&mut self, reason: Reason, route: &Resolved, pending: &Pending) -> Flow {
         self.state = State::Done;
         self.host.increment(Metric::NoDecision(reason));
-        let action = outcome::fail_action(
-            reason,
-            &pending.route,
-            &pending.info.route_name,
-            &pending.request_id,
-        );
+        let action =
+            outcome::fail_action(reason, route, &pending.info.route_name, &pending.request_id);
         let (outcome, override_active) = match &action {
             FailAction::Open {
                 override_active, ..
@@ -613,7 +749,9 @@ impl<H: Host> Filter<H> {
             "tenant": header("x-tenant-id"),
             "context": context,
             "model": model,
-            "body_bytes": p.body.as_ref().map(Vec::len),
+            "body_bytes": p.info.body_size.or(p.body.as_ref().map(|b| b.len() as u64)),
+            "body_size_known": p.info.body_size.is_some(),
+            "body_truncated": p.body_partial,
             "policy_version": self.shared.policy_version(),
         })
         .to_string()

@@ -32,17 +32,21 @@ pub enum Outcome {
     Disabled,
     /// Allowed from the allow-cache, without a policy call.
     Cached,
+    /// The request ended before a decision or fail mode was applied (the client reset or
+    /// disconnected, or Envoy ended the stream): nothing went upstream.
+    Cancelled,
 }
 
 impl Outcome {
     /// Every outcome, for metric definition.
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Allow,
         Outcome::Deny,
         Outcome::FailOpen,
         Outcome::FailClosed,
         Outcome::Disabled,
         Outcome::Cached,
+        Outcome::Cancelled,
     ];
 
     /// Spelling in metrics and the access log.
@@ -54,6 +58,7 @@ impl Outcome {
             Outcome::FailClosed => "fail_closed",
             Outcome::Disabled => "disabled",
             Outcome::Cached => "cached",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }

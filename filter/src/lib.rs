@@ -16,6 +16,8 @@ pub mod outcome;
 pub mod route;
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
 
 #[cfg(target_arch = "wasm32")]

@@ -101,6 +101,16 @@ const GRPC_OK: u32 = 0;
 const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 const GRPC_UNAVAILABLE: u32 = 14;
 
+const GRPC_INVALID_ARGUMENT: u32 = 3;
+const GRPC_OUT_OF_RANGE: u32 = 11;
+
+/// Whether a failed call's status says the server refused *this request* (malformed, too
+/// large, or something policy cannot express) rather than being unable to decide. Such a
+/// request is refused on every route and never counts against the server's health.
+pub fn caused_by_request(status_code: u32) -> bool {
+    matches!(status_code, GRPC_INVALID_ARGUMENT | GRPC_OUT_OF_RANGE)
+}
+
 /// Classifies a failed policy call (non-zero gRPC status from Envoy's async client).
 ///
 /// Envoy reports a call timeout and a refused connection both as `UNAVAILABLE`; only the

@@ -151,7 +151,10 @@ impl RouteSettings {
         }
         if let Some(v) = map.get("fail_open_until") {
             match v.as_str().map(|s| OffsetDateTime::parse(s, &Rfc3339)) {
-                Some(Ok(t)) => out.fail_open_until = Some(t.into()),
+                Some(Ok(t)) => match system_time(t) {
+                    Some(t) => out.fail_open_until = Some(t),
+                    None => p.push(format!("`fail_open_until` is out of range, got `{v}`")),
+                },
                 _ => p.push(format!(
                     "`fail_open_until` must be an RFC 3339 timestamp like `2026-11-22T06:00:00Z`, got `{v}`"
                 )),
@@ -248,17 +251,35 @@ impl RouteSettings {
         }
     }
 
-    /// Problems that depend on the time of the request (an override too far ahead).
-    pub fn time_problem(&self, now: SystemTime) -> Option<String> {
-        let until = self.fail_open_until?;
-        match until.duration_since(now) {
-            Ok(ahead) if ahead > MAX_OVERRIDE_AHEAD => Some(format!(
-                "`fail_open_until` is {} h ahead; an override may reach at most 24 h",
-                ahead.as_secs() / 3600
-            )),
-            _ => None,
+    /// Judges the override against the time the settings are loaded (`now`, when the filter
+    /// first sees them): a `fail_open_until` more than 24 h ahead makes the route invalid
+    /// for as long as these settings stay loaded. It never turns into a live override by
+    /// the passage of time; only a config change (or Envoy re-loading it) judges it again.
+    pub fn judge_at_load(mut self, now: SystemTime) -> Self {
+        if let Some(until) = self.fail_open_until {
+            if let Ok(ahead) = until.duration_since(now) {
+                if ahead > MAX_OVERRIDE_AHEAD {
+                    self.problems.push(format!(
+                        "`fail_open_until` is {} h ahead when loaded; an override may reach at most 24 h ahead of the moment it is loaded, so this one is refused until the setting changes",
+                        ahead.as_secs() / 3600
+                    ));
+                }
+            }
         }
+        self
     }
+}
+
+/// An RFC 3339 instant as `SystemTime`, without the panics of `SystemTime::from` (which
+/// aborts the VM on wasm32-wasip1 for instants before 1970, where `SystemTime` cannot go
+/// below the epoch). Every such instant is long past: the epoch stands for all of them.
+/// `None` when the instant is beyond what this platform's clock can hold (wasm32-wasip1
+/// ends in 2554).
+fn system_time(t: OffsetDateTime) -> Option<SystemTime> {
+    let Ok(seconds) = u64::try_from(t.unix_timestamp()) else {
+        return Some(SystemTime::UNIX_EPOCH);
+    };
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, t.nanosecond()))
 }
 
 /// `context` must be a flat map of scalars; values become strings.
@@ -469,18 +490,68 @@ mod tests {
             "05:00Z is ahead of 02:00Z"
         );
 
-        let far = settings(json!({"fail_open_until":"2026-11-23T02:00:01Z"}));
+        let far =
+            settings(json!({"fail_open_until":"2026-11-23T02:00:01Z"})).judge_at_load(at(NOW));
+        assert!(far.problems[0].contains("24 h"), "{:?}", far.problems);
         let r = far.resolve(&d, at(NOW));
         assert!(r.invalid);
         assert_eq!(r.fail_mode, FailMode::Closed);
-        assert!(far.time_problem(at(NOW)).unwrap().contains("24 h"));
 
-        let edge = settings(json!({"fail_open_until":"2026-11-23T02:00:00Z"}));
+        let edge =
+            settings(json!({"fail_open_until":"2026-11-23T02:00:00Z"})).judge_at_load(at(NOW));
+        assert!(edge.problems.is_empty());
         assert!(
             edge.resolve(&d, at(NOW)).override_active,
             "exactly 24 h is allowed"
         );
-        assert!(edge.time_problem(at(NOW)).is_none());
+    }
+
+    #[test]
+    fn an_override_too_far_ahead_when_loaded_never_becomes_live() {
+        let d = defaults();
+        let loaded =
+            settings(json!({"fail_open_until":"2026-11-24T02:00:00Z"})).judge_at_load(at(NOW));
+        // A day later the date is within 24 h, but these settings were refused when loaded.
+        for later in ["2026-11-23T02:00:00Z", "2026-11-24T01:59:59Z"] {
+            let r = loaded.resolve(&d, at(later));
+            assert!(r.invalid && !r.override_active, "{later}");
+            assert_eq!(r.fail_mode, FailMode::Closed, "{later}");
+        }
+    }
+
+    #[test]
+    fn ancient_pre_1970_far_future_and_unparseable_overrides() {
+        let d = defaults();
+        for past in [
+            "1900-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "0000-01-01T00:00:00Z",
+            "1970-01-01T00:00:00Z",
+        ] {
+            let s = settings(json!({"fail_open_until": past})).judge_at_load(at(NOW));
+            assert!(s.problems.is_empty(), "{past}: {:?}", s.problems);
+            let r = s.resolve(&d, at(NOW));
+            assert!(!r.invalid && !r.override_active, "{past}: expired");
+            assert_eq!(r.fail_mode, FailMode::Closed, "{past}");
+        }
+        for far in ["9999-12-31T23:59:59Z", "2100-01-01T00:00:00Z"] {
+            let s = settings(json!({"fail_open_until": far})).judge_at_load(at(NOW));
+            let r = s.resolve(&d, at(NOW));
+            assert!(r.invalid && !r.override_active, "{far}");
+            assert_eq!(r.fail_mode, FailMode::Closed, "{far}");
+        }
+        for bad in [
+            "10000-01-01T00:00:00Z",
+            "+10000-01-01T00:00:00Z",
+            "-0001-01-01T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-11-22T06:00:00",
+            "2026-11-22T24:00:00Z",
+        ] {
+            let s = settings(json!({"fail_open_until": bad}));
+            assert!(!s.problems.is_empty(), "{bad} must be refused");
+            assert!(s.resolve(&d, at(NOW)).invalid, "{bad}");
+        }
     }
 
     #[test]

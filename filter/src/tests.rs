@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use prost::Message;
 use prost_types::value::Kind;
+use time::OffsetDateTime;
 
 use arbiter_proto::envoy::config::core::v3::{HeaderValue, HeaderValueOption, Metadata};
 use arbiter_proto::envoy::service::auth::v3::{
@@ -15,11 +16,11 @@ use arbiter_proto::envoy::service::auth::v3::{
 use arbiter_proto::google::rpc::Status;
 
 use crate::config::FilterConfig;
-use crate::filter::{Filter, Flow, Shared};
+use crate::filter::{Filter, Flow, Shared, FAIL_OPEN_HEADER, PARTIAL_BODY_HEADER};
 use crate::host::{DispatchError, Host, Level, Metric, Outcome};
 use crate::outcome::Reason;
 
-type LocalReply = (u32, Vec<(String, String)>, Vec<u8>);
+pub(crate) type LocalReply = (u32, Vec<(String, String)>, Vec<u8>);
 
 #[derive(Default)]
 struct Recorded {
@@ -41,8 +42,65 @@ struct Recorded {
     shared: Rc<RefCell<HashMap<String, Vec<u8>>>>,
 }
 
+/// A recording [`Host`] double.
 #[derive(Clone, Default)]
-struct MockHost(Rc<RefCell<Recorded>>);
+pub(crate) struct MockHost(Rc<RefCell<Recorded>>);
+
+impl MockHost {
+    /// The token every dispatched call gets.
+    pub(crate) const TOKEN: u32 = 7;
+
+    /// Sets the request as the client sent it, the route's metadata and the body.
+    pub(crate) fn set_request(
+        &self,
+        headers: &[(String, Vec<u8>)],
+        metadata: Vec<u8>,
+        body: Vec<u8>,
+    ) {
+        let mut r = self.0.borrow_mut();
+        for (k, v) in [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            (":authority", "gw"),
+        ] {
+            r.headers.push((k.into(), v.as_bytes().to_vec()));
+        }
+        r.headers.extend(headers.iter().cloned());
+        r.properties.insert("xds.route_name".into(), b"r".to_vec());
+        r.properties.insert("xds.route_metadata".into(), metadata);
+        r.body = body;
+    }
+
+    /// The body of the next answer.
+    pub(crate) fn set_answer(&self, body: Option<Vec<u8>>) {
+        self.0.borrow_mut().response_body = body;
+    }
+
+    /// A counter's value.
+    pub(crate) fn metric(&self, m: Metric) -> u64 {
+        self.0.borrow().metrics.get(&m).copied().unwrap_or(0)
+    }
+
+    /// The request headers as they are now (what would go upstream).
+    pub(crate) fn request_headers_now(&self) -> Vec<(String, Vec<u8>)> {
+        self.0.borrow().headers.clone()
+    }
+
+    /// A request header's current value.
+    pub(crate) fn header_now(&self, name: &str) -> Option<String> {
+        header(self, name)
+    }
+
+    /// The local reply, if one was sent.
+    pub(crate) fn local_reply(&self) -> Option<LocalReply> {
+        self.0.borrow().local.clone()
+    }
+
+    /// How often the request was resumed.
+    pub(crate) fn resumed(&self) -> u32 {
+        self.0.borrow().resumed
+    }
+}
 
 impl Host for MockHost {
     fn request_body(&self, max: usize) -> Option<Vec<u8>> {
@@ -103,7 +161,7 @@ impl Host for MockHost {
         }
         r.dispatched
             .push((cluster.into(), message.to_vec(), timeout));
-        Ok(7)
+        Ok(Self::TOKEN)
     }
     fn grpc_response_body(&self, _size: usize) -> Option<Vec<u8>> {
         self.0.borrow().response_body.clone()
@@ -731,4 +789,349 @@ fn undecided_requests_leave_a_replayable_record_without_secrets() {
     assert_eq!(v["source"], "127.0.0.1:5555");
     assert_eq!(v["api_key_sha256"].as_str().unwrap().len(), 64);
     assert!(v["ts"].as_str().unwrap().starts_with("2026-11-18T"));
+}
+
+fn http_sent(
+    host: &MockHost,
+) -> arbiter_proto::envoy::service::auth::v3::attribute_context::HttpRequest {
+    sent(host)
+        .attributes
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap()
+}
+
+fn body_route(max: f64) -> Vec<u8> {
+    metadata(&[
+        ("include_body", Kind::BoolValue(true)),
+        ("max_body_bytes", Kind::NumberValue(max)),
+    ])
+}
+
+#[test]
+fn trailers_are_held_until_the_decision() {
+    // Non-body route: the check is in flight when the trailers arrive.
+    let (mut f, host) = request("chat", None, &[]);
+    assert_eq!(f.on_request_headers(false), Flow::Pause);
+    assert_eq!(f.on_request_body(5, false), Flow::Pause);
+    assert_eq!(
+        f.on_request_trailers(),
+        Flow::Pause,
+        "held with the request"
+    );
+    host.0.borrow_mut().response_body = Some(ok_response());
+    assert_eq!(f.on_check_response(7, 0, 1), Flow::Continue);
+    assert_eq!(host.0.borrow().resumed, 1);
+    // After the decision nothing is held.
+    assert_eq!(f.on_request_trailers(), Flow::Continue);
+
+    // A denied request's trailers never release it.
+    let (mut f, host) = request("chat", None, &[]);
+    f.on_request_headers(false);
+    assert_eq!(f.on_request_trailers(), Flow::Pause);
+    host.0.borrow_mut().response_body = Some(
+        CheckResponse {
+            status: Some(Status {
+                code: 7,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    assert_eq!(f.on_check_response(7, 0, 1), Flow::Pause);
+    assert_eq!(host.0.borrow().local.as_ref().unwrap().0, 403);
+    assert_eq!(host.0.borrow().resumed, 0);
+}
+
+#[test]
+fn trailers_complete_the_body_on_body_routes() {
+    let (mut f, host) = request("chat", Some(body_route(1000.0)), &[]);
+    host.0.borrow_mut().body = br#"{"model":"m"}"#.to_vec();
+    assert_eq!(f.on_request_headers(false), Flow::Pause);
+    assert_eq!(f.on_request_body(13, false), Flow::Pause);
+    assert!(host.0.borrow().dispatched.is_empty());
+    assert_eq!(
+        f.on_request_trailers(),
+        Flow::Pause,
+        "asks now, holds the trailers"
+    );
+    let http = http_sent(&host);
+    assert_eq!(http.raw_body, br#"{"model":"m"}"#.to_vec());
+    assert_eq!(http.size, 13, "the size received, without content-length");
+    assert!(!http.headers.contains_key(PARTIAL_BODY_HEADER));
+
+    // Trailers straight after the headers: an empty, complete body.
+    let (mut f, host) = request("chat", Some(body_route(1000.0)), &[]);
+    assert_eq!(f.on_request_headers(false), Flow::Pause);
+    assert_eq!(f.on_request_trailers(), Flow::Pause);
+    let http = http_sent(&host);
+    assert_eq!((http.size, http.raw_body.len()), (0, 0));
+}
+
+#[test]
+fn body_size_is_what_was_received_or_unknown() {
+    let size_of =
+        |md: Option<Vec<u8>>, headers: &[(&str, &str)], steps: &[(usize, bool)], eos: bool| {
+            let (mut f, host) = request("chat", md, headers);
+            host.0.borrow_mut().body = vec![b'x'; 100];
+            f.on_request_headers(eos);
+            for (buffered, end) in steps {
+                f.on_request_body(*buffered, *end);
+            }
+            let http = http_sent(&host);
+            (http.size, http.headers.contains_key(PARTIAL_BODY_HEADER))
+        };
+    // No body at all.
+    assert_eq!(size_of(None, &[], &[], true), (0, false));
+    assert_eq!(size_of(Some(body_route(10.0)), &[], &[], true), (0, false));
+    // Non-body route: content-length, else unknown.
+    assert_eq!(
+        size_of(None, &[("content-length", "42")], &[], false),
+        (42, false)
+    );
+    assert_eq!(size_of(None, &[], &[], false), (-1, false));
+    // Body route, complete body: what arrived, even when content-length is absent.
+    assert_eq!(
+        size_of(Some(body_route(10.0)), &[], &[(3, false), (7, true)], false),
+        (7, false)
+    );
+    assert_eq!(
+        size_of(Some(body_route(10.0)), &[], &[(10, true)], false),
+        (10, false)
+    );
+    // Over the limit in the last chunk: the whole size is known, the body cut.
+    assert_eq!(
+        size_of(Some(body_route(10.0)), &[], &[(11, true)], false),
+        (11, true)
+    );
+    // Limit reached before the end: content-length if announced, else unknown.
+    assert_eq!(
+        size_of(Some(body_route(10.0)), &[], &[(10, false)], false),
+        (-1, true)
+    );
+    assert_eq!(
+        size_of(
+            Some(body_route(10.0)),
+            &[("content-length", "100")],
+            &[(50, false)],
+            false
+        ),
+        (100, true)
+    );
+}
+
+#[test]
+fn a_client_cannot_claim_a_partial_body() {
+    let (mut f, host) = request(
+        "chat",
+        Some(body_route(1000.0)),
+        &[
+            ("x-envoy-auth-partial-body", "true"),
+            ("X-Envoy-Auth-Partial-Body", "true"),
+        ],
+    );
+    host.0.borrow_mut().body = br#"{"model":"forbidden"}"#.to_vec();
+    f.on_request_headers(false);
+    assert_eq!(
+        header(&host, "x-envoy-auth-partial-body"),
+        None,
+        "removed upstream"
+    );
+    assert_eq!(header(&host, "X-Envoy-Auth-Partial-Body"), None);
+    f.on_request_body(21, true);
+    let http = http_sent(&host);
+    assert!(
+        !http.headers.contains_key(PARTIAL_BODY_HEADER),
+        "policy reads the body"
+    );
+    assert_eq!(http.raw_body.len(), 21);
+}
+
+#[test]
+fn gateway_credentials_reach_policy_but_never_the_upstream() {
+    let (mut f, host) = request(
+        "chat",
+        None,
+        &[("x-api-key", "sk-secret"), ("x-api-key", "two")],
+    );
+    f.on_request_headers(true);
+    assert_eq!(header(&host, "x-api-key"), None);
+    assert_eq!(http_sent(&host).headers["x-api-key"], "sk-secret,two");
+
+    // Also on routes that skip the check, and for extra configured names.
+    let shared =
+        shared_with(r#"{"policy_cluster":"p","credential_headers":["x-api-key","x-gw-token"]}"#);
+    let md = metadata(&[("disabled", Kind::BoolValue(true))]);
+    let (mut f, host) = request_with(
+        shared,
+        "health",
+        Some(md),
+        &[("x-api-key", "k"), ("x-gw-token", "t")],
+    );
+    assert_eq!(f.on_request_headers(true), Flow::Continue);
+    assert_eq!(header(&host, "x-api-key"), None);
+    assert_eq!(header(&host, "x-gw-token"), None);
+
+    // An empty list keeps them (an operator's explicit choice).
+    let shared = shared_with(r#"{"policy_cluster":"p","credential_headers":[]}"#);
+    let (mut f, host) = request_with(shared, "chat", None, &[("x-api-key", "k")]);
+    f.on_request_headers(true);
+    assert_eq!(header(&host, "x-api-key").as_deref(), Some("k"));
+}
+
+#[test]
+fn a_cancelled_request_has_its_own_outcome() {
+    let (mut f, host) = request("chat", None, &[]);
+    f.on_request_headers(true);
+    assert_eq!(host.0.borrow().log_fields["arbiter_outcome"], "cancelled");
+    f.on_stream_end();
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Cancelled)), 1);
+    // The late answer (if the host delivered one) changes nothing.
+    host.0.borrow_mut().response_body = Some(ok_response());
+    assert_eq!(f.on_check_response(7, 0, 1), Flow::Continue);
+    assert_eq!(host.0.borrow().resumed, 0);
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Allow)), 0);
+
+    // Waiting for the body.
+    let (mut f, host) = request("chat", Some(body_route(10.0)), &[]);
+    f.on_request_headers(false);
+    f.on_stream_end();
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Cancelled)), 1);
+
+    // A decided request ends without a second outcome.
+    let (mut f, host) = request("chat", None, &[]);
+    f.on_request_headers(true);
+    host.0.borrow_mut().response_body = Some(ok_response());
+    f.on_check_response(7, 0, 1);
+    assert_eq!(host.0.borrow().log_fields["arbiter_outcome"], "allow");
+    f.on_stream_end();
+    let total: u64 = Outcome::ALL
+        .iter()
+        .map(|o| metric(&host, Metric::Outcome(*o)))
+        .sum();
+    assert_eq!(total, 1);
+}
+
+#[test]
+fn a_cancelled_probe_does_not_wedge_the_breaker() {
+    let shared =
+        shared_with(r#"{"policy_cluster":"p","breaker_threshold":1,"breaker_cooldown_ms":1000}"#);
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let (mut f, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(0));
+    f.on_request_headers(true);
+    f.on_check_response(7, 4, 0);
+    assert_eq!(metric(&host, Metric::BreakerOpened), 1);
+
+    // The probe's client goes away before the answer.
+    let (mut probe, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(1000));
+    probe.on_request_headers(true);
+    assert_eq!(host.0.borrow().dispatched.len(), 1, "the probe calls");
+    probe.on_stream_end();
+
+    // The server is back: the next request probes and closes the breaker.
+    let (mut f, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(1001));
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
+    assert_eq!(
+        host.0.borrow().dispatched.len(),
+        1,
+        "a new probe, not breaker_open"
+    );
+    host.0.borrow_mut().response_body = Some(ok_response());
+    assert_eq!(f.on_check_response(7, 0, 1), Flow::Continue);
+    assert_eq!(metric(&host, Metric::BreakerClosed), 1);
+}
+
+#[test]
+fn a_request_the_server_refuses_is_closed_everywhere_and_spares_the_breaker() {
+    let shared = shared_with(r#"{"policy_cluster":"p","breaker_threshold":2}"#);
+    let open = metadata(&[("fail_mode", Kind::StringValue("open".into()))]);
+    for status in [3, 11, 3, 11, 3] {
+        let (mut f, host) = request_with(Rc::clone(&shared), "embeddings", Some(open.clone()), &[]);
+        f.on_request_headers(true);
+        host.0.borrow_mut().status_message = Some("bad request".into());
+        assert_eq!(
+            f.on_check_response(7, status, 0),
+            Flow::Pause,
+            "status {status}"
+        );
+        let (code, _, body) = host.0.borrow().local.clone().unwrap();
+        assert_eq!(code, 503);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["reason"], "error");
+        assert_eq!(header(&host, FAIL_OPEN_HEADER), None, "never let through");
+        assert_eq!(metric(&host, Metric::BreakerOpened), 0);
+        assert_eq!(metric(&host, Metric::Outcome(Outcome::FailClosed)), 1);
+    }
+    // The breaker is still closed: the next request calls.
+    let (mut f, host) = request_with(shared, "chat", None, &[]);
+    f.on_request_headers(true);
+    assert_eq!(host.0.borrow().dispatched.len(), 1);
+}
+
+#[test]
+fn the_check_request_never_exceeds_the_agreed_size() {
+    let limit = arbiter_proto::MAX_CHECK_REQUEST_BYTES;
+    let big = "h".repeat(10 * 1024 * 1024);
+    let (mut f, host) = request(
+        "chat",
+        Some(body_route(8.0 * 1024.0 * 1024.0)),
+        &[("x-big", big.as_str())],
+    );
+    host.0.borrow_mut().body = vec![b'b'; 8 * 1024 * 1024];
+    f.on_request_headers(false);
+    f.on_request_body(8 * 1024 * 1024, true);
+    let msg_len = host.0.borrow().dispatched[0].1.len();
+    assert!(msg_len <= limit, "{msg_len} > {limit}");
+    let http = http_sent(&host);
+    assert!(http.raw_body.len() < 8 * 1024 * 1024);
+    assert_eq!(http.headers[PARTIAL_BODY_HEADER], "true");
+    assert_eq!(http.size, 8 * 1024 * 1024, "the full size is still known");
+
+    // Headers alone over the limit: refused without a call, whatever the route's mode.
+    let huge = "h".repeat(limit + 1);
+    let open = metadata(&[("fail_mode", Kind::StringValue("open".into()))]);
+    let (mut f, host) = request("embeddings", Some(open), &[("x-huge", huge.as_str())]);
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
+    assert!(host.0.borrow().dispatched.is_empty());
+    assert_eq!(host.0.borrow().local.as_ref().unwrap().0, 503);
+}
+
+#[test]
+fn an_override_too_far_ahead_when_loaded_stays_refused() {
+    let shared = shared_with(r#"{"policy_cluster":"p"}"#);
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let until = OffsetDateTime::from(t0 + Duration::from_secs(36 * 3600))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let md = metadata(&[("fail_open_until", Kind::StringValue(until))]);
+    for hours in [0, 13, 30] {
+        let (mut f, host) = request_with(Rc::clone(&shared), "chat", Some(md.clone()), &[]);
+        host.0.borrow_mut().now = Some(t0 + Duration::from_secs(hours * 3600));
+        f.on_request_headers(true);
+        assert_eq!(
+            metric(&host, Metric::InvalidRouteConfig),
+            1,
+            "{hours} h later"
+        );
+        assert_eq!(metric(&host, Metric::OverrideActive), 0, "{hours} h later");
+    }
+}
+
+#[test]
+fn pre_1970_override_does_not_abort() {
+    let md = metadata(&[(
+        "fail_open_until",
+        Kind::StringValue("1969-12-31T23:59:59Z".into()),
+    )]);
+    let (mut f, host) = request("chat", Some(md), &[]);
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
+    assert_eq!(metric(&host, Metric::InvalidRouteConfig), 0);
+    assert_eq!(host.0.borrow().dispatched.len(), 1);
 }

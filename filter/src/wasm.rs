@@ -98,6 +98,12 @@ impl Context for Http {
         self.filter
             .on_check_response(token_id, status_code, response_size);
     }
+
+    // Called when Envoy destroys the stream's filter, after the access log was written.
+    fn on_done(&mut self) -> bool {
+        self.filter.on_stream_end();
+        true
+    }
 }
 
 impl HttpContext for Http {
@@ -109,6 +115,12 @@ impl HttpContext for Http {
         action(self.filter.on_request_body(body_size, end_of_stream))
     }
 
+    // Without this the SDK answers `Continue`, which releases a request paused for its
+    // decision to the upstream.
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        action(self.filter.on_request_trailers())
+    }
+
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         self.filter.on_response_headers();
         Action::Continue
@@ -118,7 +130,7 @@ impl HttpContext for Http {
 fn action(flow: Flow) -> Action {
     match flow {
         Flow::Continue => Action::Continue,
-        // In a body callback this means "stop and buffer".
+        // In a body callback this means "stop and buffer"; in the trailers callback "stop".
         Flow::Pause => Action::Pause,
     }
 }

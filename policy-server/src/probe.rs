@@ -194,9 +194,11 @@ async fn route_report(
         None => RouteSettings::default(),
     };
     let now = SystemTime::now();
+    // The filter judges an override when a worker first handles the route; the probe
+    // judges it now, which agrees unless the setting was loaded more than a day ago.
+    let settings = settings.judge_at_load(now);
     let resolved = settings.resolve(&config, now);
-    let mut problems = settings.problems.clone();
-    problems.extend(settings.time_problem(now));
+    let problems = settings.problems.clone();
 
     let stats = admin_json(
         http,

@@ -199,7 +199,10 @@ fn handler(shared: Arc<Shared>, main: bool) -> Handler {
                 async move { Ok::<_, Infallible>(handle(&shared, main, req).await) }
             });
             // Errors here are the peer going away, which tests provoke on purpose.
+            // Envoy's limits (100 headers, 60 KiB) are what tests examine; the mock takes
+            // whatever Envoy forwards, headers Envoy adds (x-forwarded-for, ...) included.
             let _ = hyper::server::conn::http1::Builder::new()
+                .max_headers(1000)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         })

@@ -28,6 +28,7 @@ fn filter_check_request_decodes_as_envoy_types() {
         destination_address: None,
         peer_principal: Some("spiffe://cluster.local/ns/a/sa/b".into()),
         protocol: Some("HTTP/2".into()),
+        body_size: Some(27),
     };
     let bytes = build_check_request(
         &info,
@@ -51,6 +52,7 @@ fn filter_check_request_decodes_as_envoy_types() {
         ),
         ("https", "rid", "HTTP/2")
     );
+    assert_eq!(http.size, 27, "the body size the filter knows");
     assert_eq!(attrs.context_extensions["route"], "chat");
     assert_eq!(attrs.context_extensions["classification"], "regulated");
     let source = attrs.source.expect("source");

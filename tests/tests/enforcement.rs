@@ -575,3 +575,67 @@ async fn huge_header_values_and_many_headers_have_defined_results() -> Result<()
     assert_eq!(counter(&stats, "checks.allow"), 3);
     Ok(())
 }
+
+/// Sends one HTTP/1.1 request exactly as written (no client-side URL clean-up) and returns
+/// the status code of the answer.
+async fn raw_status(stack: &Stack, request_line_target: &str, extra: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = stack.envoy.port()?;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let body = arbiter_e2e::stack::chat_body().to_string();
+    conn.write_all(
+        format!(
+            "POST {request_line_target} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await??;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status line in {text:?}"))?;
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_are_normalised_before_routing_so_an_open_route_cannot_carry_a_closed_ones_traffic(
+) -> Result<()> {
+    let stack = Stack::builder().start().await?;
+    stack.fault.set(Fault::Blackhole).await?;
+    // Without normalisation these match the open route's prefix `/t/open`, pass fail-open,
+    // and the provider resolves them to the closed route's path.
+    for target in [
+        "/t/open/../closed/v1/chat/completions",
+        "/t/open/%2E%2E/closed/v1/chat/completions",
+        "/t/open/./../closed/v1/chat/completions",
+    ] {
+        assert_eq!(raw_status(&stack, target, "").await?, 503, "{target}");
+    }
+    // Encoded slashes are refused outright; underscore header names too (an upstream may
+    // read `x_arbiter_fail_open` as the marker).
+    assert_eq!(
+        raw_status(&stack, "/t/open/..%2Fclosed/v1/chat/completions", "").await?,
+        400
+    );
+    assert_eq!(
+        raw_status(&stack, "/t/open", "x_arbiter_fail_open: forged\r\n").await?,
+        400
+    );
+    // Repeated slashes are merged: the same closed route.
+    assert_eq!(
+        raw_status(&stack, "//t//closed//v1/chat/completions", "").await?,
+        503
+    );
+    assert_eq!(stack.upstream_requests(), 0, "nothing reached a provider");
+    let lines = stack.envoy.wait_access_log(6).await?;
+    for line in lines.iter().filter(|l| l["response_code"] == 503) {
+        assert_eq!(line["route_name"], "t_closed", "{line}");
+        assert_eq!(line["arbiter_outcome"], "fail_closed", "{line}");
+    }
+    Ok(())
+}

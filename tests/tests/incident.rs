@@ -21,10 +21,14 @@ fn counter(stats: &HashMap<String, u64>, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn breaker_stops_waiting_probes_and_recovers() -> Result<()> {
-    // One worker, so one breaker (it is per worker VM).
+    // One worker, so one breaker (it is per worker VM). The probe after the cool-down is
+    // the first call on a new connection to the policy server: on a loaded 2-core CI box
+    // that alone has taken over 200 ms, timing the probe out and opening the breaker a
+    // second time. The routes get 1 s, which this test's mechanics do not depend on.
     let stack = Stack::builder()
         .concurrency(1)
-        .plugin_config(r#"{"policy_cluster":"arbiter_policy","timeout_ms":200,"breaker_threshold":3,"breaker_cooldown_ms":1000}"#)
+        .var("TIMEOUT_MS", "1000")
+        .plugin_config(r#"{"policy_cluster":"arbiter_policy","timeout_ms":1000,"breaker_threshold":3,"breaker_cooldown_ms":1000}"#)
         .start()
         .await?;
     assert_eq!(
