@@ -125,7 +125,17 @@ impl PolicyServer {
     /// if the binary's `--help` lists them) plus `extra_args`; waits until it accepts
     /// connections. `ARBITER_*` variables of the caller's environment are not passed on.
     pub async fn start(policies: impl AsRef<Path>, extra_args: &[String]) -> Result<PolicyServer> {
-        Self::start_on(loopback(free_port()?), policies, extra_args).await
+        // The port is free when picked but nothing holds it until the server binds it: a
+        // test running beside this one may take it first. Pick another then.
+        let mut attempt = 1;
+        loop {
+            match Self::start_on(loopback(free_port()?), policies.as_ref(), extra_args).await {
+                Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Starts the server on `addr`.
