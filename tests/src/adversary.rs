@@ -796,10 +796,10 @@ impl H1Request {
     }
 
     /// A JSON `POST` of `body` with `content-length`.
-    pub fn post(path: &str, body: &[u8]) -> H1Request {
+    pub fn post(path: &str, body: impl AsRef<[u8]>) -> H1Request {
         H1Request::new("POST", path)
             .header("content-type", "application/json")
-            .body(H1Body::Length(body.to_vec()))
+            .body(H1Body::Length(body.as_ref().to_vec()))
     }
 
     /// A JSON `POST` of `chunks` with `transfer-encoding: chunked`.

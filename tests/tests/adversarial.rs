@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use arbiter_e2e::adversary::{
     error_kind, filter_counter, policy_calls, send, send_ok, wait_active_requests,
     wait_filter_counter, wait_idle, wait_policy_call, Answer, Framing, H1Body, H1Conn, H1Request,
-    H2Conn, Head, Ledger, Outcomes, Proto, Req, FORWARD_TRAILERS,
+    H2Conn, Head, Ledger, Outcomes, Proto, Req, Settled, FORWARD_TRAILERS,
 };
 use arbiter_e2e::fault::Fault;
 use arbiter_e2e::stack::{Reply, Stack};
@@ -189,6 +189,7 @@ async fn trailers_are_held_until_the_decision_on_every_route_kind() -> Result<()
         let open = [
             Req::post(&path("/t/open"), chat("gpt-4o")),
             Req::post(&path("/t/lenient-body"), chat("gpt-4o")).no_length(),
+            Req::get("/t/open/v1/models"),
         ];
         for req in &open {
             assert_upstream(&send_ok(&stack, proto, &req.clone().trailers(&TRAILERS)).await?);
@@ -197,7 +198,7 @@ async fn trailers_are_held_until_the_decision_on_every_route_kind() -> Result<()
             .settle(
                 &stack,
                 &case(proto, "open routes, server hanging"),
-                Outcomes::none().fail_open(2),
+                Outcomes::none().fail_open(3),
             )
             .await?;
         for (req, seen) in open.iter().zip(&settled.upstream) {
@@ -349,13 +350,14 @@ async fn a_client_gone_before_the_decision_is_cancelled_and_nothing_goes_upstrea
         }
         wait_idle(&stack).await?;
     }
-    ledger
+    let settled = ledger
         .settle(
             &stack,
             "gone mid-body on a body route",
             Outcomes::none().cancelled(3),
         )
         .await?;
+    assert_logged_cancelled(&settled);
     assert_eq!(
         policy_calls(&stack).await?,
         calls,
@@ -386,13 +388,14 @@ async fn a_client_gone_before_the_decision_is_cancelled_and_nothing_goes_upstrea
                 h1.reset();
             }
         }
-        ledger
+        let settled = ledger
             .settle(
                 &stack,
                 &format!("{route}: RST_STREAM / RST / FIN while the check hangs"),
                 Outcomes::none().cancelled(3),
             )
             .await?;
+        assert_logged_cancelled(&settled);
     }
 
     // While the check is only late: it may reach the server (and be recorded) before the
@@ -425,6 +428,15 @@ async fn a_client_gone_before_the_decision_is_cancelled_and_nothing_goes_upstrea
         )
         .await?;
     Ok(())
+}
+
+/// Every access-log line Envoy wrote for requests that ended undecided says `cancelled`.
+#[track_caller]
+fn assert_logged_cancelled(settled: &Settled) {
+    for line in &settled.access_log {
+        assert_eq!(line["arbiter_outcome"], "cancelled", "{line}");
+        assert!(line["upstream_host"].is_null(), "{line}");
+    }
 }
 
 /// The breaker's half-open probe is cancelled by its client (h2 `RST_STREAM`, then an
@@ -809,6 +821,108 @@ async fn header_floods_and_oversized_headers_never_pass_undecided() -> Result<()
     Ok(())
 }
 
+/// Framing tricks: pipelined HTTP/1.1 requests are each decided in turn; a request with
+/// both `content-length` and chunked framing (the smuggling shape) and an upgrade Envoy is
+/// not configured for are refused before the filter; `expect: 100-continue` on a body route
+/// is decided once the body follows; an HTTP/2 body longer than its `content-length` is
+/// reset and ends `cancelled`.
+#[tokio::test(flavor = "multi_thread")]
+async fn framing_tricks_never_pass_undecided() -> Result<()> {
+    let stack = Stack::builder().start().await?;
+    let body = chat("gpt-4o-mini");
+
+    let ledger = Ledger::take(&stack).await?;
+    let pipelined = [
+        ("/t/regulated", 403),
+        ("/t/closed", 200),
+        ("/t/disabled", 200),
+        ("/t/strict-body", 403),
+        ("/t/closed", 200),
+    ];
+    let mut wire = Vec::new();
+    for (route, status) in pipelined {
+        let model = if status == 403 {
+            "gpt-4o"
+        } else {
+            "gpt-4o-mini"
+        };
+        wire.extend(H1Request::post(&path(route), chat(model)).to_bytes());
+    }
+    let mut h1 = H1Conn::to(&stack).await?;
+    h1.write(&wire).await?;
+    for (route, status) in pipelined {
+        let reply = h1.answer().await?.reply()?;
+        assert_eq!(reply.status, status, "pipelined {route}: {}", reply.text());
+    }
+    ledger
+        .settle(
+            &stack,
+            "five pipelined requests",
+            Outcomes::none().allow(2).deny(2).disabled(1),
+        )
+        .await?;
+
+    let ledger = Ledger::take(&stack).await?;
+    let mut h1 = H1Conn::to(&stack).await?;
+    let mut smuggle = format!(
+        "POST {} HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n",
+        path("/t/open"),
+        body.len()
+    )
+    .into_bytes();
+    smuggle.extend_from_slice(&body);
+    smuggle.extend_from_slice(b"\r\n0\r\n\r\n");
+    h1.write(&smuggle).await?;
+    assert_eq!(h1.answer().await?.status(), Some(400));
+    let mut h1 = H1Conn::to(&stack).await?;
+    h1.write(
+        b"GET /t/open/v1/models HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(h1.answer().await?.status(), Some(403));
+    ledger
+        .settle(&stack, "smuggling shape and upgrade", Outcomes::none())
+        .await?;
+
+    let ledger = Ledger::take(&stack).await?;
+    let request =
+        H1Request::post(&path("/t/strict-body"), chat("gpt-4o")).header("expect", "100-continue");
+    let mut h1 = H1Conn::to(&stack).await?;
+    h1.write(&request.head_bytes()).await?;
+    assert_eq!(h1.answer().await?.status(), Some(100));
+    ledger
+        .assert_quiet(&stack, "100-continue before the body")
+        .await?;
+    for piece in request.body_pieces() {
+        h1.write(&piece).await?;
+    }
+    assert_denied(&h1.answer().await?.reply()?, "model-allow-list");
+    ledger
+        .settle(&stack, "expect: 100-continue", Outcomes::none().deny(1))
+        .await?;
+
+    let ledger = Ledger::take(&stack).await?;
+    let mut h2 = H2Conn::to(&stack).await?;
+    let mut stream = h2
+        .open(
+            &Head::post(&path("/t/strict-body")).content_length(10),
+            false,
+        )
+        .await?;
+    let _ = stream.data(&body, true);
+    let answer = stream.answer().await?;
+    assert!(matches!(answer, Answer::Reset(_)), "{answer:?}");
+    let settled = ledger
+        .settle(
+            &stack,
+            "h2 body longer than its content-length",
+            Outcomes::none().cancelled(1),
+        )
+        .await?;
+    assert_logged_cancelled(&settled);
+    Ok(())
+}
+
 /// Header values with obs-text bytes (0x80–0xFF, not UTF-8) over both protocols: each
 /// request has one outcome; they cannot forge an identity, a tenant or a marker.
 #[tokio::test(flavor = "multi_thread")]
@@ -905,6 +1019,9 @@ async fn forged_arbiter_and_envoy_headers_never_speak_for_the_filter() -> Result
             .header("x-arbiter-policy-version", "forged")
             .header("X-Envoy-Auth-Partial-Body", "true")
             .header("x-forwarded-for", "10.9.9.9")
+            // The default credential header: an identity that is neither approved nor
+            // premium, so the decisions below stay denials.
+            .header("x-api-key", "demo-key-globex-intern")
     };
 
     for proto in Proto::BOTH {
@@ -974,6 +1091,7 @@ async fn forged_arbiter_and_envoy_headers_never_speak_for_the_filter() -> Result
             assert_ne!(seen.header("x-arbiter-audit-id"), Some(real_id.as_str()));
             assert!(!seen.has_header("x-arbiter-dry-run"));
             assert_ne!(seen.header("x-arbiter-policy-version"), Some("forged"));
+            assert!(!seen.has_header("x-api-key"), "{proto:?}: {seen:?}");
         }
         for record in &settled.audit {
             // Policy saw the TCP peer, and no client copy of the partial-body marker.
@@ -987,6 +1105,7 @@ async fn forged_arbiter_and_envoy_headers_never_speak_for_the_filter() -> Result
                 "{record}"
             );
             assert_ne!(record["body_truncated"], true, "{record}");
+            assert_eq!(record["principal"], "globex-intern", "{record}");
         }
         let allowed_body = settled
             .audit
@@ -1021,6 +1140,7 @@ async fn forged_arbiter_and_envoy_headers_never_speak_for_the_filter() -> Result
             Some("timeout")
         );
         assert!(!settled.upstream[0].has_header("x-envoy-auth-partial-body"));
+        assert!(!settled.upstream[0].has_header("x-api-key"));
     }
     Ok(())
 }
