@@ -4,7 +4,8 @@
 //! **Key.** SHA-256 over everything the filter tells the policy server except per-request
 //! noise: route name and route context, peer principal, forwarded metadata (JWT claims),
 //! source IP (not the port), method, path with query, host, scheme, every request header
-//! except [`IGNORED_HEADERS`], and the body bytes sent. A hit therefore means "the policy
+//! except [`IGNORED_HEADERS`], the body size as reported (or "unknown"), whether the body
+//! was cut, and the body bytes sent. A hit therefore means "the policy
 //! server already allowed this exact request from this exact caller under this policy
 //! version". Varying anything a caller controls only makes a miss, never a hit on someone
 //! else's allow, and denies are never stored.
@@ -58,6 +59,7 @@ pub fn key(
     context: &[(String, String)],
     metadata: Option<&[u8]>,
     body: Option<&[u8]>,
+    partial: bool,
     slots: u32,
 ) -> CacheKey {
     let mut h = Sha256::new();
@@ -96,6 +98,13 @@ pub fn key(
         field("h.k", k.as_bytes());
         field("h.v", v.as_bytes());
     }
+    // A cut body's bytes are the same for every longer body with that start: the size
+    // and the cut are what tell those requests apart (a size policy must not be skipped).
+    match info.body_size {
+        Some(n) => field("size", &n.to_le_bytes()),
+        None => field("size.unknown", b""),
+    }
+    field("partial", &[u8::from(partial)]);
     match body {
         Some(b) => field("body", b),
         None => field("nobody", b""),
@@ -223,16 +232,19 @@ mod tests {
                 *v = "other".into()
             }
         });
-        assert_eq!(key(&a, &[], None, None, 100), key(&b, &[], None, None, 100));
+        assert_eq!(
+            key(&a, &[], None, None, false, 100),
+            key(&b, &[], None, None, false, 100)
+        );
     }
 
     #[test]
     fn anything_the_policy_sees_changes_the_key() {
         let base = info("spiffe://a", "/v1/chat/completions");
-        let k = |i: &RequestInfo,
-                 ctx: &[(String, String)],
-                 md: Option<&[u8]>,
-                 body: Option<&[u8]>| { key(i, ctx, md, body, 1_000_000).digest };
+        let k =
+            |i: &RequestInfo, ctx: &[(String, String)], md: Option<&[u8]>, body: Option<&[u8]>| {
+                key(i, ctx, md, body, false, 1_000_000).digest
+            };
         let reference = k(&base, &[], None, None);
         assert_ne!(
             reference,
@@ -267,6 +279,25 @@ mod tests {
             k(&base, &[], None, Some(b"")),
             k(&base, &[], None, None),
             "empty body vs none"
+        );
+        let mut sized = base.clone();
+        sized.body_size = Some(10);
+        let mut bigger = base.clone();
+        bigger.body_size = Some(10_000_000);
+        assert_ne!(
+            k(&sized, &[], None, Some(b"0123456789")),
+            k(&bigger, &[], None, Some(b"0123456789")),
+            "same first bytes, another size"
+        );
+        assert_ne!(
+            reference,
+            k(&sized, &[], None, None),
+            "known vs unknown size"
+        );
+        assert_ne!(
+            key(&base, &[], None, Some(b"x"), true, 1_000_000),
+            key(&base, &[], None, Some(b"x"), false, 1_000_000),
+            "cut vs whole"
         );
     }
 
@@ -313,7 +344,17 @@ mod tests {
     fn slots_are_bounded() {
         let mut slots = std::collections::HashSet::new();
         for i in 0..1000 {
-            slots.insert(key(&info(&format!("spiffe://{i}"), "/"), &[], None, None, 16).slot);
+            slots.insert(
+                key(
+                    &info(&format!("spiffe://{i}"), "/"),
+                    &[],
+                    None,
+                    None,
+                    false,
+                    16,
+                )
+                .slot,
+            );
         }
         assert!(slots.len() <= 16);
     }

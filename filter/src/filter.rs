@@ -313,6 +313,7 @@ impl<H: Host> Filter<H> {
                 &pending.settings.settings.context,
                 metadata_bytes.as_deref(),
                 pending.body.as_deref(),
+                pending.body_partial,
                 self.shared.config.cache_max_entries,
             )
         });
