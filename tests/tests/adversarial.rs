@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use arbiter_e2e::adversary::{
-    error_kind, filter_counter, policy_calls, send, send_ok, wait_active_requests,
+    error_kind, filter_counter, filter_stat, policy_calls, send, send_ok, wait_active_requests,
     wait_filter_counter, wait_idle, wait_policy_call, Answer, Framing, H1Body, H1Conn, H1Request,
     H2Conn, Head, Ledger, Outcomes, Proto, Req, Settled, FORWARD_TRAILERS,
 };
@@ -623,6 +623,153 @@ fn decided(status: u16) -> Outcomes {
     } else {
         Outcomes::none().deny(1)
     }
+}
+
+/// A body whose first part arrives before the decision and the rest after it reaches the
+/// upstream exactly as sent, with and without `content-length`, over both protocols, on a
+/// plain route, a body route and an open route failing open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_split_around_the_decision_reaches_the_upstream_exactly_once() -> Result<()> {
+    let stack = Stack::builder().plugin_config(NO_BREAKER).start().await?;
+    // Over t_body's max_body_bytes, so a body route decides on the first part.
+    let body = chat_of_size("gpt-4o-mini", 3000);
+    let (first, rest) = body.split_at(1500);
+    let mut broken = Vec::new();
+    for (route, outcome) in [
+        ("/t/closed", "allow"),
+        ("/t/body", "allow"),
+        ("/t/open", "fail_open"),
+    ] {
+        if outcome == "fail_open" {
+            stack.fault.set(Fault::Blackhole).await?;
+        }
+        for proto in Proto::BOTH {
+            for framing in [Framing::Length, Framing::Unknown] {
+                let what = format!("{route} {proto:?} {framing:?}");
+                let ledger = Ledger::take(&stack).await?;
+                let decided = filter_stat(&stack, &format!("checks.{outcome}")).await?;
+                let answer = match proto {
+                    Proto::H1 => {
+                        let request = match framing {
+                            Framing::Length => H1Request::post(&path(route), &body),
+                            _ => H1Request::post_chunked(
+                                &path(route),
+                                vec![first.to_vec(), rest.to_vec()],
+                            ),
+                        };
+                        let pieces = match framing {
+                            Framing::Length => vec![first.to_vec(), rest.to_vec()],
+                            _ => request.body_pieces(),
+                        };
+                        let mut h1 = H1Conn::to(&stack).await?;
+                        h1.write(&request.head_bytes()).await?;
+                        h1.write(&pieces[0]).await?;
+                        wait_filter_counter(&stack, &format!("checks.{outcome}"), decided + 1)
+                            .await?;
+                        for piece in &pieces[1..] {
+                            h1.write(piece).await?;
+                        }
+                        h1.answer().await?
+                    }
+                    Proto::H2 => {
+                        let mut head = Head::post(&path(route));
+                        if framing == Framing::Length {
+                            head = head.content_length(body.len());
+                        }
+                        let mut h2 = H2Conn::to(&stack).await?;
+                        let mut stream = h2.open(&head, false).await?;
+                        stream.data(first, false)?;
+                        wait_filter_counter(&stack, &format!("checks.{outcome}"), decided + 1)
+                            .await?;
+                        stream.data(rest, true)?;
+                        stream.answer().await?
+                    }
+                };
+                assert_upstream(&answer.reply()?);
+                let mut expect = Outcomes::none();
+                if outcome == "allow" {
+                    expect.allow = 1;
+                } else {
+                    expect.fail_open = 1;
+                }
+                let settled = ledger.settle(&stack, &what, expect).await?;
+                let seen = &settled.upstream[0].body_raw;
+                if *seen != body {
+                    broken.push(format!(
+                        "{what}: the upstream got {} bytes for {} sent{}",
+                        seen.len(),
+                        body.len(),
+                        if seen.len() == body.len() + first.len() && seen.ends_with(&body) {
+                            " (the part before the decision twice)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+            }
+        }
+    }
+    ensure!(
+        broken.is_empty(),
+        "bodies changed on the way:\n  {}",
+        broken.join("\n  ")
+    );
+    Ok(())
+}
+
+/// Request smuggling toward the provider: a `content-length` request whose second half
+/// comes after the decision must not turn into a second, undecided request on the upstream
+/// connection. (The first half arriving twice upstream would push the second half past the
+/// announced length, where the provider reads it as a request of its own.)
+#[tokio::test(flavor = "multi_thread")]
+async fn no_request_is_smuggled_to_the_provider_behind_a_decided_one() -> Result<()> {
+    let stack = Stack::builder().plugin_config(NO_BREAKER).start().await?;
+    let first = chat_with("gpt-4o-mini", &"h".repeat(250));
+    let head = "POST /v1/chat/completions/SMUGGLED HTTP/1.1\r\nhost: provider\r\ncontent-length: 2\r\nx-pad: ";
+    let pad = first.len() - head.len() - "\r\n\r\n{}".len();
+    let smuggled = format!("{head}{}\r\n\r\n{{}}", "a".repeat(pad)).into_bytes();
+    assert_eq!(smuggled.len(), first.len());
+    let total = first.len() + smuggled.len();
+    for proto in Proto::BOTH {
+        let ledger = Ledger::take(&stack).await?;
+        let allowed = filter_stat(&stack, "checks.allow").await?;
+        let answer = match proto {
+            Proto::H1 => {
+                let mut h1 = H1Conn::to(&stack).await?;
+                let request = H1Request::post(&path("/t/closed"), vec![b'x'; total]);
+                h1.write(&request.head_bytes()).await?;
+                h1.write(&first).await?;
+                wait_filter_counter(&stack, "checks.allow", allowed + 1).await?;
+                h1.write(&smuggled).await?;
+                h1.answer().await?
+            }
+            Proto::H2 => {
+                let mut h2 = H2Conn::to(&stack).await?;
+                let head = Head::post(&path("/t/closed")).content_length(total);
+                let mut stream = h2.open(&head, false).await?;
+                stream.data(&first, false)?;
+                wait_filter_counter(&stack, "checks.allow", allowed + 1).await?;
+                stream.data(&smuggled, true)?;
+                stream.answer().await?
+            }
+        };
+        assert_upstream(&answer.reply()?);
+        let settled = ledger
+            .settle(
+                &stack,
+                &format!("{proto:?}: second half after the decision"),
+                Outcomes::none().allow(1),
+            )
+            .await?;
+        assert!(
+            settled
+                .upstream
+                .iter()
+                .all(|r| !r.path.contains("SMUGGLED")),
+            "{proto:?}: a request nobody decided reached the provider"
+        );
+    }
+    Ok(())
 }
 
 /// 1,000 concurrent streams on one HTTP/2 connection: each is answered and decided exactly
