@@ -465,12 +465,13 @@ async fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() -> Result<()> {
         assert_upstream(&send_ok(&stack, Proto::H2, &closed).await?);
         expect.allow += 1;
 
+        let opened_at_start = filter_stat(&stack, "breaker.opened").await?;
         stack.fault.set(Fault::Blackhole).await?;
         for _ in 0..THRESHOLD {
             assert_unavailable(&send_ok(&stack, Proto::H1, &closed).await?, "timeout");
         }
         let opened = Instant::now();
-        wait_filter_counter(&stack, "breaker.opened", round).await?;
+        wait_filter_counter(&stack, "breaker.opened", opened_at_start + 1).await?;
         assert_unavailable(&send_ok(&stack, Proto::H1, &closed).await?, "breaker_open");
         expect.fail_closed += THRESHOLD + 1;
 
@@ -529,9 +530,12 @@ async fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() -> Result<()> {
             .await?;
         let last = settled.upstream.last().unwrap();
         assert!(last.has_header("x-arbiter-audit-id") && !last.has_header("x-arbiter-fail-open"));
+        // A first call on a new policy connection may still time out on a loaded box and
+        // re-open the breaker once more; every opening must have been closed again.
         let stats = stack.stats().await?;
-        assert_eq!(filter_counter(&stats, "breaker.opened"), round);
-        assert_eq!(filter_counter(&stats, "breaker.closed"), round);
+        let opened = filter_counter(&stats, "breaker.opened");
+        assert!(opened >= round, "opened {opened} times by round {round}");
+        assert_eq!(filter_counter(&stats, "breaker.closed"), opened);
     }
     Ok(())
 }
