@@ -1302,3 +1302,84 @@ pub const FORWARD_TRAILERS: (&str, &str) = (
     "  - name: llm\n    type: STATIC\n",
     "  - name: llm\n    type: STATIC\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config:\n          http_protocol_options: { enable_trailers: true }\n",
 );
+
+// ---------------------------------------------------------------------------------------
+// A filter that crashes, to prove the ledger notices
+
+/// Writes a minimal proxy-wasm module (ABI 0.2.1) to `path` that starts and configures
+/// like any filter and traps (`unreachable`) in every `proxy_on_request_headers`: what a
+/// panicking filter looks like to Envoy. The ledger's (c) must catch it.
+pub fn write_trapping_filter(path: &std::path::Path) -> Result<()> {
+    fn leb(mut n: u32, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    fn section(id: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(id);
+        leb(body.len() as u32, out);
+        out.extend_from_slice(body);
+    }
+    const I32: u8 = 0x7f;
+    // Function types: () -> (), (i32) -> i32, (i32 i32) -> (), (i32 i32) -> i32,
+    // (i32 i32 i32) -> i32, (i32) -> ().
+    let types: [&[u8]; 6] = [
+        &[0x60, 0, 0],
+        &[0x60, 1, I32, 1, I32],
+        &[0x60, 2, I32, I32, 0],
+        &[0x60, 2, I32, I32, 1, I32],
+        &[0x60, 3, I32, I32, I32, 1, I32],
+        &[0x60, 1, I32, 0],
+    ];
+    // (export name, type index, body without the locals count)
+    let return_one: &[u8] = &[0x41, 1, 0x0b];
+    let functions: [(&str, u8, &[u8]); 9] = [
+        ("proxy_abi_version_0_2_1", 0, &[0x0b]),
+        // Every allocation at offset 1024 of the one page: nothing is ever read back.
+        ("proxy_on_memory_allocate", 1, &[0x41, 0x80, 0x08, 0x0b]),
+        ("proxy_on_context_create", 2, &[0x0b]),
+        ("proxy_on_vm_start", 3, return_one),
+        ("proxy_on_configure", 3, return_one),
+        ("proxy_on_request_headers", 4, &[0x00, 0x0b]),
+        ("proxy_on_done", 1, return_one),
+        ("proxy_on_log", 5, &[0x0b]),
+        ("proxy_on_delete", 5, &[0x0b]),
+    ];
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    let mut body = Vec::new();
+    leb(types.len() as u32, &mut body);
+    for t in types {
+        body.extend_from_slice(t);
+    }
+    section(1, &body, &mut module);
+    let mut body = Vec::new();
+    leb(functions.len() as u32, &mut body);
+    body.extend(functions.iter().map(|(_, t, _)| *t));
+    section(3, &body, &mut module);
+    section(5, &[1, 0, 1], &mut module);
+    let mut body = Vec::new();
+    leb(functions.len() as u32 + 1, &mut body);
+    for (i, (name, _, _)) in functions.iter().enumerate() {
+        leb(name.len() as u32, &mut body);
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        leb(i as u32, &mut body);
+    }
+    body.extend_from_slice(&[6, b'm', b'e', b'm', b'o', b'r', b'y', 2, 0]);
+    section(7, &body, &mut module);
+    let mut body = Vec::new();
+    leb(functions.len() as u32, &mut body);
+    for (_, _, code) in functions {
+        leb(code.len() as u32 + 1, &mut body);
+        body.push(0);
+        body.extend_from_slice(code);
+    }
+    section(10, &body, &mut module);
+    std::fs::write(path, module).with_context(|| format!("writing {}", path.display()))
+}

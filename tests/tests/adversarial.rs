@@ -1723,3 +1723,52 @@ async fn fail_open_until_at_the_edges_of_time_never_opens_a_route() -> Result<()
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// The ledger itself
+
+/// The ledger's (c) is not vacuous: a filter whose VM traps on every request (what a panic
+/// is to Envoy) is reported, through the stats and log lines this tier watches.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ledger_notices_a_crashing_filter() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wasm = dir.path().join("trap.wasm");
+    arbiter_e2e::adversary::write_trapping_filter(&wasm)?;
+    let stack = Stack::builder()
+        .var("WASM_PATH", wasm.display().to_string())
+        .start()
+        .await?;
+    let ledger = Ledger::take(&stack).await?;
+    let reply = send_ok(
+        &stack,
+        Proto::H1,
+        &Req::post(&path("/t/closed"), chat("gpt-4o-mini")),
+    )
+    .await?;
+    assert_eq!(
+        reply.status,
+        503,
+        "FAIL_RELOAD refuses the request: {}",
+        reply.text()
+    );
+    // The next request reloads the VM (or is refused during the back-off).
+    let _ = send(
+        &stack,
+        Proto::H1,
+        &Req::post(&path("/t/closed"), chat("gpt-4o-mini")),
+    )
+    .await?;
+    let err = ledger
+        .settle(&stack, "a trapping filter", Outcomes::none().upstream(0))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("(c)"), "the ledger missed the crash: {err}");
+    assert_eq!(
+        stack.upstream_requests(),
+        0,
+        "a failed VM lets nothing through"
+    );
+    Ok(())
+}
