@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod adversary;
 pub mod envoy;
 pub mod fault;
 pub mod grpc_misbehaving;

@@ -56,6 +56,12 @@ pub struct Received {
     pub body_len: usize,
     /// Body, lossily decoded as UTF-8.
     pub body: String,
+    /// Body, exactly as received.
+    #[serde(skip)]
+    pub body_raw: Bytes,
+    /// Request trailers in arrival order, names lowercase (empty when none arrived).
+    #[serde(default)]
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Received {
@@ -70,6 +76,14 @@ impl Received {
     /// Whether header `name` is present (case-insensitive).
     pub fn has_header(&self, name: &str) -> bool {
         self.header(name).is_some()
+    }
+
+    /// The first value of trailer `name` (case-insensitive).
+    pub fn trailer(&self, name: &str) -> Option<&str> {
+        self.trailers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -227,9 +241,24 @@ async fn handle(shared: &Shared, main: bool, req: Request<Incoming>) -> Response
         .filter(|(k, _)| k.starts_with("x-arbiter-"))
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    let body = match req.into_body().collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => Bytes::new(),
+    let (body, trailers) = match req.into_body().collect().await {
+        Ok(collected) => {
+            let trailers: Vec<(String, String)> = collected
+                .trailers()
+                .map(|t| {
+                    t.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_owned(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (collected.to_bytes(), trailers)
+        }
+        Err(_) => (Bytes::new(), Vec::new()),
     };
     lock(&shared.requests).push(Received {
         method: method.to_string(),
@@ -237,6 +266,8 @@ async fn handle(shared: &Shared, main: bool, req: Request<Incoming>) -> Response
         headers,
         body_len: body.len(),
         body: String::from_utf8_lossy(&body).into_owned(),
+        body_raw: body.clone(),
+        trailers,
     });
 
     let mode = *lock(&shared.mode);

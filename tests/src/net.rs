@@ -137,9 +137,23 @@ impl Drop for Acceptor {
     }
 }
 
+/// Pending connections a listener queues (std's default is 128): Envoy may open hundreds of
+/// upstream connections at once, and a SYN dropped by a full queue is retried only after a
+/// second, far beyond the clusters' connect timeout.
+const BACKLOG: u32 = 4096;
+
 fn bind_std(addr: SocketAddr) -> Result<StdTcpListener> {
-    // std sets SO_REUSEADDR on Unix, so re-binding a port with connections in TIME_WAIT works.
-    let listener = StdTcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    // Re-binding a port with connections in TIME_WAIT must work (close/reopen).
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding {addr}"))?;
+    let listener = socket.listen(BACKLOG)?.into_std()?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

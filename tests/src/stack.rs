@@ -125,7 +125,17 @@ impl PolicyServer {
     /// if the binary's `--help` lists them) plus `extra_args`; waits until it accepts
     /// connections. `ARBITER_*` variables of the caller's environment are not passed on.
     pub async fn start(policies: impl AsRef<Path>, extra_args: &[String]) -> Result<PolicyServer> {
-        Self::start_on(loopback(free_port()?), policies, extra_args).await
+        // The port is free when picked but nothing holds it until the server binds it: a
+        // test running beside this one may take it first. Pick another then.
+        let mut attempt = 1;
+        loop {
+            match Self::start_on(loopback(free_port()?), policies.as_ref(), extra_args).await {
+                Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Starts the server on `addr`.
@@ -394,6 +404,7 @@ pub struct StackBuilder {
     policy_target: Option<SocketAddr>,
     second_policy_server: bool,
     envoy: EnvoyOptions,
+    edits: Vec<(String, String)>,
 }
 
 impl Default for StackBuilder {
@@ -408,6 +419,7 @@ impl Default for StackBuilder {
             policy_target: None,
             second_policy_server: false,
             envoy: EnvoyOptions::default(),
+            edits: Vec::new(),
         }
     }
 }
@@ -479,11 +491,43 @@ impl StackBuilder {
         self
     }
 
+    /// Replaces `from` (which must occur exactly once) with `to` in the template text before
+    /// rendering: a deployment that differs from the shipped config in one setting, without
+    /// a copy of the template.
+    pub fn edit_template(mut self, from: impl Into<String>, to: impl Into<String>) -> Self {
+        self.edits.push((from.into(), to.into()));
+        self
+    }
+
     /// Starts everything; on error nothing is left running.
     pub async fn start(self) -> Result<Stack> {
         let template = template_path(&self.template);
-        let text = std::fs::read_to_string(&template)
+        let mut text = std::fs::read_to_string(&template)
             .with_context(|| format!("reading {}", template.display()))?;
+        for (from, to) in &self.edits {
+            let found = text.matches(from.as_str()).count();
+            if found != 1 {
+                bail!(
+                    "template edit: `{from}` occurs {found} times in {}, expected once",
+                    template.display()
+                );
+            }
+            text = text.replace(from.as_str(), to);
+        }
+        // The edited template lives beside the rendered config until Envoy has read it.
+        let edited = if self.edits.is_empty() {
+            None
+        } else {
+            let file = tempfile::Builder::new()
+                .prefix("arbiter-template-")
+                .suffix(".yaml.tmpl")
+                .tempfile()?;
+            std::fs::write(file.path(), &text)?;
+            Some(file)
+        };
+        let template = edited
+            .as_ref()
+            .map_or_else(|| template.clone(), |f| f.path().to_owned());
 
         let policy = if self.policy_server {
             Some(PolicyServer::start(&self.policies, &self.policy_args).await?)
