@@ -46,7 +46,7 @@ pub use engine::{Decision, EngineError, PolicyEngine};
 pub use health::{HealthConfig, HealthMetrics, HealthMonitor};
 pub use metrics::{BundleRole, Metrics};
 pub use reload::{StatusBoard, Watch};
-pub use request::{AuthzRequest, RequestError};
+pub use request::{AuthzRequest, RequestError, TimeSource};
 pub use service::AuthorizationService;
 
 /// Why the server cannot start or stopped with an error.

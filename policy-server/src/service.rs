@@ -18,8 +18,8 @@ use tracing::{Instrument as _, Span};
 use uuid::Uuid;
 
 use crate::audit::{AuditEvent, AuditLog, Redactor, RequestFacts, TraceParent};
-use crate::engine::{Decision, PolicyEngine};
-use crate::request::AuthzRequest;
+use crate::engine::{Decision, EngineError, PolicyEngine};
+use crate::request::{AuthzRequest, TimeSource};
 use crate::trace;
 
 /// Header naming the decision's audit record, on allowed requests.
@@ -85,21 +85,25 @@ impl AuthorizationService {
         started: Instant,
         span: &Span,
     ) -> Result<Response<CheckResponse>, Status> {
-        // A request without attributes or an HTTP request is a caller bug, not a policy
-        // question: INVALID_ARGUMENT is "no decision", so the filter applies the route's fail
-        // mode instead of reading an allow or a deny into it.
+        // A request without attributes or an HTTP request is not a policy question, and
+        // asking again gives the same answer. INVALID_ARGUMENT says "caused by this request":
+        // the filter refuses it on every route, fail-open ones included (a malformed request
+        // must not open the door), and does not count it toward its breaker (one bad request
+        // must not make the gateway refuse or wave through everyone else's).
         let req = AuthzRequest::try_from(check).map_err(|e| {
             trace::fail(span, "invalid request");
             Status::invalid_argument(e.to_string())
         })?;
+        if req.time_source == TimeSource::Untrusted {
+            self.engine.metrics().request_time_untrusted();
+        }
         span.record("arbiter.route", req.route.as_str());
         span.record("arbiter.request_id", req.request_id.as_str());
-        // Same for a request Cedar cannot express: no decision rather than a guessed one.
         let decision = tracing::info_span!(target: trace::TARGET, "arbiter.evaluate")
             .in_scope(|| self.engine.decide(&req))
             .map_err(|e| {
                 trace::fail(span, "evaluation failed");
-                Status::internal(e.to_string())
+                engine_status(&e)
             })?;
         let audit_id = Uuid::now_v7().to_string();
         span.record("arbiter.decision", outcome(&decision));
@@ -148,6 +152,22 @@ impl AuthorizationService {
             "decision"
         );
         Ok(Response::new(check_response(&req, &decision, &audit_id)))
+    }
+}
+
+/// The answer to a request the engine could not decide: never a guessed allow or deny.
+pub fn engine_status(error: &EngineError) -> Status {
+    if error.is_request_caused() {
+        // A value Cedar cannot express, or identity claims no principal can be built from:
+        // this request's fault, the same however often it is asked. INVALID_ARGUMENT, so the
+        // filter refuses it on every route (even fail-open ones) and keeps it out of the
+        // breaker, as for a malformed CheckRequest above.
+        Status::invalid_argument(error.to_string())
+    } else {
+        // The bundle's own data cannot be assembled: a fault of this server, which other
+        // requests share. INTERNAL is "no decision" from the server: the route's fail mode
+        // applies and the breaker counts it.
+        Status::internal(error.to_string())
     }
 }
 

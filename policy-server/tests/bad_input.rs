@@ -210,3 +210,95 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
     assert_eq!(response.status.unwrap().code, 0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_request_time_gets_a_decision() {
+    use envoy_types::pb::google::protobuf::Timestamp;
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let times = [
+        (253_402_300_800, 0), // 10000-01-01T00:00:00Z: used to panic the handler
+        (253_402_300_799, 999_999_999), // 9999-12-31T23:59:59.999999999Z
+        (1_000_000_000_000, 0),
+        (i64::MAX, 999_999_999),
+        (i64::MAX, i32::MAX),
+        (-1, 0),
+        (-62_135_596_800, 0), // 0001-01-01
+        (i64::MIN, i32::MIN),
+        (0, 0),
+        (now.as_secs() as i64, -1),
+        (now.as_secs() as i64, 1_000_000_000),
+    ];
+    for (seconds, nanos) in times {
+        let mut request = chat();
+        request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .time = Some(Timestamp { seconds, nanos });
+        let response = client
+            .check(request)
+            .await
+            .unwrap_or_else(|e| panic!("{seconds}.{nanos}: {e:?}"))
+            .into_inner();
+        assert_eq!(response.status.unwrap().code, 0, "{seconds}.{nanos}");
+    }
+    // None of them was within five minutes of the server's clock: each decided at receipt.
+    let untrusted = server.metric("arbiter_request_time_untrusted_total").await;
+    assert_eq!(untrusted, times.len() as f64);
+    // A time a second ago is the request's own and not counted.
+    let mut request = chat();
+    request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .time = Some(Timestamp {
+        seconds: now.as_secs() as i64 - 1,
+        nanos: 0,
+    });
+    client.check(request).await.unwrap();
+    assert_eq!(
+        server.metric("arbiter_request_time_untrusted_total").await,
+        untrusted
+    );
+    let records = common::audit_lines(&server.audit_dir.path().join("audit.log"));
+    assert_eq!(records.len(), times.len() + 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_decided() {
+    use envoy_types::pb::envoy::config::core::v3::{
+        address, socket_address::PortSpecifier, Address, SocketAddress,
+    };
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let mut request = chat();
+    request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .source
+        .as_mut()
+        .unwrap()
+        .address = Some(Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: "::ffff:10.1.2.3".into(),
+            port_specifier: Some(PortSpecifier::PortValue(40000)),
+            ..Default::default()
+        })),
+    });
+    // Cedar refuses `ip("::ffff:10.1.2.3")`: this used to be an INTERNAL error.
+    let response = client.check(request).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0);
+    server.stop().await;
+}

@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 use crate::bundle::{Bundle, BundleError};
 use crate::engine::{cedar_datetime, Decision};
 use crate::identity::{json_to_struct, API_KEY_HEADER, JWT_AUTHN_NAMESPACE, JWT_PAYLOAD_KEY};
-use crate::request::{AuthzRequest, ROUTE_KEY};
+use crate::request::{AuthzRequest, TimeSource, ROUTE_KEY};
 
 /// Why a command could not run.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +113,17 @@ impl RequestSpec {
         }
     }
 
+    /// `time`, parsed.
+    fn stated_time(&self) -> Result<Option<time::OffsetDateTime>, CliError> {
+        self.time
+            .as_deref()
+            .map(|time| {
+                time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| CliError::Request(format!("`time` is not RFC 3339: {e}")))
+            })
+            .transpose()
+    }
+
     /// The `CheckRequest` the Arbiter filter would send for this request.
     pub fn to_check_request(&self) -> Result<CheckRequest, CliError> {
         let body = self.body_bytes().unwrap_or_default();
@@ -145,20 +156,10 @@ impl RequestSpec {
             .unwrap_or("127.0.0.1:40000")
             .parse()
             .map_err(|e| CliError::Request(format!("`source` must be `ip:port`: {e}")))?;
-        let time = match &self.time {
-            Some(time) => {
-                let at = time::OffsetDateTime::parse(
-                    time,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .map_err(|e| CliError::Request(format!("`time` is not RFC 3339: {e}")))?;
-                Some(Timestamp {
-                    seconds: at.unix_timestamp(),
-                    nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
-                })
-            }
-            None => None,
-        };
+        let time = self.stated_time()?.map(|at| Timestamp {
+            seconds: at.unix_timestamp(),
+            nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
+        });
         let metadata_context = self.jwt_claims.as_ref().map(|claims| {
             let namespace = json!({ JWT_PAYLOAD_KEY: Value::Object(claims.clone()) });
             Metadata {
@@ -268,8 +269,14 @@ pub fn check(dir: &Path, spec: &RequestSpec) -> Result<CheckReport, CliError> {
 
 /// Decides `spec` with `bundle`.
 pub fn check_with(bundle: &Bundle, spec: &RequestSpec) -> Result<CheckReport, CliError> {
-    let request = AuthzRequest::try_from(spec.to_check_request()?)
+    let mut request = AuthzRequest::try_from(spec.to_check_request()?)
         .map_err(|e| CliError::Request(e.to_string()))?;
+    // `time` asks what policy decides at that time: it is the time policy sees, even one the
+    // server would not take from a CheckRequest (see `request::request_time`).
+    if let Some(at) = spec.stated_time()? {
+        request.time = std::time::SystemTime::from(at);
+        request.time_source = TimeSource::Request;
+    }
     let decision = bundle
         .decide(&Authorizer::new(), &request)
         .map_err(|e| CliError::Decide(e.to_string()))?;
