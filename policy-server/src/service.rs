@@ -8,8 +8,9 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode as HttpStatusCode};
 use envoy_types::pb::envoy::service::auth::v3::{
-    authorization_server::Authorization, check_response::HttpResponse, CheckRequest, CheckResponse,
-    DeniedHttpResponse, OkHttpResponse,
+    authorization_server::{Authorization, AuthorizationServer},
+    check_response::HttpResponse,
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc;
@@ -47,6 +48,18 @@ impl AuthorizationService {
             redactor: Arc::new(redactor),
         }
     }
+}
+
+/// The gRPC service serving `service`: how every server (and test and benchmark) builds it.
+///
+/// It accepts CheckRequests up to [`arbiter_proto::MAX_CHECK_REQUEST_BYTES`], the limit the
+/// filter never exceeds (8 MiB of body plus Envoy's largest header block). tonic's default of
+/// 4 MiB refused bodies the filter may send: a size the request chose, answered as a server
+/// failure. A larger message is still refused (`OUT_OF_RANGE`, "decoded message length too
+/// large"), which the filter counts as caused by the request.
+pub fn authorization_server<T: Authorization>(service: T) -> AuthorizationServer<T> {
+    AuthorizationServer::new(service)
+        .max_decoding_message_size(arbiter_proto::MAX_CHECK_REQUEST_BYTES)
 }
 
 #[tonic::async_trait]

@@ -1,6 +1,8 @@
 //! Bad input gets a defined answer, never a crash: bodies over the limit, bodies that are
-//! not JSON, header values that are not UTF-8, messages that are not valid protobuf, and
-//! messages larger than the server accepts. After each, the server still answers.
+//! not JSON, header values that are not UTF-8, messages that are not valid protobuf,
+//! messages at and over the size limit the filter and server agree on, request times in
+//! any year, IPv4-mapped source addresses, and bodies of unknown size. After each, the
+//! server still answers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -196,17 +198,88 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
     let status = send_raw(&server, vec![0xff; 64]).await.unwrap_err();
     assert_ne!(status.code(), tonic::Code::Ok);
 
-    // Larger than the server's 4 MiB message limit.
-    let huge = with_body(chat(), &vec![b'a'; 5 * 1024 * 1024], 5 * 1024 * 1024, false);
-    let status = AuthorizationClient::new(server.channel().await)
-        .check(huge)
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
-
     // Still serving, and a well-formed request sent raw decodes as usual.
     let response = send_raw(&server, chat().encode_to_vec()).await.unwrap();
     let response = CheckResponse::decode(response.as_slice()).unwrap();
+    assert_eq!(response.status.unwrap().code, 0);
+    server.stop().await;
+}
+
+/// `request` with its body grown or shrunk so that it encodes to exactly `len` bytes.
+fn sized(request: &CheckRequest, len: usize) -> CheckRequest {
+    let mut request = request.clone();
+    for _ in 0..8 {
+        let encoded = request.encoded_len();
+        if encoded == len {
+            return request;
+        }
+        let http = request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        let body = (http.raw_body.len() + len).saturating_sub(encoded);
+        http.raw_body.resize(body, b'a');
+    }
+    panic!("cannot size the request to {len} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_up_to_the_agreed_limit_are_decided_and_larger_ones_refused() {
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let limit = arbiter_proto::MAX_CHECK_REQUEST_BYTES;
+
+    // The largest body a route may send (8 MiB, cut, so not parsed) with a header block of
+    // almost 8 MiB: decided and recorded.
+    let mut request = with_body(chat(), &vec![b'a'; 8 * 1024 * 1024], 20_000_000, true);
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.id = "big".into();
+    for i in 0..63 {
+        http.headers
+            .insert(format!("x-big-{i}"), "b".repeat(128 * 1024));
+    }
+    assert!(request.encoded_len() > 15 * 1024 * 1024 && request.encoded_len() < limit);
+    let response = client.check(request.clone()).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0);
+    let records = common::audit_lines(&server.audit_dir.path().join("audit.log"));
+    let record = records.iter().find(|r| r["request_id"] == "big").unwrap();
+    assert_eq!(record["decision"], "allow");
+    assert_eq!(record["body_bytes"], 20_000_000);
+    assert_eq!(record["body_truncated"], true);
+
+    // Exactly the limit: decided. One byte more: refused before any decision, OUT_OF_RANGE
+    // ("caused by the request" to the filter), naming the limit.
+    let at_limit = sized(&request, limit);
+    assert_eq!(at_limit.encoded_len(), limit);
+    let response = client.check(at_limit).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0);
+    let over = sized(&request, limit + 1);
+    assert_eq!(over.encoded_len(), limit + 1);
+    let status = client.check(over).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains(&limit.to_string()),
+        "{}",
+        status.message()
+    );
+
+    // Still serving.
+    let response = client.check(chat()).await.unwrap().into_inner();
     assert_eq!(response.status.unwrap().code, 0);
     server.stop().await;
 }
