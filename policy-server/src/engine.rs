@@ -260,6 +260,10 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
             long(i64::try_from(body.bytes).unwrap_or(i64::MAX)),
         ),
         (
+            "body_size_known",
+            RestrictedExpression::new_bool(body.size_known),
+        ),
+        (
             "body_truncated",
             RestrictedExpression::new_bool(body.truncated),
         ),

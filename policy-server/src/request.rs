@@ -402,7 +402,11 @@ mod tests {
                 request_id: "req-1".into(),
                 route_context: BTreeMap::from([("classification".into(), "regulated".into())]),
                 requested_tenant: None,
-                body: BodyAttributes::default(),
+                // `size` 0: a request without body, and that is known.
+                body: BodyAttributes {
+                    size_known: true,
+                    ..BodyAttributes::default()
+                },
                 time: req.time,
                 time_source: TimeSource::Receipt,
             }

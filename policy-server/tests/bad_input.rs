@@ -375,3 +375,61 @@ async fn an_ipv4_client_of_a_dual_stack_listener_is_decided() {
     assert_eq!(response.status.unwrap().code, 0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_limit_cannot_be_bypassed_by_leaving_out_the_length() {
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let client = AuthorizationClient::new(server.channel().await);
+    let check = |request: CheckRequest| {
+        let mut client = client.clone();
+        async move { client.check(request).await.unwrap().into_inner() }
+    };
+    let bounded = || {
+        check_request(
+            "",
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "chat"), ("size_policy", "bounded")],
+        )
+    };
+    let prefix = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"aaaaaaaa"#;
+    // Chunked and cut at the route's limit: size unknown, refused.
+    let response = check(with_body(bounded(), prefix, -1, true)).await;
+    assert_eq!(denied_by(&response), ["body-size-limit"]);
+    // Chunked on a route that sends no body: refused too.
+    let response = check(with_body(bounded(), b"", -1, false)).await;
+    assert_eq!(denied_by(&response), ["body-size-limit"]);
+    // Chunked but sent whole: measured, allowed.
+    let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let response = check(with_body(bounded(), body, -1, false)).await;
+    assert_eq!(response.status.unwrap().code, 0);
+    // Known and over the limit.
+    let response = check(with_body(bounded(), prefix, 1_048_577, true)).await;
+    assert_eq!(denied_by(&response), ["body-size-limit"]);
+    // A route that does not opt in does not limit size.
+    let response = check(with_body(chat(), prefix, -1, true)).await;
+    assert_eq!(response.status.unwrap().code, 0);
+
+    // The record says what policy saw.
+    let records = common::audit_lines(&server.audit_dir.path().join("audit.log"));
+    let seen: Vec<(u64, bool)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["body_bytes"].as_u64().unwrap(),
+                r["body_size_known"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (prefix.len() as u64, false),
+            (0, false),
+            (body.len() as u64, true),
+            (1_048_577, true),
+            (prefix.len() as u64, false),
+        ]
+    );
+    server.stop().await;
+}

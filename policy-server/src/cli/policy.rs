@@ -89,10 +89,13 @@ pub struct RequestSpec {
     /// The body was cut at the route's `max_body_bytes` (`x-envoy-auth-partial-body`).
     #[serde(default)]
     pub body_truncated: bool,
-    /// The full body length, when larger than what is sent.
+    /// The CheckRequest's `http.size`: the full body length when larger than what is sent,
+    /// `-1` when unknown (a chunked body). Default: the length of the body sent (0 without
+    /// one, a request without body).
     #[serde(default)]
     pub body_size: Option<i64>,
-    /// Request time (RFC 3339); default now.
+    /// Request time (RFC 3339); default now. Policy sees exactly this time, even one the
+    /// server would replace by its own clock (more than 5 minutes from it).
     #[serde(default)]
     pub time: Option<String>,
     /// Body bytes as read from a file (`--body FILE`); wins over `body` and `body_text`.
@@ -169,6 +172,7 @@ impl RequestSpec {
                 ..Default::default()
             }
         });
+        // As the filter reports it: the exact length when known (0 for no body), else -1.
         let size = self
             .body_size
             .unwrap_or_else(|| i64::try_from(body.len()).unwrap_or(i64::MAX));
@@ -199,7 +203,7 @@ impl RequestSpec {
                             .unwrap_or_else(|| "gateway.local".to_owned()),
                         scheme: "http".to_owned(),
                         headers,
-                        size: if body.is_empty() { -1 } else { size },
+                        size,
                         raw_body: body,
                         ..Default::default()
                     }),
@@ -334,10 +338,15 @@ impl CheckReport {
             r.route
         ));
         let body = &r.body;
-        if body.bytes > 0 || body.model.is_some() {
+        if body.bytes > 0 || body.model.is_some() || !body.size_known {
             out.push_str(&format!(
-                "  body:            {} bytes, model {}, truncated {}, parse error {}\n",
+                "  body:            {} bytes{}, model {}, truncated {}, parse error {}\n",
                 body.bytes,
+                if body.size_known {
+                    ""
+                } else {
+                    " (at least: size unknown)"
+                },
                 body.model.as_deref().unwrap_or("-"),
                 body.truncated,
                 body.parse_error
@@ -366,6 +375,7 @@ impl CheckReport {
             "route": r.route,
             "model": r.body.model,
             "body_bytes": r.body.bytes,
+            "body_size_known": r.body.size_known,
             "body_truncated": r.body.truncated,
             "body_parse_error": r.body.parse_error,
             "time": cedar_datetime(r.time),
