@@ -286,3 +286,22 @@ fn string_value(value: &str) -> Value {
         kind: Some(Kind::StringValue(value.to_owned())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityError;
+
+    #[test]
+    fn request_caused_engine_errors_are_invalid_argument_server_faults_internal() {
+        let request = EngineError::Request("`ip(\"::ffff:1.2.3.4\")`".into());
+        assert_eq!(engine_status(&request).code(), Code::InvalidArgument);
+        let identity = EngineError::Identity(IdentityError::Build("bad claims".into()));
+        assert_eq!(engine_status(&identity).code(), Code::InvalidArgument);
+        let entities = EngineError::Entities("duplicate entity".into());
+        assert_eq!(engine_status(&entities).code(), Code::Internal);
+        assert!(engine_status(&entities)
+            .message()
+            .contains("duplicate entity"));
+    }
+}
