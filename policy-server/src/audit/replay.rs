@@ -597,7 +597,17 @@ mod tests {
 
     #[test]
     fn server_records_replay_with_the_identity_evidence_they_kept() {
-        let mut event = crate::audit::record::tests::event();
+        let mut event: crate::audit::AuditEvent = serde_json::from_value(serde_json::json!({
+            "ts": "2026-11-22T02:00:00.000001Z", "id": "0193a1b2-0000-7000-8000-000000000001",
+            "request_id": "r-1", "decision": "allow", "reason": "permit",
+            "policy_version": "sha256:0123456789abcdef", "policy_ids": ["routine-chat"],
+            "principal": "anonymous", "action": "chat.completions", "route": "chat",
+            "route_context": {"classification": "public"}, "method": "POST", "scheme": "http",
+            "host": "gw", "path": "/v1/chat/completions", "source": "127.0.0.1:5000",
+            "identity": null, "headers": {}, "model": null, "body_bytes": 12,
+            "body_truncated": false, "prompt_sha256": null, "trace_id": null, "latency_us": 42
+        }))
+        .unwrap();
         event.principal = "https://idp#alice".into();
         event.identity = Some(serde_json::json!({
             "source": "jwt", "jwt": {"iss": "https://idp", "sub": "alice"}, "api_key_sha256": "ab12"
