@@ -5,11 +5,21 @@
 //! mode) and only then releases the callers. A failed write releases them with an error and
 //! rolls the file back to the last complete record; while the log is not writable the
 //! thread probes it and reports when writing works again.
+//!
+//! One writer per log: [`AuditLog::open`] takes an exclusive advisory lock (`flock`) on
+//! `.<name>.lock` beside the log before reading anything, and holds it until the writer
+//! thread has finished, so a second server on the same log refuses to start instead of
+//! forking the chain. The lock is on a file of its own, not on the log: the log is renamed
+//! at every rotation, and a lock on its inode would leave the new active file unlocked. It is
+//! a hidden file so that `arbiter audit verify audit.jsonl*` does not pick it up.
 
-use std::fs::{File, OpenOptions};
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
@@ -50,6 +60,17 @@ pub enum AuditError {
         /// What is wrong.
         source: RecordError,
     },
+    /// Another process (or another [`AuditLog`] in this one) writes this log.
+    #[error("audit log `{path}` is already written by {holder} (it holds the lock `{lock}`): two writers would fork the chain; stop the other server or give this one another --audit-log")]
+    Locked {
+        /// The log.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// Who holds the lock, as far as it says: `process 1234` (the pid it wrote into the
+        /// lock file, in its pid namespace) or `another process`.
+        holder: String,
+    },
     /// The record was not written.
     #[error("cannot write audit log `{path}`: {reason}")]
     Write {
@@ -78,11 +99,12 @@ struct Job {
     done: oneshot::Sender<Result<Written, AuditError>>,
 }
 
-/// Handle to the audit writer; clones share the one writer thread, which ends when the last
-/// handle is dropped.
+/// Handle to the audit writer; clones share the one writer thread. Dropping the last handle
+/// waits for the thread to write what is queued, sync and release the lock, so the log can
+/// be reopened right after.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Job>,
+    thread: Arc<WriterThread>,
     writable: watch::Receiver<bool>,
     written: watch::Receiver<u64>,
     metrics: AuditMetrics,
@@ -90,9 +112,12 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log at `config.path`, continues the chain of what is already
-    /// there (rotated files included) and starts the writer thread.
+    /// Locks the log at `config.path` (see the module doc), opens or creates it, continues
+    /// the chain of what is already there (rotated files included) and starts the writer
+    /// thread.
     pub fn open(config: &AuditConfig, metrics: AuditMetrics) -> Result<Self, AuditError> {
+        // Before anything is read or renamed: recovery moves torn files aside.
+        let lock = lock(&config.path)?;
         let chain = recover(&config.path, &metrics)?;
         let last_seq = chain.next_seq - 1;
         let (writable_tx, writable) = watch::channel(true);
@@ -113,6 +138,7 @@ impl AuditLog {
             written_tx,
             metrics: metrics.clone(),
             buf: Vec::with_capacity(64 * 1024),
+            _lock: lock,
         };
         // Fail at start, not on the first request, when the file cannot be opened at all
         // (missing directory, permissions).
@@ -127,7 +153,7 @@ impl AuditLog {
             "audit log open"
         );
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("arbiter-audit".into())
             .spawn(move || writer.run(&rx))
             .map_err(|e| AuditError::Open {
@@ -135,7 +161,10 @@ impl AuditLog {
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
         Ok(Self {
-            tx,
+            thread: Arc::new(WriterThread {
+                tx: Some(tx),
+                handle: Some(handle),
+            }),
             writable,
             written,
             metrics,
@@ -148,7 +177,11 @@ impl AuditLog {
     pub async fn append(&self, event: AuditEvent) -> Result<Written, AuditError> {
         let (done, result) = oneshot::channel();
         self.metrics.queue_depth.inc();
-        if self.tx.send(Job { event, done }).is_err() {
+        let sent = match &self.thread.tx {
+            Some(tx) => tx.send(Job { event, done }).is_ok(),
+            None => false,
+        };
+        if !sent {
             self.metrics.queue_depth.dec();
             return Err(AuditError::Stopped);
         }
@@ -176,6 +209,24 @@ impl AuditLog {
     }
 }
 
+/// The writer thread and the only sender of its queue.
+#[derive(Debug)]
+struct WriterThread {
+    tx: Option<mpsc::Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has written what was queued; waiting
+        // for it makes "the last handle is gone" mean "the file is synced and unlocked".
+        self.tx = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
 struct Writer {
     path: PathBuf,
     sync: AuditSync,
@@ -193,6 +244,8 @@ struct Writer {
     written_tx: watch::Sender<u64>,
     metrics: AuditMetrics,
     buf: Vec<u8>,
+    /// Held (never read) for the life of the thread: the log's exclusive lock.
+    _lock: File,
 }
 
 impl Writer {
@@ -430,6 +483,55 @@ impl Writer {
     }
 }
 
+/// `.<name>.lock` beside the log `path`: the file [`AuditLog`] locks.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+/// Takes the exclusive lock of the log `path` and writes this process's id into the lock
+/// file (for the message a second writer gets). An advisory `flock`: it keeps out other
+/// Arbiter servers, not someone who edits the file by hand (that is what the chain is for).
+/// The kernel releases it when the process dies, so a crash never leaves a stale lock.
+fn lock(path: &Path) -> Result<File, AuditError> {
+    let lock = lock_path(path);
+    let open_error = |e: io::Error| AuditError::Open {
+        path: path.to_owned(),
+        reason: format!("cannot open the lock file `{}`: {e}", lock.display()),
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)
+        .map_err(open_error)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim().parse::<u32>() {
+                Ok(pid) => format!("process {pid}"),
+                Err(_) => "another process".to_owned(),
+            };
+            return Err(AuditError::Locked {
+                path: path.to_owned(),
+                lock,
+                holder,
+            });
+        }
+        Err(TryLockError::Error(e)) => return Err(open_error(e)),
+    }
+    // Only a hint for the message above; the lock is what counts.
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(open_error)?;
+    Ok(file)
+}
+
 /// Makes a rename or a new file in `path`'s directory durable.
 fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
@@ -598,4 +700,37 @@ fn recover(path: &Path, metrics: &AuditMetrics) -> Result<Chain, AuditError> {
         "audit log ends with a torn record (a crash while writing; it was never acknowledged): file kept as is, chain continues in a new file"
     );
     Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_writer_per_log_and_the_lock_goes_with_the_last_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig::new(dir.path().join("audit.jsonl"));
+        let first = AuditLog::open(&config, AuditMetrics::default()).unwrap();
+        let clone = first.clone();
+        let err = AuditLog::open(&config, AuditMetrics::default()).unwrap_err();
+        let expected = format!("is already written by process {}", std::process::id());
+        assert!(
+            matches!(err, AuditError::Locked { .. }) && err.to_string().contains(&expected),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "only the log and its lock"
+        );
+        drop(first);
+        // A clone still holds the writer, so still locked.
+        assert!(AuditLog::open(&config, AuditMetrics::default()).is_err());
+        drop(clone);
+        AuditLog::open(&config, AuditMetrics::default()).unwrap();
+        assert_eq!(
+            lock_path(&config.path),
+            dir.path().join(".audit.jsonl.lock")
+        );
+    }
 }

@@ -392,6 +392,55 @@ async fn torn_tail_is_kept_reported_and_the_chain_continues() {
 }
 
 #[tokio::test]
+async fn a_second_server_on_the_same_log_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(dir.path(), &[]).await;
+    // The second process, same log: it must exit with one message naming the file and the
+    // holder, having written nothing.
+    let before = std::fs::read(&first.audit).unwrap();
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_arbiter-policy-server"))
+        .args(["--listen", "127.0.0.1:0", "--policies"])
+        .arg(common::example_bundle())
+        .arg("--audit-log")
+        .arg(&first.audit)
+        .env_remove("ARBITER_LISTEN")
+        .kill_on_drop(true)
+        .output();
+    // A safety net so a regression fails instead of hanging, not a synchronisation.
+    let output = tokio::time::timeout(Duration::from_secs(120), second)
+        .await
+        .expect("the second server kept running on a locked audit log")
+        .unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let message = format!(
+        "audit log `{}` is already written by process {}",
+        first.audit.display(),
+        first.pid()
+    );
+    assert!(stderr.contains(&message), "{stderr}");
+    assert_eq!(std::fs::read(&first.audit).unwrap(), before);
+
+    // The first still decides and records; once it is gone (even killed: the kernel drops
+    // the lock), the log can be taken over and the chain continues.
+    let mut client = AuthorizationClient::new(first.channel().await);
+    client
+        .check(check_request("", "GET", "/v1/models", &[]))
+        .await
+        .unwrap();
+    first.kill().await;
+    let next = Server::start(dir.path(), &[]).await;
+    let mut client = AuthorizationClient::new(next.channel().await);
+    client
+        .check(check_request("", "GET", "/v1/models", &[]))
+        .await
+        .unwrap();
+    let report = verify(&all_files(&next.audit)).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert!(report.records >= 2, "{report:?}");
+}
+
+#[tokio::test]
 async fn rotation_keeps_one_chain_across_files_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
