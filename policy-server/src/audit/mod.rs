@@ -56,7 +56,8 @@ pub fn event(
         route_context: req.route_context.clone(),
         method: req.method.clone(),
         scheme: req.scheme.clone(),
-        host: req.host.clone(),
+        // `:authority` may carry `user:pass@`.
+        host: redact::redact_authority(&req.host),
         path: req.path.clone(),
         source: Some(req.source.clone()).filter(|s| !s.is_empty()),
         identity: Some(serde_json::json!({
