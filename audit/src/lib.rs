@@ -6,11 +6,13 @@
 //!
 //! - [`record`]: the line format and its hash.
 //! - [`writer`]: [`AuditLog`], the single writer with group commit, rotation and recovery.
+//! - [`checkpoint`]: signed checkpoints of the chain's head (completeness, not just order).
 //! - [`redact`]: what a record may take from a `CheckRequest` (secrets never in clear).
 //! - [`verify`]: the logic of `arbiter audit verify`.
 //! - [`export`]: the OTLP outbox.
 //! - [`metrics`]: the audit metrics ([`AuditMetrics`]).
 
+pub mod checkpoint;
 pub mod export;
 pub mod metrics;
 pub mod record;
@@ -19,6 +21,7 @@ pub mod verify;
 pub mod writer;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use time::OffsetDateTime;
 
@@ -48,15 +51,34 @@ pub struct AuditConfig {
     pub sync: AuditSync,
     /// Size at which the active file is rotated.
     pub max_bytes: u64,
+    /// Signed checkpoints, when the operator configured a key.
+    pub checkpoints: Option<Checkpointing>,
 }
 
+/// When and with which key the writer signs checkpoints (see [`checkpoint`]).
+#[derive(Debug, Clone)]
+pub struct Checkpointing {
+    /// The operator's private key.
+    pub key: p256::ecdsa::SigningKey,
+    /// A checkpoint after this many records…
+    pub every: u64,
+    /// …or once the oldest unsigned record is this old, whichever comes first.
+    pub interval: Duration,
+}
+
+/// Default `--audit-checkpoint-every`.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1000;
+/// Default `--audit-checkpoint-interval-secs`.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+
 impl AuditConfig {
-    /// `fsync` mode, default rotation size.
+    /// `fsync` mode, default rotation size, no checkpoints.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             sync: AuditSync::Fsync,
             max_bytes: DEFAULT_MAX_BYTES,
+            checkpoints: None,
         }
     }
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
+use super::checkpoint::{self, CheckpointFile, CheckpointReason};
 use super::metrics::AuditMetrics;
 use super::record::{self, AuditEvent, RecordError, GENESIS_HASH};
 use super::{AuditConfig, AuditSync};
@@ -70,6 +71,32 @@ pub enum AuditError {
         /// Who holds the lock, as far as it says: `process 1234` (the pid it wrote into the
         /// lock file, in its pid namespace) or `another process`.
         holder: String,
+    },
+    /// The log ends before the newest signed checkpoint: records it covers are gone.
+    #[error("audit log `{path}` ends at seq {head} but `{checkpoints}` holds a signed checkpoint of seq {seq} ({ts}): records were removed or the log was restored from an older backup; refusing to continue the chain over the gap. Keep every file for review; to start a new chain, move the log, its rotated files and its checkpoints aside")]
+    BehindCheckpoint {
+        /// The log.
+        path: PathBuf,
+        /// The checkpoints file.
+        checkpoints: PathBuf,
+        /// Seq of the log's last record (0: none).
+        head: u64,
+        /// Seq of the newest checkpoint.
+        seq: u64,
+        /// When that checkpoint was signed.
+        ts: String,
+    },
+    /// The log's record at the newest checkpoint's seq is not the one it signed.
+    #[error("audit log `{path}` record seq {seq} does not have the hash `{signed}` its signed checkpoint in `{checkpoints}` names: the log was rewritten; refusing to continue the chain")]
+    Rewritten {
+        /// The log.
+        path: PathBuf,
+        /// The checkpoints file.
+        checkpoints: PathBuf,
+        /// Seq of the record.
+        seq: u64,
+        /// Hash the checkpoint signed.
+        signed: String,
     },
     /// The record was not written.
     #[error("cannot write audit log `{path}`: {reason}")]
@@ -120,6 +147,10 @@ impl AuditLog {
         let lock = lock(&config.path)?;
         let chain = recover(&config.path, &metrics)?;
         let last_seq = chain.next_seq - 1;
+        // Records after the newest checkpoint (a crash, or checkpoints newly configured) are
+        // covered by the next one.
+        let signed = check_against_checkpoint(&config.path, last_seq, &chain.last_hash)?;
+        let unsigned = last_seq - signed.min(last_seq);
         let (writable_tx, writable) = watch::channel(true);
         let (written_tx, written) = watch::channel(last_seq);
         metrics.writable.set(1);
@@ -138,6 +169,15 @@ impl AuditLog {
             written_tx,
             metrics: metrics.clone(),
             buf: Vec::with_capacity(64 * 1024),
+            checkpoints: config.checkpoints.as_ref().map(|c| {
+                (
+                    CheckpointFile::new(&config.path, c.key.clone()),
+                    c.every.max(1),
+                    c.interval,
+                )
+            }),
+            unsigned_since: (unsigned > 0).then(Instant::now),
+            unsigned,
             _lock: lock,
         };
         // Fail at start, not on the first request, when the file cannot be opened at all
@@ -244,6 +284,12 @@ struct Writer {
     written_tx: watch::Sender<u64>,
     metrics: AuditMetrics,
     buf: Vec<u8>,
+    /// Where checkpoints go, and after how many records or how long.
+    checkpoints: Option<(CheckpointFile, u64, Duration)>,
+    /// When the oldest record not covered by a checkpoint was written.
+    unsigned_since: Option<Instant>,
+    /// Records not covered by a checkpoint.
+    unsigned: u64,
     /// Held (never read) for the life of the thread: the log's exclusive lock.
     _lock: File,
 }
@@ -252,10 +298,10 @@ impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Job>) {
         let mut batch = Vec::new();
         loop {
-            let first = if self.writable {
-                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-            } else {
-                rx.recv_timeout(PROBE_INTERVAL)
+            let first = match (self.writable, self.checkpoint_due_in()) {
+                (false, _) => rx.recv_timeout(PROBE_INTERVAL),
+                (true, Some(due)) => rx.recv_timeout(due),
+                (true, None) => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match first {
                 Ok(job) => {
@@ -271,10 +317,12 @@ impl Writer {
                         .dec_by(i64::try_from(batch.len()).unwrap_or(i64::MAX));
                     self.commit(&mut batch);
                 }
-                Err(RecvTimeoutError::Timeout) => self.probe(),
+                Err(RecvTimeoutError::Timeout) if !self.writable => self.probe(),
+                Err(RecvTimeoutError::Timeout) => self.checkpoint(CheckpointReason::Periodic),
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+        self.checkpoint(CheckpointReason::Shutdown);
         if let Some(file) = &self.file {
             if let Err(e) = file.sync_all() {
                 tracing::warn!(path = %self.path.display(), "audit log sync at shutdown failed: {e}");
@@ -328,6 +376,15 @@ impl Writer {
                 self.written_tx.send_replace(seq - 1);
                 for (done, seq) in accepted {
                     let _ = done.send(Ok(Written { seq }));
+                }
+                self.unsigned += count;
+                self.unsigned_since.get_or_insert_with(Instant::now);
+                if self
+                    .checkpoints
+                    .as_ref()
+                    .is_some_and(|(_, every, _)| self.unsigned >= *every)
+                {
+                    self.checkpoint(CheckpointReason::Periodic);
                 }
             }
             Err(e) => {
@@ -425,6 +482,7 @@ impl Writer {
         if let Some(file) = &self.file {
             file.sync_all()?;
         }
+        self.checkpoint(CheckpointReason::Rotation);
         std::fs::rename(&self.path, &target)?;
         self.file = None;
         self.len = 0;
@@ -462,6 +520,44 @@ impl Writer {
             Err(e) => {
                 tracing::debug!(path = %self.path.display(), "audit log still not writable: {e}");
                 self.truncate_dirty();
+            }
+        }
+    }
+
+    /// How long until the unsigned records are due for a checkpoint (`None`: nothing due).
+    fn checkpoint_due_in(&self) -> Option<Duration> {
+        let (_, _, interval) = self.checkpoints.as_ref()?;
+        let since = self.unsigned_since?;
+        Some(interval.saturating_sub(since.elapsed()))
+    }
+
+    /// Signs the head of the chain if records are unsigned. The log is synced first, so a
+    /// checkpoint never covers a record a power loss could still take (`write` mode). A
+    /// failure does not refuse decisions (the records are written); it is logged and
+    /// counted, and verification reports the records after the last checkpoint as unsigned.
+    fn checkpoint(&mut self, reason: CheckpointReason) {
+        if self.unsigned == 0 || self.next_seq <= 1 {
+            return;
+        }
+        let Some((file, _, _)) = self.checkpoints.as_mut() else {
+            return;
+        };
+        let synced = match &self.file {
+            Some(log) => log.sync_data(),
+            None => Ok(()),
+        };
+        let head = self.next_seq - 1;
+        match synced.and_then(|()| file.append(head, &self.last_hash, reason)) {
+            Ok(()) => {
+                self.unsigned = 0;
+                self.unsigned_since = None;
+                self.metrics.checkpoints.inc();
+            }
+            Err(e) => {
+                self.metrics.checkpoint_errors.inc();
+                // Try again at the next batch or interval, not in a loop.
+                self.unsigned_since = Some(Instant::now());
+                tracing::error!(path = %file.path().display(), seq = head, "cannot write an audit checkpoint: {e}");
             }
         }
     }
@@ -627,6 +723,36 @@ pub(crate) fn scan(path: &Path) -> Result<Scan, AuditError> {
     scan.first_seq = Some(check(0)?.0);
     scan.last = Some(check(lines.len() - 1)?);
     Ok(scan)
+}
+
+/// Refuses to continue a log that ends before, or differs at, its newest checkpoint. A
+/// refusal, not a "chain break" record: continuing would make the server the one that
+/// papers over the gap; whether the missing records are restored or a new chain is started
+/// is a person's decision, made with the files kept as evidence. Returns the newest
+/// checkpoint's seq (0: none).
+fn check_against_checkpoint(path: &Path, head: u64, head_hash: &str) -> Result<u64, AuditError> {
+    let file = checkpoint::checkpoints_path(path);
+    let newest = checkpoint::last_checkpoint(&file).map_err(|e| AuditError::Open {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    match newest {
+        Some(cp) if head < cp.seq => Err(AuditError::BehindCheckpoint {
+            path: path.to_owned(),
+            checkpoints: file,
+            head,
+            seq: cp.seq,
+            ts: cp.ts,
+        }),
+        Some(cp) if head == cp.seq && head_hash != cp.hash => Err(AuditError::Rewritten {
+            path: path.to_owned(),
+            checkpoints: file,
+            seq: cp.seq,
+            signed: cp.hash,
+        }),
+        Some(cp) => Ok(cp.seq),
+        None => Ok(0),
+    }
 }
 
 /// Where the chain continues.

@@ -440,6 +440,119 @@ async fn a_second_server_on_the_same_log_refuses_to_start() {
     assert!(report.records >= 2, "{report:?}");
 }
 
+/// Writes a P-256 key pair as PEM (`signing.pem`, `signing.pub.pem`) into `dir`.
+fn key_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    use p256::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+    let key = p256::ecdsa::SigningKey::from_slice(&[9; 32]).unwrap();
+    let private = dir.join("signing.pem");
+    let public = dir.join("signing.pub.pem");
+    std::fs::write(
+        &private,
+        key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
+    )
+    .unwrap();
+    std::fs::write(
+        &public,
+        key.verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap(),
+    )
+    .unwrap();
+    (private, public)
+}
+
+/// SIGTERM, then waits for the exit: a clean shutdown.
+async fn terminate(mut server: Server) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = server.child.wait().await.unwrap();
+    assert!(exit.success(), "{exit}\n{}", server.log());
+}
+
+#[tokio::test]
+async fn signed_checkpoints_prove_the_server_log_complete_and_a_short_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = key_pair(keys.path());
+    let private = private.to_str().unwrap().to_owned();
+    let public = public.to_str().unwrap().to_owned();
+    let args = [
+        "--audit-signing-key",
+        private.as_str(),
+        "--audit-checkpoint-every",
+        "2",
+    ];
+    let server = Server::start(dir.path(), &args).await;
+    let audit = server.audit.clone();
+    let checkpoints = dir.path().join("audit.jsonl.checkpoints");
+    {
+        let mut client = AuthorizationClient::new(server.channel().await);
+        for _ in 0..3 {
+            client
+                .check(check_request("", "GET", "/v1/models", &[]))
+                .await
+                .unwrap();
+        }
+    }
+    // Checkpoints at seq 2 (every 2) and 3 (clean shutdown).
+    terminate(server).await;
+    let verify_args = ["audit", "verify", "--key", public.as_str()];
+    let (code, out) = cli(&verify_args, [&audit, &checkpoints]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("complete: seq 1..=3 proven by 2 signed checkpoint(s)")
+            && out.contains("unsigned: none"),
+        "{out}"
+    );
+
+    // The last record removed: verify names the missing records, the server refuses the log.
+    let all = lines_of(&audit);
+    write_lines(&audit, &all[..2]);
+    let (code, out) = cli(&verify_args, [&audit, &checkpoints]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("records 3..=3 are missing"), "{out}");
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_arbiter-policy-server"))
+        .args(["--listen", "127.0.0.1:0", "--policies"])
+        .arg(common::example_bundle())
+        .arg("--audit-log")
+        .arg(&audit)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    // A safety net so a regression fails instead of hanging, not a synchronisation.
+    let output = tokio::time::timeout(Duration::from_secs(120), refused)
+        .await
+        .expect("the server started on a log shorter than its checkpoint")
+        .unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("ends at seq 2 but") && stderr.contains("signed checkpoint of seq 3"),
+        "{stderr}"
+    );
+
+    // Restored, continued, then killed between a write and its checkpoint: complete up to
+    // the newest checkpoint, the record after it reported unsigned, and the server goes on.
+    write_lines(&audit, &all);
+    let server = Server::start(dir.path(), &args).await;
+    AuthorizationClient::new(server.channel().await)
+        .check(check_request("", "GET", "/v1/models", &[]))
+        .await
+        .unwrap();
+    server.kill().await;
+    let (code, out) = cli(&verify_args, [&audit, &checkpoints]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("unsigned: seq 4..=4"), "{out}");
+    let server = Server::start(dir.path(), &args).await;
+    terminate(server).await;
+    let (code, out) = cli(&verify_args, [&audit, &checkpoints]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("complete: seq 1..=4"), "{out}");
+}
+
 #[tokio::test]
 async fn rotation_keeps_one_chain_across_files_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -448,6 +561,7 @@ async fn rotation_keeps_one_chain_across_files_and_restarts() {
         path: path.clone(),
         sync: AuditSync::Write,
         max_bytes: 4096,
+        checkpoints: None,
     };
     let metrics = write_events(&config, 0..40).await;
     assert!(metrics.rotations.get() >= 4, "{}", metrics.rotations.get());
