@@ -152,6 +152,36 @@ async fn the_writer_signs_every_n_records_and_at_shutdown() {
     assert_eq!(report.unsigned, Some((9, 10)));
 }
 
+/// An idle server signs its last records once the interval has passed, without waiting for
+/// more records or a shutdown.
+#[tokio::test]
+async fn an_idle_writer_signs_after_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let mut config = config(&path, 1000, 1 << 30);
+    if let Some(c) = config.checkpoints.as_mut() {
+        c.interval = Duration::from_millis(10);
+    }
+    let metrics = AuditMetrics::default();
+    let log = AuditLog::open(&config, metrics.clone()).unwrap();
+    log.append(event(0)).await.unwrap();
+    // Polled, with a deadline far beyond the interval so a loaded machine cannot fail it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while metrics.checkpoints.get() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint after the interval"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cp = lines(&checkpoints_path(&path)).pop().unwrap();
+    let cp = Checkpoint::verify(cp.as_bytes(), key(1).verifying_key()).unwrap();
+    assert_eq!((cp.seq, cp.reason), (1, CheckpointReason::Periodic));
+    drop(log);
+    // Nothing unsigned left: no shutdown checkpoint.
+    assert_eq!(metrics.checkpoints.get(), 1);
+}
+
 #[tokio::test]
 async fn truncation_at_the_tail_head_middle_and_of_the_whole_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
