@@ -900,6 +900,79 @@ impl Receiver {
     }
 }
 
+/// The OTLP copy carries the signed checkpoints: the insider who cuts the local log and
+/// deletes its checkpoints is caught with the copy alone.
+#[tokio::test]
+async fn otlp_copy_of_the_checkpoints_vouches_for_the_local_log() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let (stop, task) = receiver.serve(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = key_pair(keys.path());
+    let endpoint = format!("http://{addr}");
+    let args = [
+        "--otlp-endpoint",
+        endpoint.as_str(),
+        "--audit-signing-key",
+        private.to_str().unwrap(),
+        "--audit-checkpoint-every",
+        "2",
+    ];
+    let server = Server::start(dir.path(), &args).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    for _ in 0..4 {
+        client
+            .check(check_request("", "GET", "/v1/models", &[]))
+            .await
+            .unwrap();
+    }
+    let checkpoint_lines = || {
+        receiver
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.event_name == "arbiter.audit.checkpoint")
+            .filter_map(|r| match r.body.as_ref()?.value.as_ref()? {
+                any_value::Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect::<Vec<String>>()
+    };
+    // Polled with a generous deadline (export runs beside decisions, at its own pace).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !checkpoint_lines().iter().any(|l| l.contains("\"seq\":4,")) {
+        assert!(Instant::now() < deadline, "checkpoint 4 not exported");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    server.kill().await;
+    let offsite = dir.path().join("offsite.checkpoints");
+    write_lines(&offsite, &checkpoint_lines());
+
+    let audit = server_audit(&dir);
+    let all = lines_of(&audit);
+    write_lines(&audit, &all[..2]);
+    std::fs::remove_file(dir.path().join("audit.jsonl.checkpoints")).unwrap();
+    let verify_args = [
+        "audit",
+        "verify",
+        "--key",
+        public.to_str().unwrap(),
+        "--checkpoint",
+        offsite.to_str().unwrap(),
+    ];
+    let (code, out) = cli(&verify_args, [&audit]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("records 3..=4 are missing"), "{out}");
+    write_lines(&audit, &all);
+    let (code, out) = cli(&verify_args, [&audit]);
+    assert_eq!(code, 0, "{out}");
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn otlp_export_survives_receiver_and_server_outages() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
