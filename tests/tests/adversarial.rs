@@ -14,7 +14,9 @@ use arbiter_e2e::adversary::{
     H2Conn, Head, Ledger, Outcomes, Proto, Req, Settled, FORWARD_TRAILERS,
 };
 use arbiter_e2e::fault::Fault;
+use arbiter_e2e::mock_llm::Mode;
 use arbiter_e2e::stack::{Reply, Stack};
+use arbiter_e2e::util::eventually;
 use serde_json::{json, Value};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -398,6 +400,40 @@ async fn a_client_gone_before_the_decision_is_cancelled_and_nothing_goes_upstrea
         assert_logged_cancelled(&settled);
     }
 
+    // After the decision the request is the upstream's: a reset then is no second outcome.
+    stack.fault.set(Fault::Pass).await?;
+    stack
+        .primary
+        .set_mode(Mode::Slow(Duration::from_secs(2)))
+        .await?;
+    let ledger = Ledger::take(&stack).await?;
+    let allowed = filter_stat(&stack, "checks.allow").await?;
+    let mut h2 = H2Conn::to(&stack).await?;
+    let mut stream = h2
+        .open(
+            &Head::post(&path("/t/closed")).content_length(body.len()),
+            false,
+        )
+        .await?;
+    stream.data(&body, true)?;
+    wait_filter_counter(&stack, "checks.allow", allowed + 1).await?;
+    eventually(
+        Duration::from_secs(10),
+        "the request at the provider",
+        || async { (!stack.primary.requests().is_empty()).then_some(()) },
+    )
+    .await?;
+    stream.reset();
+    wait_idle(&stack).await?;
+    ledger
+        .settle(
+            &stack,
+            "reset after the decision",
+            Outcomes::none().allow(1),
+        )
+        .await?;
+    stack.primary.set_mode(Mode::Ok).await?;
+
     // While the check is only late: it may reach the server (and be recorded) before the
     // cancel does. Last, so a late record cannot land in another case's ledger.
     stack.fault.set(Fault::Pass).await?;
@@ -699,19 +735,59 @@ async fn a_body_split_around_the_decision_reaches_the_upstream_exactly_once() ->
                 let settled = ledger.settle(&stack, &what, expect).await?;
                 let seen = &settled.upstream[0].body_raw;
                 if *seen != body {
+                    let twice = [first, first].concat();
+                    let why = if seen.len() == body.len() + first.len() && seen.ends_with(&body) {
+                        " (the part before the decision twice)"
+                    } else if seen.len() == body.len() && seen.starts_with(&twice) {
+                        " (the part before the decision twice; the rest went past content-length)"
+                    } else {
+                        ""
+                    };
                     broken.push(format!(
-                        "{what}: the upstream got {} bytes for {} sent{}",
+                        "{what}: the upstream got {} bytes for {} sent{why}",
                         seen.len(),
-                        body.len(),
-                        if seen.len() == body.len() + first.len() && seen.ends_with(&body) {
-                            " (the part before the decision twice)"
-                        } else {
-                            ""
-                        }
+                        body.len()
                     ));
                 }
             }
         }
+    }
+    // Denied on the first part: the rest has nowhere to go.
+    stack.fault.set(Fault::Pass).await?;
+    let cut = chat_of_size("gpt-4o", 3000);
+    let (first, rest) = cut.split_at(1500);
+    for proto in Proto::BOTH {
+        let ledger = Ledger::take(&stack).await?;
+        let denied = filter_stat(&stack, "checks.deny").await?;
+        let answer = match proto {
+            Proto::H1 => {
+                let mut h1 = H1Conn::to(&stack).await?;
+                h1.write(&H1Request::post(&path("/t/strict-body"), &cut).head_bytes())
+                    .await?;
+                h1.write(first).await?;
+                wait_filter_counter(&stack, "checks.deny", denied + 1).await?;
+                h1.write(rest).await?;
+                h1.answer().await?
+            }
+            Proto::H2 => {
+                let mut h2 = H2Conn::to(&stack).await?;
+                let head = Head::post(&path("/t/strict-body")).content_length(cut.len());
+                let mut stream = h2.open(&head, false).await?;
+                stream.data(first, false)?;
+                wait_filter_counter(&stack, "checks.deny", denied + 1).await?;
+                // Envoy may have closed the stream with the answer already.
+                let _ = stream.data(rest, true);
+                stream.answer().await?
+            }
+        };
+        assert_denied(&answer.reply()?, "body-must-be-readable");
+        ledger
+            .settle(
+                &stack,
+                &format!("{proto:?}: denied on the first part"),
+                Outcomes::none().deny(1),
+            )
+            .await?;
     }
     ensure!(
         broken.is_empty(),
