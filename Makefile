@@ -71,6 +71,23 @@ test-e2e: setup wasm ## End-to-end: real Envoy + real wasm + real policy server
 	$(CARGO) build -p arbiter-policy-server --bins
 	$(CARGO) test -p arbiter-e2e -- --test-threads=2
 
+# --- fuzz -------------------------------------------------------------------------------
+# Every `prop_*` property test of the filter and the policy server (see
+# policy-server/tests/properties.rs for the convention), long, in release mode. Each prints
+# `property <crate>::<name>: <N> cases passed`; the lines are collected at the end.
+
+FUZZ_CASES ?= 1000000
+FUZZ_LOG   := $(or $(CARGO_TARGET_DIR),target)/fuzz.log
+
+.PHONY: fuzz
+fuzz: ## Property tests of every untrusted-input parser, 1,000,000 cases each (release; long; FUZZ_CASES=N), then their counts
+	@mkdir -p $(dir $(FUZZ_LOG))
+	@set -o pipefail; PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p arbiter-filter -p arbiter-policy-server \
+		-- prop_ --nocapture 2>&1 | tee $(FUZZ_LOG); status=$$?; \
+	echo "--- property tests ($(FUZZ_CASES) cases each requested):"; \
+	grep -E '^property [^ ]+: [0-9]+ cases passed$$' $(FUZZ_LOG) || echo "no property test passed"; \
+	exit $$status
+
 # --- bench ------------------------------------------------------------------------------
 # The benchmark pins itself to CPU 0 and Envoy + policy server to CPU 1 (taskset, util-linux).
 

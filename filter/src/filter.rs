@@ -142,6 +142,10 @@ enum State {
         probe: bool,
         pending: Box<Pending>,
     },
+    /// Decided to let it through while Envoy still holds body bytes this filter paused and
+    /// more body is on its way: released by the next body or trailers callback, not by
+    /// `resume_request` (see [`Filter::on_check_response`]).
+    Release,
     Done,
 }
 
@@ -152,6 +156,10 @@ pub struct Filter<H: Host> {
     shared: Rc<Shared>,
     state: State,
     response_headers: Vec<HeaderOp>,
+    /// A body callback paused (Envoy buffered body bytes for this filter).
+    body_held: bool,
+    /// The request ended (end of stream or trailers): no more body callbacks come.
+    ended: bool,
 }
 
 impl<H: Host> Filter<H> {
@@ -162,6 +170,8 @@ impl<H: Host> Filter<H> {
             shared,
             state: State::Idle,
             response_headers: Vec::new(),
+            body_held: false,
+            ended: false,
         }
     }
 
@@ -176,6 +186,7 @@ impl<H: Host> Filter<H> {
         if !matches!(self.state, State::Idle) {
             return Flow::Continue;
         }
+        self.ended = end_of_stream;
         // Remove forged markers before anything else reads the headers, and the caller's
         // gateway credential before anything can go upstream (policy still sees it).
         let mut headers = Vec::new();
@@ -252,12 +263,24 @@ impl<H: Host> Filter<H> {
 
     /// A chunk of request body arrived (Envoy keeps buffering while this pauses).
     pub fn on_request_body(&mut self, buffered: usize, end_of_stream: bool) -> Flow {
+        self.ended |= end_of_stream;
+        let flow = self.request_body(buffered, end_of_stream);
+        if flow == Flow::Pause {
+            self.body_held = true;
+        }
+        flow
+    }
+
+    fn request_body(&mut self, buffered: usize, end_of_stream: bool) -> Flow {
         let State::AwaitingBody(pending) = &mut self.state else {
-            return if matches!(self.state, State::Waiting { .. }) {
+            return match self.state {
                 // The check is in flight: hold the rest of the body until it answers.
-                Flow::Pause
-            } else {
-                Flow::Continue
+                State::Waiting { .. } => Flow::Pause,
+                State::Release => {
+                    self.state = State::Done;
+                    Flow::Continue
+                }
+                State::Idle | State::AwaitingBody(_) | State::Done => Flow::Continue,
             };
         };
         pending.received = buffered;
@@ -272,9 +295,14 @@ impl<H: Host> Filter<H> {
     /// complete, and while the check is in flight they are held with everything else (the
     /// SDK's default would release the paused request to the upstream undecided).
     pub fn on_request_trailers(&mut self) -> Flow {
+        self.ended = true;
         match self.state {
             State::AwaitingBody(_) => self.body_ready(true),
             State::Waiting { .. } => Flow::Pause,
+            State::Release => {
+                self.state = State::Done;
+                Flow::Continue
+            }
             State::Idle | State::Done => Flow::Continue,
         }
     }
@@ -568,7 +596,16 @@ impl<H: Host> Filter<H> {
             }
         };
         if flow == Flow::Continue {
-            self.host.resume_request();
+            if self.body_held && !self.ended {
+                // Envoy's wasm host keeps a stale "buffering" flag after a body callback
+                // paused; if the request is resumed from here and more body arrives, the
+                // bytes it held are sent upstream twice (a content-length request then
+                // carries extra bytes: a second, undecided request to the provider). The
+                // next body or trailers callback lets it go instead, which resets the flag.
+                self.state = State::Release;
+            } else {
+                self.host.resume_request();
+            }
         }
         flow
     }
@@ -587,7 +624,7 @@ impl<H: Host> Filter<H> {
             State::AwaitingBody(_) => {
                 self.host.increment(Metric::Outcome(Outcome::Cancelled));
             }
-            State::Idle | State::Done => {}
+            State::Idle | State::Release | State::Done => {}
         }
     }
 

@@ -1135,3 +1135,56 @@ fn pre_1970_override_does_not_abort() {
     assert_eq!(metric(&host, Metric::InvalidRouteConfig), 0);
     assert_eq!(host.0.borrow().dispatched.len(), 1);
 }
+
+#[test]
+fn a_body_still_streaming_is_released_by_its_next_chunk_not_by_a_resume() {
+    for open in [false, true] {
+        let md = open.then(|| metadata(&[("fail_mode", Kind::StringValue("open".into()))]));
+        let (mut f, host) = request("chat", md, &[]);
+        assert_eq!(f.on_request_headers(false), Flow::Pause);
+        assert_eq!(
+            f.on_request_body(100, false),
+            Flow::Pause,
+            "held while deciding"
+        );
+        if open {
+            assert_eq!(f.on_check_response(7, 14, 0), Flow::Continue);
+        } else {
+            host.0.borrow_mut().response_body = Some(ok_response());
+            assert_eq!(f.on_check_response(7, 0, 1), Flow::Continue);
+        }
+        assert_eq!(
+            host.0.borrow().resumed,
+            0,
+            "no resume while Envoy holds paused bytes"
+        );
+        assert_eq!(
+            f.on_request_body(50, false),
+            Flow::Continue,
+            "the next chunk releases"
+        );
+        assert_eq!(f.on_request_body(50, true), Flow::Continue);
+        assert_eq!(host.0.borrow().resumed, 0);
+    }
+
+    // Trailers release it too.
+    let (mut f, host) = request("chat", None, &[]);
+    f.on_request_headers(false);
+    f.on_request_body(100, false);
+    host.0.borrow_mut().response_body = Some(ok_response());
+    f.on_check_response(7, 0, 1);
+    assert_eq!(f.on_request_trailers(), Flow::Continue);
+    assert_eq!(host.0.borrow().resumed, 0);
+
+    // Nothing held, or the body already complete: resumed at once.
+    for chunks in [vec![], vec![(100, true)]] {
+        let (mut f, host) = request("chat", None, &[]);
+        f.on_request_headers(false);
+        for (n, end) in &chunks {
+            f.on_request_body(*n, *end);
+        }
+        host.0.borrow_mut().response_body = Some(ok_response());
+        f.on_check_response(7, 0, 1);
+        assert_eq!(host.0.borrow().resumed, 1, "{chunks:?}");
+    }
+}

@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context::{HttpRequest, Peer, Request},
     authorization_client::AuthorizationClient,
-    authorization_server::{Authorization, AuthorizationServer},
+    authorization_server::Authorization,
     AttributeContext, CheckRequest, CheckResponse,
 };
 use envoy_types::pb::google::rpc;
@@ -116,7 +116,7 @@ async fn measure(mode: &str, dir: &Path, secs: u64, concurrency: usize) -> f64 {
             };
             tokio::spawn(async move {
                 Server::builder()
-                    .add_service(AuthorizationServer::new(service))
+                    .add_service(arbiter_policy_server::authorization_server(service))
                     .serve_with_incoming_shutdown(
                         TcpIncoming::from(listener).with_nodelay(Some(true)),
                         shutdown,

@@ -3,7 +3,8 @@
 //!
 //! Outcomes are defined for every body: none sent, complete and parsed, complete but not an
 //! OpenAI-style JSON object (`parse_error`), or cut at the route's `max_body_bytes`
-//! (`truncated`; never parsed, since a prefix can say anything). Nothing here fails.
+//! (`truncated`; never parsed, since a prefix can say anything). The size is exact or
+//! marked unknown (`size_known`), never guessed. Nothing here fails.
 
 use serde::de::IgnoredAny;
 use serde::Deserialize;
@@ -16,9 +17,14 @@ pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
 /// What the request body says, for policy and the audit record. Never holds prompt text.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BodyAttributes {
-    /// Body size in bytes: the full length when the filter reported it, else the bytes
-    /// received; 0 when no body was sent.
+    /// Body size in bytes: the exact length when [`Self::size_known`], else the bytes
+    /// received (a lower bound: 0 when nothing was sent).
     pub bytes: u64,
+    /// Whether `bytes` is the body's exact length: the filter reported it (`http.size >= 0`:
+    /// content-length, the complete buffered body, or 0 for a request without body), or the
+    /// complete body was sent. False for a body of unknown length (chunked HTTP/1.1, HTTP/2
+    /// without content-length) that was not sent whole, so a size limit can refuse it.
+    pub size_known: bool,
     /// The body was cut at the route's `max_body_bytes`; no attribute was read from it.
     pub truncated: bool,
     /// A complete body was received but is not an OpenAI-style JSON object (not UTF-8 JSON,
@@ -55,13 +61,21 @@ struct OpenAiBody {
 
 impl BodyAttributes {
     /// Reads the body the filter sent. `body` is what arrived (empty when the route does not
-    /// send bodies), `reported_size` the CheckRequest's `http.size` (full length, or <= 0
-    /// when unknown), `truncated` whether the partial-body header was `true`.
-    pub fn from_body(body: &[u8], reported_size: i64, truncated: bool) -> Self {
+    /// send bodies), `reported_size` the CheckRequest's `http.size` (the exact length, or -1
+    /// when unknown), `partial` whether the partial-body header was `true`.
+    pub fn from_body(body: &[u8], reported_size: i64, partial: bool) -> Self {
         let received = body.len() as u64;
-        let bytes = u64::try_from(reported_size).unwrap_or(0).max(received);
+        let reported = u64::try_from(reported_size).ok();
+        // A body that is all there is complete whatever the marker says: the filter marks a
+        // body it cut, and a cut body is shorter than its known length. Reading it anyway
+        // means a stray marker cannot hide a complete body's model from policy.
+        let truncated = partial && reported.is_none_or(|size| received < size);
+        let size_known = reported.is_some() || (received > 0 && !truncated);
+        // Never less than what arrived, whatever was reported.
+        let bytes = reported.map_or(received, |size| size.max(received));
         let mut attributes = Self {
             bytes,
+            size_known,
             truncated,
             ..Self::default()
         };
@@ -134,8 +148,60 @@ mod tests {
 
     #[test]
     fn no_body() {
+        // Size 0: the request has no body, and that is known.
         let a = BodyAttributes::from_body(b"", 0, false);
+        assert_eq!(
+            a,
+            BodyAttributes {
+                size_known: true,
+                ..BodyAttributes::default()
+            }
+        );
+        // Size -1 and nothing sent: 0 bytes seen, size unknown.
+        let a = BodyAttributes::from_body(b"", -1, false);
         assert_eq!(a, BodyAttributes::default());
+        assert!(!a.size_known);
+        // A route that does not send bodies still reports content-length.
+        let a = BodyAttributes::from_body(b"", 5_000, false);
+        assert_eq!((a.bytes, a.size_known), (5_000, true));
+    }
+
+    #[test]
+    fn size_is_exact_or_marked_unknown() {
+        let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
+        let len = body.len() as u64;
+        // Chunked, sent whole: the body itself is the size.
+        let a = BodyAttributes::from_body(body, -1, false);
+        assert_eq!((a.bytes, a.size_known, a.truncated), (len, true, false));
+        assert_eq!(a.model.as_deref(), Some("gpt-4o-mini"));
+        // Chunked, cut at the route's limit: what arrived is only a lower bound.
+        let a = BodyAttributes::from_body(&body[..10], -1, true);
+        assert_eq!((a.bytes, a.size_known, a.truncated), (10, false, true));
+        // Content-length known, cut: the full length.
+        let a = BodyAttributes::from_body(&body[..10], 70_000, true);
+        assert_eq!((a.bytes, a.size_known, a.truncated), (70_000, true, true));
+        // A size smaller than what arrived is not believed.
+        let a = BodyAttributes::from_body(body, 3, false);
+        assert_eq!((a.bytes, a.size_known), (len, true));
+        // Absurd sizes.
+        let a = BodyAttributes::from_body(b"", i64::MIN, false);
+        assert_eq!((a.bytes, a.size_known), (0, false));
+        let a = BodyAttributes::from_body(b"{}", i64::MAX, false);
+        assert_eq!((a.bytes, a.size_known), (i64::MAX as u64, true));
+    }
+
+    #[test]
+    fn a_partial_marker_on_a_complete_body_is_ignored() {
+        // All `size` bytes arrived: the body is complete, so its model is read and checked.
+        let body = br#"{"model":"gpt-4o","messages":[]}"#;
+        let a = BodyAttributes::from_body(body, body.len() as i64, true);
+        assert!(!a.truncated);
+        assert!(a.size_known);
+        assert_eq!(a.model.as_deref(), Some("gpt-4o"));
+        // Without a known size the marker is believed (the filter must strip forged ones).
+        let a = BodyAttributes::from_body(body, -1, true);
+        assert!(a.truncated && !a.size_known);
+        assert_eq!(a.model, None);
     }
 
     #[test]
@@ -167,5 +233,6 @@ mod tests {
         assert!(!a.parse_error);
         assert_eq!(a.model, None);
         assert_eq!(a.bytes, 70_000);
+        assert!(a.size_known);
     }
 }

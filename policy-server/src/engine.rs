@@ -21,12 +21,28 @@ use crate::request::AuthzRequest;
 /// Why a request cannot be decided.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// A request could not be turned into a Cedar request.
+    /// The request holds a value Cedar cannot express (its context cannot be built). Caused
+    /// by the request: asking again gives the same answer.
     #[error("cannot build cedar request: {0}")]
     Request(String),
-    /// The principal could not be built.
+    /// The principal could not be built from the request's identity evidence (JWT claims).
+    /// Caused by the request.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The bundle's entities could not be put together with the request's principal: a
+    /// fault of the bundle or the server, not of the request.
+    #[error("cannot build the entities of a request: {0}")]
+    Entities(String),
+}
+
+impl EngineError {
+    /// Whether the request itself is the cause (another request may well be decided).
+    pub fn is_request_caused(&self) -> bool {
+        match self {
+            Self::Request(_) | Self::Identity(_) => true,
+            Self::Entities(_) => false,
+        }
+    }
 }
 
 /// Outcome of one evaluation.
@@ -207,7 +223,7 @@ impl Bundle {
                 })
                 .cloned(),
         );
-        Entities::from_entities(entities, None).map_err(|e| EngineError::Request(e.to_string()))
+        Entities::from_entities(entities, None).map_err(|e| EngineError::Entities(e.to_string()))
     }
 }
 
@@ -242,6 +258,10 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
         (
             "body_bytes",
             long(i64::try_from(body.bytes).unwrap_or(i64::MAX)),
+        ),
+        (
+            "body_size_known",
+            RestrictedExpression::new_bool(body.size_known),
         ),
         (
             "body_truncated",
@@ -360,17 +380,38 @@ mod memo {
     }
 }
 
-/// The IP of an `ip:port` / `[ip]:port` source.
+/// The IP of an `ip:port` / `[ip]:port` source, as Cedar's `ip()` reads it.
+///
+/// An IPv4 client of a dual-stack listener arrives as `[::ffff:a.b.c.d]:port`; Cedar refuses
+/// IPv4 embedded in IPv6 (`::ffff:a.b.c.d`), which made every such request undecidable. It
+/// is the IPv4 address it maps, and `source_ip.isInRange(ip("10.0.0.0/8"))` must match it.
+/// (Rust writes no other IPv6 address with dots.)
 fn source_ip(source: &str) -> Option<String> {
     source
         .parse::<std::net::SocketAddr>()
         .ok()
-        .map(|addr| addr.ip().to_string())
+        .map(|addr| addr.ip().to_canonical().to_string())
 }
 
+/// The first and last instants a Cedar `datetime` can name (four-digit years), in
+/// nanoseconds from 1970: 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z.
+const CEDAR_DATETIME_NANOS: std::ops::RangeInclusive<i128> =
+    -62_167_219_200_000_000_000..=253_402_300_799_999_999_999;
+
 /// `YYYY-MM-DDThh:mm:ss.SSSZ`, the format Cedar's `datetime` takes (millisecond precision).
+///
+/// Total: a time outside years 0000..=9999 is written as the nearest one inside (Cedar has
+/// four-digit years, and converting such a time with `time` panics). Requests never get
+/// there ([`crate::request::request_time`] keeps `context.time` near the server's clock);
+/// this only guarantees that no time can panic the handler.
 pub fn cedar_datetime(at: SystemTime) -> String {
-    let at = time::OffsetDateTime::from(at);
+    let nanos = match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => i128::try_from(after.as_nanos()).unwrap_or(i128::MAX),
+        Err(before) => i128::try_from(before.duration().as_nanos()).map_or(i128::MIN, |n| -n),
+    };
+    let nanos = nanos.clamp(*CEDAR_DATETIME_NANOS.start(), *CEDAR_DATETIME_NANOS.end());
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         at.year(),
@@ -521,6 +562,7 @@ mod tests {
             requested_tenant: None,
             body: BodyAttributes::default(),
             time: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+            time_source: crate::request::TimeSource::Request,
         }
     }
 
@@ -820,5 +862,73 @@ mod tests {
     fn datetime_format() {
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
         assert_eq!(cedar_datetime(at), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn datetime_is_total_and_always_a_cedar_datetime() {
+        use std::time::Duration;
+        let epoch = SystemTime::UNIX_EPOCH;
+        let last = epoch + Duration::new(253_402_300_799, 999_999_999);
+        let first = epoch - Duration::from_secs(62_167_219_200);
+        let cases = [
+            (epoch, "1970-01-01T00:00:00.000Z"),
+            (epoch - Duration::from_millis(1), "1969-12-31T23:59:59.999Z"),
+            (
+                epoch - Duration::from_secs(315_619_200),
+                "1960-01-01T00:00:00.000Z",
+            ),
+            (first, "0000-01-01T00:00:00.000Z"),
+            (first - Duration::from_secs(1), "0000-01-01T00:00:00.000Z"),
+            (last, "9999-12-31T23:59:59.999Z"),
+            // Year 10000 and far beyond: the last representable millisecond.
+            (last + Duration::from_nanos(1), "9999-12-31T23:59:59.999Z"),
+            (
+                epoch + Duration::from_secs(i64::MAX as u64 / 2),
+                "9999-12-31T23:59:59.999Z",
+            ),
+        ];
+        for (at, expected) in cases {
+            let text = cedar_datetime(at);
+            assert_eq!(text, expected);
+            Context::from_pairs([("t".to_owned(), RestrictedExpression::new_datetime(&text))])
+                .unwrap();
+        }
+        // Cedar does check: a five-digit year is refused.
+        assert!(Context::from_pairs([(
+            "t".to_owned(),
+            RestrictedExpression::new_datetime("10000-01-01T00:00:00.000Z")
+        )])
+        .is_err());
+    }
+
+    #[test]
+    fn source_ips_are_ones_cedar_reads() {
+        for (source, ip) in [
+            ("10.1.2.3:5000", Some("10.1.2.3")),
+            ("[::1]:5000", Some("::1")),
+            // An IPv4 client of a dual-stack listener is that IPv4 address.
+            ("[::ffff:10.1.2.3]:5000", Some("10.1.2.3")),
+            ("[::1.2.3.4]:5000", Some("::102:304")),
+            ("[2001:db8::1]:443", Some("2001:db8::1")),
+            ("", None),
+            ("pipe:/tmp/x", None),
+        ] {
+            let got = source_ip(source);
+            assert_eq!(got.as_deref(), ip, "{source}");
+            if let Some(ip) = got {
+                Context::from_pairs([("ip".to_owned(), RestrictedExpression::new_ip(&ip))])
+                    .unwrap();
+            }
+        }
+        // And a request from such an address is decided, and matches an IPv4 range.
+        let dir = bundle(&[(
+            "p.cedar",
+            r#"@id("lan") permit(principal, action, resource)
+               when { context has source_ip && context.source_ip.isInRange(ip("10.0.0.0/8")) };"#,
+        )]);
+        let engine = PolicyEngine::load(dir.path()).unwrap();
+        let mut req = request("chat.completions", "r");
+        req.source = "[::ffff:10.1.2.3]:5000".into();
+        assert!(engine.decide(&req).unwrap().allowed);
     }
 }

@@ -34,7 +34,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -46,8 +45,8 @@ pub use engine::{Decision, EngineError, PolicyEngine};
 pub use health::{HealthConfig, HealthMetrics, HealthMonitor};
 pub use metrics::{BundleRole, Metrics};
 pub use reload::{StatusBoard, Watch};
-pub use request::{AuthzRequest, RequestError};
-pub use service::AuthorizationService;
+pub use request::{AuthzRequest, RequestError, TimeSource};
+pub use service::{authorization_server, AuthorizationService};
 
 /// Why the server cannot start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -245,7 +244,7 @@ pub async fn serve_with(
     drop(bundle);
     let served = Server::builder()
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(AuthorizationService::new(
+        .add_service(service::authorization_server(AuthorizationService::new(
             engine, audit, redactor,
         )))
         .serve_with_incoming_shutdown(

@@ -91,6 +91,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     decisions: Family<DecisionLabels, Counter>,
     decision_errors: Counter,
+    request_time_untrusted: Counter,
     latency: Histogram,
     reloads: Family<ReloadLabels, Counter>,
     rejected: Family<BundleLabels, Gauge>,
@@ -124,6 +125,12 @@ impl Metrics {
             "decision_errors",
             "Requests the engine could not decide (answered without a decision)",
             decision_errors.clone(),
+        );
+        let request_time_untrusted = Counter::default();
+        registry.register(
+            "request_time_untrusted",
+            "Checks whose request.time was invalid or more than 5 minutes from the server's clock (policy saw the server's receipt time)",
+            request_time_untrusted.clone(),
         );
         // 5 µs to ~20 ms: policy evaluation is microseconds; the top buckets catch stalls.
         let latency = Histogram::new(exponential_buckets(0.000_005, 2.0, 13));
@@ -203,6 +210,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             decisions,
             decision_errors,
+            request_time_untrusted,
             latency,
             reloads,
             rejected,
@@ -252,6 +260,11 @@ impl Metrics {
     /// A request the engine could not decide.
     pub fn decision_error(&self) {
         self.decision_errors.inc();
+    }
+
+    /// A Check whose stated time was not used (see [`crate::request::request_time`]).
+    pub fn request_time_untrusted(&self) {
+        self.request_time_untrusted.inc();
     }
 
     /// A shadow decision, and whether it disagreed.

@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context::{HttpRequest, Peer, Request},
     AttributeContext, CheckRequest,
 };
+use envoy_types::pb::google::protobuf::Timestamp;
 
 use crate::ai::{BodyAttributes, PARTIAL_BODY_HEADER};
 use crate::identity::{Identity, API_KEY_HEADER};
@@ -26,6 +27,9 @@ pub const ACTION_KEY: &str = "action";
 pub const ROUTE_KEY: &str = "route";
 /// Action for any request that is not a known OpenAI-style call.
 pub const DEFAULT_ACTION: &str = "http.request";
+/// How far a CheckRequest's `request.time` may be from the server's clock, either way, and
+/// still be the time policy sees (see [`request_time`]).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// Why a `CheckRequest` cannot be decided.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,8 +79,65 @@ pub struct AuthzRequest {
     pub requested_tenant: Option<String>,
     /// What the body says (model, size, ...), when the route sends it.
     pub body: BodyAttributes,
-    /// When the request was made: the CheckRequest's `request.time`, else receipt.
+    /// When the request was made (`context.time`): the CheckRequest's `request.time` when it
+    /// is valid and within [`MAX_CLOCK_SKEW`] of the server's clock, else the server's
+    /// receipt time (see [`request_time`]).
     pub time: SystemTime,
+    /// Which clock [`Self::time`] is from.
+    pub time_source: TimeSource,
+}
+
+/// Where [`AuthzRequest::time`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSource {
+    /// The CheckRequest's `request.time` (Envoy's clock).
+    Request,
+    /// The server's clock on receipt: the CheckRequest stated no time.
+    Receipt,
+    /// The server's clock on receipt: the stated time was not a valid timestamp or was more
+    /// than [`MAX_CLOCK_SKEW`] from the server's clock.
+    Untrusted,
+}
+
+/// The time policy sees for a CheckRequest stating `stated`, received at `received`.
+///
+/// The rule: a stated time is used only when it is a valid timestamp (seconds from 1970,
+/// nanos below 10^9) within [`MAX_CLOCK_SKEW`] of the server's clock; otherwise, or when
+/// none is stated, the server's receipt time is used. Why:
+/// - `context.time` decides time-bounded policies (`context.time < datetime("…")`). A time
+///   far from the server's clock (a wrong Envoy clock, or a caller that is not Envoy) would
+///   move a request into a window it is outside of, e.g. a permit that expired.
+/// - A year outside 1970..=9999 cannot be written as a Cedar `datetime` (four-digit years),
+///   and formatting one used to panic the handler.
+/// - Not INVALID_ARGUMENT: no client of the gateway sets this field (Envoy does), so refusing
+///   would turn one skewed Envoy clock into an outage of every route, while the server's own
+///   clock answers "when" truthfully. An auditor reads the server's clock in the record's
+///   `ts` either way; [`TimeSource::Untrusted`] is counted
+///   (`arbiter_request_time_untrusted_total`).
+pub fn request_time(stated: Option<&Timestamp>, received: SystemTime) -> (SystemTime, TimeSource) {
+    let Some(stated) = stated else {
+        return (received, TimeSource::Receipt);
+    };
+    let seconds = u64::try_from(stated.seconds).ok();
+    let nanos = u32::try_from(stated.nanos)
+        .ok()
+        .filter(|nanos| *nanos < 1_000_000_000);
+    let trusted = seconds
+        .zip(nanos)
+        .and_then(|(seconds, nanos)| {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
+        })
+        .filter(|at| {
+            let skew = match at.duration_since(received) {
+                Ok(ahead) => ahead,
+                Err(behind) => behind.duration(),
+            };
+            skew <= MAX_CLOCK_SKEW
+        });
+    match trusted {
+        Some(at) => (at, TimeSource::Request),
+        None => (received, TimeSource::Untrusted),
+    }
 }
 
 impl TryFrom<CheckRequest> for AuthzRequest {
@@ -138,20 +199,13 @@ impl TryFrom<CheckRequest> for AuthzRequest {
         let api_key = header(API_KEY_HEADER);
         let requested_tenant =
             header(TENANT_HEADER).map(|t| String::from_utf8_lossy(&t).into_owned());
-        let truncated =
-            header(PARTIAL_BODY_HEADER).is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
+        let partial = header(PARTIAL_BODY_HEADER).is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
         let body = if raw_body.is_empty() {
-            BodyAttributes::from_body(body.as_bytes(), size, truncated)
+            BodyAttributes::from_body(body.as_bytes(), size, partial)
         } else {
-            BodyAttributes::from_body(&raw_body, size, truncated)
+            BodyAttributes::from_body(&raw_body, size, partial)
         };
-        let time = time
-            .and_then(|t| {
-                let seconds = u64::try_from(t.seconds).ok()?;
-                let nanos = u32::try_from(t.nanos).ok()?;
-                SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
-            })
-            .unwrap_or_else(SystemTime::now);
+        let (time, time_source) = request_time(time.as_ref(), SystemTime::now());
 
         let (mtls, source) = match source {
             Some(Peer {
@@ -198,6 +252,7 @@ impl TryFrom<CheckRequest> for AuthzRequest {
             requested_tenant,
             body,
             time,
+            time_source,
         })
     }
 }
@@ -347,8 +402,13 @@ mod tests {
                 request_id: "req-1".into(),
                 route_context: BTreeMap::from([("classification".into(), "regulated".into())]),
                 requested_tenant: None,
-                body: BodyAttributes::default(),
+                // `size` 0: a request without body, and that is known.
+                body: BodyAttributes {
+                    size_known: true,
+                    ..BodyAttributes::default()
+                },
                 time: req.time,
+                time_source: TimeSource::Receipt,
             }
         );
     }
@@ -367,9 +427,12 @@ mod tests {
         let mut check = check("POST", "/v1/chat/completions", &[]);
         let attributes = check.attributes.as_mut().unwrap();
         let request = attributes.request.as_mut().unwrap();
-        request.time = Some(envoy_types::pb::google::protobuf::Timestamp {
-            seconds: 1_700_000_000,
-            nanos: 5_000_000,
+        // A second ago by the server's clock: within the skew, so it is the request's time.
+        let sent = SystemTime::now() - Duration::from_secs(1);
+        let since_epoch = sent.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        request.time = Some(Timestamp {
+            seconds: since_epoch.as_secs() as i64,
+            nanos: since_epoch.subsec_nanos() as i32,
         });
         let http = request.http.as_mut().unwrap();
         http.headers.insert("X-Api-Key".into(), "key-1".into());
@@ -394,10 +457,83 @@ mod tests {
         assert!(req.body.truncated);
         assert_eq!(req.body.bytes, 90_000);
         assert_eq!(req.body.model, None);
+        assert_eq!(req.time, sent);
+        assert_eq!(req.time_source, TimeSource::Request);
+    }
+
+    fn timestamp(seconds: i64, nanos: i32) -> Timestamp {
+        Timestamp { seconds, nanos }
+    }
+
+    #[test]
+    fn request_time_is_used_only_near_the_server_clock() {
+        let received = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at =
+            |seconds: i64, nanos: i32| request_time(Some(&timestamp(seconds, nanos)), received);
         assert_eq!(
-            req.time,
-            SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5_000_000)
+            request_time(None, received),
+            (received, TimeSource::Receipt)
         );
+        // Within the skew, either way, to the nanosecond.
+        for (offset, nanos) in [
+            (0, 7),
+            (-299, 7),
+            (299, 7),
+            (-1, 7),
+            (1, 7),
+            (-300, 0),
+            (300, 0),
+        ] {
+            let (time, source) = at(1_800_000_000 + offset, nanos);
+            assert_eq!(source, TimeSource::Request, "{offset}");
+            let expected = if offset >= 0 {
+                received + Duration::new(offset.unsigned_abs(), nanos as u32)
+            } else {
+                received - Duration::from_secs(offset.unsigned_abs())
+                    + Duration::from_nanos(nanos as u64)
+            };
+            assert_eq!(time, expected);
+        }
+        // Too far, invalid, pre-1970, year 10000 and beyond: the server's clock.
+        for (seconds, nanos) in [
+            (1_800_000_000 - 301, 0),
+            (1_800_000_000 + 301, 0),
+            (1_800_000_000 + 300, 1),
+            (1_800_000_000, -1),
+            (1_800_000_000, 1_000_000_000),
+            (1_800_000_000, i32::MAX),
+            (0, 0),
+            (-1, 0),
+            (-62_135_596_800, 0),
+            (i64::MIN, i32::MIN),
+            (253_402_300_800, 0),
+            (1_000_000_000_000, 0),
+            (i64::MAX, 999_999_999),
+            (i64::MAX, i32::MAX),
+        ] {
+            assert_eq!(
+                at(seconds, nanos),
+                (received, TimeSource::Untrusted),
+                "{seconds}.{nanos}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_far_future_time_becomes_the_receipt_time() {
+        let mut check = check("POST", "/v1/chat/completions", &[]);
+        check
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .time = Some(timestamp(253_402_300_800, 0)); // 10000-01-01T00:00:00Z
+        let before = SystemTime::now();
+        let req = AuthzRequest::try_from(check).unwrap();
+        assert!(req.time >= before && req.time <= SystemTime::now());
+        assert_eq!(req.time_source, TimeSource::Untrusted);
     }
 
     #[test]

@@ -8,8 +8,9 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::{HttpStatus, StatusCode as HttpStatusCode};
 use envoy_types::pb::envoy::service::auth::v3::{
-    authorization_server::Authorization, check_response::HttpResponse, CheckRequest, CheckResponse,
-    DeniedHttpResponse, OkHttpResponse,
+    authorization_server::{Authorization, AuthorizationServer},
+    check_response::HttpResponse,
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc;
@@ -18,8 +19,8 @@ use tracing::{Instrument as _, Span};
 use uuid::Uuid;
 
 use crate::audit::{AuditEvent, AuditLog, Redactor, RequestFacts, TraceParent};
-use crate::engine::{Decision, PolicyEngine};
-use crate::request::AuthzRequest;
+use crate::engine::{Decision, EngineError, PolicyEngine};
+use crate::request::{AuthzRequest, TimeSource};
 use crate::trace;
 
 /// Header naming the decision's audit record, on allowed requests.
@@ -47,6 +48,18 @@ impl AuthorizationService {
             redactor: Arc::new(redactor),
         }
     }
+}
+
+/// The gRPC service serving `service`: how every server (and test and benchmark) builds it.
+///
+/// It accepts CheckRequests up to [`arbiter_proto::MAX_CHECK_REQUEST_BYTES`], the limit the
+/// filter never exceeds (8 MiB of body plus Envoy's largest header block). tonic's default of
+/// 4 MiB refused bodies the filter may send: a size the request chose, answered as a server
+/// failure. A larger message is still refused (`OUT_OF_RANGE`, "decoded message length too
+/// large"), which the filter counts as caused by the request.
+pub fn authorization_server<T: Authorization>(service: T) -> AuthorizationServer<T> {
+    AuthorizationServer::new(service)
+        .max_decoding_message_size(arbiter_proto::MAX_CHECK_REQUEST_BYTES)
 }
 
 #[tonic::async_trait]
@@ -85,21 +98,25 @@ impl AuthorizationService {
         started: Instant,
         span: &Span,
     ) -> Result<Response<CheckResponse>, Status> {
-        // A request without attributes or an HTTP request is a caller bug, not a policy
-        // question: INVALID_ARGUMENT is "no decision", so the filter applies the route's fail
-        // mode instead of reading an allow or a deny into it.
+        // A request without attributes or an HTTP request is not a policy question, and
+        // asking again gives the same answer. INVALID_ARGUMENT says "caused by this request":
+        // the filter refuses it on every route, fail-open ones included (a malformed request
+        // must not open the door), and does not count it toward its breaker (one bad request
+        // must not make the gateway refuse or wave through everyone else's).
         let req = AuthzRequest::try_from(check).map_err(|e| {
             trace::fail(span, "invalid request");
             Status::invalid_argument(e.to_string())
         })?;
+        if req.time_source == TimeSource::Untrusted {
+            self.engine.metrics().request_time_untrusted();
+        }
         span.record("arbiter.route", req.route.as_str());
         span.record("arbiter.request_id", req.request_id.as_str());
-        // Same for a request Cedar cannot express: no decision rather than a guessed one.
         let decision = tracing::info_span!(target: trace::TARGET, "arbiter.evaluate")
             .in_scope(|| self.engine.decide(&req))
             .map_err(|e| {
                 trace::fail(span, "evaluation failed");
-                Status::internal(e.to_string())
+                engine_status(&e)
             })?;
         let audit_id = Uuid::now_v7().to_string();
         span.record("arbiter.decision", outcome(&decision));
@@ -148,6 +165,22 @@ impl AuthorizationService {
             "decision"
         );
         Ok(Response::new(check_response(&req, &decision, &audit_id)))
+    }
+}
+
+/// The answer to a request the engine could not decide: never a guessed allow or deny.
+pub fn engine_status(error: &EngineError) -> Status {
+    if error.is_request_caused() {
+        // A value Cedar cannot express, or identity claims no principal can be built from:
+        // this request's fault, the same however often it is asked. INVALID_ARGUMENT, so the
+        // filter refuses it on every route (even fail-open ones) and keeps it out of the
+        // breaker, as for a malformed CheckRequest above.
+        Status::invalid_argument(error.to_string())
+    } else {
+        // The bundle's own data cannot be assembled: a fault of this server, which other
+        // requests share. INTERNAL is "no decision" from the server: the route's fail mode
+        // applies and the breaker counts it.
+        Status::internal(error.to_string())
     }
 }
 
@@ -251,5 +284,24 @@ fn header(key: &str, value: &str) -> HeaderValueOption {
 fn string_value(value: &str) -> Value {
     Value {
         kind: Some(Kind::StringValue(value.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityError;
+
+    #[test]
+    fn request_caused_engine_errors_are_invalid_argument_server_faults_internal() {
+        let request = EngineError::Request("`ip(\"::ffff:1.2.3.4\")`".into());
+        assert_eq!(engine_status(&request).code(), Code::InvalidArgument);
+        let identity = EngineError::Identity(IdentityError::Build("bad claims".into()));
+        assert_eq!(engine_status(&identity).code(), Code::InvalidArgument);
+        let entities = EngineError::Entities("duplicate entity".into());
+        assert_eq!(engine_status(&entities).code(), Code::Internal);
+        assert!(engine_status(&entities)
+            .message()
+            .contains("duplicate entity"));
     }
 }

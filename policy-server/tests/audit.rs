@@ -78,6 +78,7 @@ fn event(i: usize) -> AuditEvent {
         headers: BTreeMap::from([("user-agent".into(), "test".into())]),
         model: None,
         body_bytes: None,
+        body_size_known: None,
         body_truncated: None,
         prompt_sha256: None,
         trace_id: None,

@@ -1,6 +1,8 @@
 //! Bad input gets a defined answer, never a crash: bodies over the limit, bodies that are
-//! not JSON, header values that are not UTF-8, messages that are not valid protobuf, and
-//! messages larger than the server accepts. After each, the server still answers.
+//! not JSON, header values that are not UTF-8, messages that are not valid protobuf,
+//! messages at and over the size limit the filter and server agree on, request times in
+//! any year, IPv4-mapped source addresses, and bodies of unknown size. After each, the
+//! server still answers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -196,17 +198,238 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
     let status = send_raw(&server, vec![0xff; 64]).await.unwrap_err();
     assert_ne!(status.code(), tonic::Code::Ok);
 
-    // Larger than the server's 4 MiB message limit.
-    let huge = with_body(chat(), &vec![b'a'; 5 * 1024 * 1024], 5 * 1024 * 1024, false);
-    let status = AuthorizationClient::new(server.channel().await)
-        .check(huge)
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
-
     // Still serving, and a well-formed request sent raw decodes as usual.
     let response = send_raw(&server, chat().encode_to_vec()).await.unwrap();
     let response = CheckResponse::decode(response.as_slice()).unwrap();
     assert_eq!(response.status.unwrap().code, 0);
+    server.stop().await;
+}
+
+/// `request` with its body grown or shrunk so that it encodes to exactly `len` bytes.
+fn sized(request: &CheckRequest, len: usize) -> CheckRequest {
+    let mut request = request.clone();
+    for _ in 0..8 {
+        let encoded = request.encoded_len();
+        if encoded == len {
+            return request;
+        }
+        let http = request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        let body = (http.raw_body.len() + len).saturating_sub(encoded);
+        http.raw_body.resize(body, b'a');
+    }
+    panic!("cannot size the request to {len} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_up_to_the_agreed_limit_are_decided_and_larger_ones_refused() {
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let limit = arbiter_proto::MAX_CHECK_REQUEST_BYTES;
+
+    // The largest body a route may send (8 MiB, cut, so not parsed) with a header block of
+    // almost 8 MiB: decided and recorded.
+    let mut request = with_body(chat(), &vec![b'a'; 8 * 1024 * 1024], 20_000_000, true);
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.id = "big".into();
+    for i in 0..63 {
+        http.headers
+            .insert(format!("x-big-{i}"), "b".repeat(128 * 1024));
+    }
+    assert!(request.encoded_len() > 15 * 1024 * 1024 && request.encoded_len() < limit);
+    let response = client.check(request.clone()).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0);
+    let records = common::audit_lines(&server.audit_dir.path().join("audit.log"));
+    let record = records.iter().find(|r| r["request_id"] == "big").unwrap();
+    assert_eq!(record["decision"], "allow");
+    assert_eq!(record["body_bytes"], 20_000_000);
+    assert_eq!(record["body_truncated"], true);
+
+    // Exactly the limit: decided. One byte more: refused before any decision, OUT_OF_RANGE
+    // ("caused by the request" to the filter), naming the limit.
+    let at_limit = sized(&request, limit);
+    assert_eq!(at_limit.encoded_len(), limit);
+    let response = client.check(at_limit).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0);
+    let over = sized(&request, limit + 1);
+    assert_eq!(over.encoded_len(), limit + 1);
+    let status = client.check(over).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains(&limit.to_string()),
+        "{}",
+        status.message()
+    );
+
+    // Still serving.
+    let response = client.check(chat()).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_request_time_gets_a_decision() {
+    use envoy_types::pb::google::protobuf::Timestamp;
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let times = [
+        (253_402_300_800, 0), // 10000-01-01T00:00:00Z: used to panic the handler
+        (253_402_300_799, 999_999_999), // 9999-12-31T23:59:59.999999999Z
+        (1_000_000_000_000, 0),
+        (i64::MAX, 999_999_999),
+        (i64::MAX, i32::MAX),
+        (-1, 0),
+        (-62_135_596_800, 0), // 0001-01-01
+        (i64::MIN, i32::MIN),
+        (0, 0),
+        (now.as_secs() as i64, -1),
+        (now.as_secs() as i64, 1_000_000_000),
+    ];
+    for (seconds, nanos) in times {
+        let mut request = chat();
+        request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .time = Some(Timestamp { seconds, nanos });
+        let response = client
+            .check(request)
+            .await
+            .unwrap_or_else(|e| panic!("{seconds}.{nanos}: {e:?}"))
+            .into_inner();
+        assert_eq!(response.status.unwrap().code, 0, "{seconds}.{nanos}");
+    }
+    // None of them was within five minutes of the server's clock: each decided at receipt.
+    let untrusted = server.metric("arbiter_request_time_untrusted_total").await;
+    assert_eq!(untrusted, times.len() as f64);
+    // A time a second ago is the request's own and not counted.
+    let mut request = chat();
+    request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .time = Some(Timestamp {
+        seconds: now.as_secs() as i64 - 1,
+        nanos: 0,
+    });
+    client.check(request).await.unwrap();
+    assert_eq!(
+        server.metric("arbiter_request_time_untrusted_total").await,
+        untrusted
+    );
+    let records = common::audit_lines(&server.audit_dir.path().join("audit.log"));
+    assert_eq!(records.len(), times.len() + 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_decided() {
+    use envoy_types::pb::envoy::config::core::v3::{
+        address, socket_address::PortSpecifier, Address, SocketAddress,
+    };
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let mut request = chat();
+    request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .source
+        .as_mut()
+        .unwrap()
+        .address = Some(Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: "::ffff:10.1.2.3".into(),
+            port_specifier: Some(PortSpecifier::PortValue(40000)),
+            ..Default::default()
+        })),
+    });
+    // Cedar refuses `ip("::ffff:10.1.2.3")`: this used to be an INTERNAL error.
+    let response = client.check(request).await.unwrap().into_inner();
+    assert_eq!(response.status.unwrap().code, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_limit_cannot_be_bypassed_by_leaving_out_the_length() {
+    let server = Running::start(&example_bundle(), None, Duration::ZERO).await;
+    let client = AuthorizationClient::new(server.channel().await);
+    let check = |request: CheckRequest| {
+        let mut client = client.clone();
+        async move { client.check(request).await.unwrap().into_inner() }
+    };
+    let bounded = || {
+        check_request(
+            "",
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "chat"), ("size_policy", "bounded")],
+        )
+    };
+    let prefix = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"aaaaaaaa"#;
+    // Chunked and cut at the route's limit: size unknown, refused.
+    let response = check(with_body(bounded(), prefix, -1, true)).await;
+    assert_eq!(denied_by(&response), ["body-size-limit"]);
+    // Chunked on a route that sends no body: refused too.
+    let response = check(with_body(bounded(), b"", -1, false)).await;
+    assert_eq!(denied_by(&response), ["body-size-limit"]);
+    // Chunked but sent whole: measured, allowed.
+    let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let response = check(with_body(bounded(), body, -1, false)).await;
+    assert_eq!(response.status.unwrap().code, 0);
+    // Known and over the limit.
+    let response = check(with_body(bounded(), prefix, 1_048_577, true)).await;
+    assert_eq!(denied_by(&response), ["body-size-limit"]);
+    // A route that does not opt in does not limit size.
+    let response = check(with_body(chat(), prefix, -1, true)).await;
+    assert_eq!(response.status.unwrap().code, 0);
+
+    // The record says what policy saw.
+    let records = common::audit_lines(&server.audit_dir.path().join("audit.log"));
+    let seen: Vec<(u64, bool)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["body_bytes"].as_u64().unwrap(),
+                r["body_size_known"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (prefix.len() as u64, false),
+            (0, false),
+            (body.len() as u64, true),
+            (1_048_577, true),
+            (prefix.len() as u64, false),
+        ]
+    );
     server.stop().await;
 }

@@ -71,13 +71,7 @@ impl AuditEvent {
         facts: RequestFacts,
         latency: Duration,
     ) -> Self {
-        let RequestFacts {
-            headers,
-            trace,
-            body_bytes,
-            body_truncated,
-            prompt_sha256,
-        } = facts;
+        let RequestFacts { headers, trace } = facts;
         let (verdict, reason) = match (decision.allowed, decision.policy_ids.is_empty()) {
             (true, _) => (Verdict::Allow, Reason::Permit),
             (false, false) => (Verdict::Deny, Reason::Forbid),
@@ -116,9 +110,12 @@ impl AuditEvent {
             })),
             headers,
             model: req.body.model.clone(),
-            body_bytes,
-            body_truncated,
-            prompt_sha256,
+            // The body as policy saw it (`context.body_bytes`, `body_size_known`,
+            // `body_truncated`), so a replay decides on the same facts.
+            body_bytes: Some(req.body.bytes),
+            body_size_known: Some(req.body.size_known),
+            body_truncated: Some(req.body.truncated),
+            prompt_sha256: req.body.sha256.clone(),
             trace_id: trace.map(|t| t.trace_id),
             latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
         }

@@ -120,9 +120,14 @@ pub struct AuditEvent {
     pub headers: BTreeMap<String, String>,
     /// Model named in the request body.
     pub model: Option<String>,
-    /// Length of the request body (the full length when Envoy knew it).
+    /// Body size policy saw (`context.body_bytes`): exact when `body_size_known`, else the
+    /// bytes received (a lower bound).
     pub body_bytes: Option<u64>,
-    /// Whether the body the filter sent was cut at `max_body_bytes`.
+    /// Whether `body_bytes` is exact (`context.body_size_known`). `None` in records written
+    /// before the field existed.
+    #[serde(default)]
+    pub body_size_known: Option<bool>,
+    /// Whether the body was cut at `max_body_bytes` (`context.body_truncated`).
     pub body_truncated: Option<bool>,
     /// SHA-256 (hex) of the body bytes the filter sent.
     pub prompt_sha256: Option<String>,
@@ -263,6 +268,7 @@ pub(crate) mod tests {
             headers: BTreeMap::new(),
             model: None,
             body_bytes: Some(12),
+            body_size_known: Some(true),
             body_truncated: Some(false),
             prompt_sha256: None,
             trace_id: None,

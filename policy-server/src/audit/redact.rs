@@ -1,5 +1,7 @@
 //! What the audit record takes from a `CheckRequest` beyond the policy request: headers
-//! with secrets replaced, the body's size and hash (never its text), the trace id.
+//! with secrets replaced and the trace id. (The body's size and hash, never its text, come
+//! from the policy request's [`crate::ai::BodyAttributes`], so the record shows exactly what
+//! policy saw.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -7,7 +9,6 @@ use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context::{HttpRequest, Request},
     AttributeContext, CheckRequest,
 };
-use sha2::{Digest, Sha256};
 
 /// Headers always redacted, whatever the configuration says.
 pub const ALWAYS_REDACTED: &[&str] = &[
@@ -33,8 +34,6 @@ pub const REDACTED_NAME_PARTS: &[&str] = &[
 ];
 /// What a redacted header's value is replaced with.
 pub const REDACTED: &str = "[redacted]";
-/// Envoy's marker of a body cut at `max_body_bytes` (native ext_authz convention).
-pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
 
 /// Which headers never reach the audit log in clear.
 #[derive(Debug, Clone, Default)]
@@ -68,7 +67,6 @@ impl Redactor {
         };
         let mut headers = BTreeMap::new();
         let mut trace = None;
-        let mut truncated = false;
         let all = http
             .headers
             .iter()
@@ -93,9 +91,6 @@ impl Redactor {
             if name == "traceparent" {
                 trace = TraceParent::parse(&value);
             }
-            if name == PARTIAL_BODY_HEADER {
-                truncated = value.eq_ignore_ascii_case("true");
-            }
             let value = if self.is_secret(&name) {
                 REDACTED.to_owned()
             } else {
@@ -103,26 +98,7 @@ impl Redactor {
             };
             headers.insert(name, value);
         }
-
-        let body: &[u8] = if http.raw_body.is_empty() {
-            http.body.as_bytes()
-        } else {
-            &http.raw_body
-        };
-        let sent_body = !body.is_empty();
-        let full_size = u64::try_from(http.size).ok().filter(|size| *size > 0);
-        let body_bytes = match (full_size, sent_body) {
-            (Some(size), _) => Some(size),
-            (None, true) => Some(body.len() as u64),
-            (None, false) => None,
-        };
-        RequestFacts {
-            headers,
-            trace,
-            body_bytes,
-            body_truncated: sent_body.then_some(truncated),
-            prompt_sha256: sent_body.then(|| hex::encode(Sha256::digest(body))),
-        }
+        RequestFacts { headers, trace }
     }
 }
 
@@ -134,12 +110,6 @@ pub struct RequestFacts {
     /// The request's valid W3C `traceparent` header: its trace id goes into the record, and
     /// the decision's span continues it.
     pub trace: Option<TraceParent>,
-    /// Full body length when Envoy knew it, else the length of the body sent.
-    pub body_bytes: Option<u64>,
-    /// Whether the body sent was cut short (`None` when no body was sent).
-    pub body_truncated: Option<bool>,
-    /// SHA-256 of the body sent.
-    pub prompt_sha256: Option<String>,
 }
 
 fn http(check: &CheckRequest) -> Option<&HttpRequest> {
@@ -251,9 +221,6 @@ mod tests {
                 ("x-tenant-pin".into(), REDACTED.into()),
             ])
         );
-        assert_eq!(facts.body_bytes, None);
-        assert_eq!(facts.prompt_sha256, None);
-        assert_eq!(facts.body_truncated, None);
     }
 
     #[test]
@@ -278,21 +245,6 @@ mod tests {
         });
         let facts = Redactor::default().facts(&check);
         assert_eq!(facts.headers["authorization"], REDACTED);
-    }
-
-    #[test]
-    fn body_is_hashed_never_kept() {
-        let body = br#"{"model":"m","messages":[{"role":"user","content":"secret plan"}]}"#;
-        let facts = Redactor::default().facts(&check(&[(PARTIAL_BODY_HEADER, "true")], body, 5000));
-        assert_eq!(facts.body_bytes, Some(5000));
-        assert_eq!(facts.body_truncated, Some(true));
-        assert_eq!(
-            facts.prompt_sha256.as_deref(),
-            Some(hex::encode(Sha256::digest(body)).as_str())
-        );
-        let whole = Redactor::default().facts(&check(&[], body, 0));
-        assert_eq!(whole.body_bytes, Some(body.len() as u64));
-        assert_eq!(whole.body_truncated, Some(false));
     }
 
     #[test]

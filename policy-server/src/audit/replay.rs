@@ -262,6 +262,7 @@ struct Facts {
     tenant: Option<String>,
     model: Option<String>,
     body_bytes: Option<u64>,
+    body_size_known: Option<bool>,
     body_truncated: Option<bool>,
     body_sha256: Option<String>,
 }
@@ -278,6 +279,11 @@ impl Facts {
         if let Some(bytes) = self.body_bytes {
             req.body.bytes = bytes;
             req.body.truncated = self.body_truncated.unwrap_or_default();
+            // Records without the field: exact only if they show the complete body was sent
+            // (the server's own rule); replay assumes nothing a record does not say.
+            req.body.size_known = self
+                .body_size_known
+                .unwrap_or(self.body_sha256.is_some() && !req.body.truncated);
             req.body.model = self.model;
             req.body.sha256 = self.body_sha256;
         }
@@ -320,6 +326,8 @@ struct EnvoyRecord {
     model: Option<String>,
     #[serde(default)]
     body_bytes: Option<u64>,
+    #[serde(default)]
+    body_size_known: Option<bool>,
 }
 
 /// `Ok(None)`: a line that is no record to replay (an access-log line of a decided request).
@@ -375,6 +383,7 @@ fn server_case(record: AuditRecord) -> Case {
         tenant: event.headers.get(TENANT_HEADER).cloned(),
         model: event.model,
         body_bytes: event.body_bytes,
+        body_size_known: event.body_size_known,
         body_truncated: event.body_truncated,
         body_sha256: event.prompt_sha256,
     };
@@ -446,6 +455,7 @@ fn envoy_case(value: Value) -> Result<Case, String> {
             tenant: record.tenant,
             model: record.model,
             body_bytes: record.body_bytes,
+            body_size_known: record.body_size_known,
             ..Facts::default()
         },
     })
@@ -533,6 +543,8 @@ fn check_request(parts: CheckParts<'_>) -> CheckRequest {
                     path: parts.path,
                     host: parts.host,
                     scheme: parts.scheme,
+                    // Unknown unless the record says (`Facts::apply`).
+                    size: -1,
                     ..Default::default()
                 }),
             }),
@@ -614,5 +626,33 @@ mod tests {
         assert_eq!(req.identity.api_key_sha256.as_deref(), Some("ab12"));
         assert_eq!(req.requested_tenant.as_deref(), Some("acme"));
         assert_eq!(req.body.bytes, 12);
+        assert!(req.body.size_known);
+    }
+
+    #[test]
+    fn body_size_is_replayed_as_recorded_and_unknown_otherwise() {
+        let replayed = |event: crate::audit::AuditEvent| {
+            let mut line = Vec::new();
+            crate::audit::record::encode(&event, 1, crate::audit::record::GENESIS_HASH, &mut line)
+                .unwrap();
+            let case = parse(&line).unwrap().unwrap();
+            let mut req = AuthzRequest::try_from(case.check).unwrap();
+            case.facts.apply(&mut req);
+            (req.body.bytes, req.body.size_known)
+        };
+        let mut event = crate::audit::record::tests::event();
+        event.body_bytes = Some(9_000_000);
+        event.body_size_known = Some(false);
+        event.body_truncated = Some(true);
+        assert_eq!(replayed(event.clone()), (9_000_000, false));
+        // Older records: exact only when they show a complete body.
+        event.body_size_known = None;
+        assert_eq!(replayed(event.clone()), (9_000_000, false));
+        event.body_truncated = Some(false);
+        event.prompt_sha256 = Some("ab".into());
+        assert_eq!(replayed(event.clone()), (9_000_000, true));
+        // Nothing recorded: nothing assumed.
+        event.body_bytes = None;
+        assert_eq!(replayed(event), (0, false));
     }
 }

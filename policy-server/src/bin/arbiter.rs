@@ -111,6 +111,10 @@ struct CheckArgs {
     /// The body was cut at the route's max_body_bytes.
     #[arg(long)]
     body_truncated: bool,
+    /// The CheckRequest's `http.size`: the full body length, or -1 when unknown (chunked).
+    /// Default: the length of the body sent (0 without one).
+    #[arg(long, allow_negative_numbers = true)]
+    body_size: Option<i64>,
     /// Request time (RFC 3339), default now.
     #[arg(long)]
     time: Option<String>,
@@ -253,6 +257,7 @@ fn spec(args: &CheckArgs) -> Result<RequestSpec, policy::CliError> {
         context: args.context.iter().cloned().collect(),
         headers: args.headers.iter().cloned().collect(),
         body_truncated: args.body_truncated,
+        body_size: args.body_size,
         time: args.time.clone(),
         raw_body: match &args.body {
             Some(path) => Some(policy::read_body(path)?),

@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 use crate::bundle::{Bundle, BundleError};
 use crate::engine::{cedar_datetime, Decision};
 use crate::identity::{json_to_struct, API_KEY_HEADER, JWT_AUTHN_NAMESPACE, JWT_PAYLOAD_KEY};
-use crate::request::{AuthzRequest, ROUTE_KEY};
+use crate::request::{AuthzRequest, TimeSource, ROUTE_KEY};
 
 /// Why a command could not run.
 #[derive(Debug, thiserror::Error)]
@@ -89,10 +89,13 @@ pub struct RequestSpec {
     /// The body was cut at the route's `max_body_bytes` (`x-envoy-auth-partial-body`).
     #[serde(default)]
     pub body_truncated: bool,
-    /// The full body length, when larger than what is sent.
+    /// The CheckRequest's `http.size`: the full body length when larger than what is sent,
+    /// `-1` when unknown (a chunked body). Default: the length of the body sent (0 without
+    /// one, a request without body).
     #[serde(default)]
     pub body_size: Option<i64>,
-    /// Request time (RFC 3339); default now.
+    /// Request time (RFC 3339); default now. Policy sees exactly this time, even one the
+    /// server would replace by its own clock (more than 5 minutes from it).
     #[serde(default)]
     pub time: Option<String>,
     /// Body bytes as read from a file (`--body FILE`); wins over `body` and `body_text`.
@@ -111,6 +114,17 @@ impl RequestSpec {
             (None, Some(text)) => Some(text.clone().into_bytes()),
             (None, None) => None,
         }
+    }
+
+    /// `time`, parsed.
+    fn stated_time(&self) -> Result<Option<time::OffsetDateTime>, CliError> {
+        self.time
+            .as_deref()
+            .map(|time| {
+                time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| CliError::Request(format!("`time` is not RFC 3339: {e}")))
+            })
+            .transpose()
     }
 
     /// The `CheckRequest` the Arbiter filter would send for this request.
@@ -145,20 +159,10 @@ impl RequestSpec {
             .unwrap_or("127.0.0.1:40000")
             .parse()
             .map_err(|e| CliError::Request(format!("`source` must be `ip:port`: {e}")))?;
-        let time = match &self.time {
-            Some(time) => {
-                let at = time::OffsetDateTime::parse(
-                    time,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .map_err(|e| CliError::Request(format!("`time` is not RFC 3339: {e}")))?;
-                Some(Timestamp {
-                    seconds: at.unix_timestamp(),
-                    nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
-                })
-            }
-            None => None,
-        };
+        let time = self.stated_time()?.map(|at| Timestamp {
+            seconds: at.unix_timestamp(),
+            nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
+        });
         let metadata_context = self.jwt_claims.as_ref().map(|claims| {
             let namespace = json!({ JWT_PAYLOAD_KEY: Value::Object(claims.clone()) });
             Metadata {
@@ -168,6 +172,7 @@ impl RequestSpec {
                 ..Default::default()
             }
         });
+        // As the filter reports it: the exact length when known (0 for no body), else -1.
         let size = self
             .body_size
             .unwrap_or_else(|| i64::try_from(body.len()).unwrap_or(i64::MAX));
@@ -198,7 +203,7 @@ impl RequestSpec {
                             .unwrap_or_else(|| "gateway.local".to_owned()),
                         scheme: "http".to_owned(),
                         headers,
-                        size: if body.is_empty() { -1 } else { size },
+                        size,
                         raw_body: body,
                         ..Default::default()
                     }),
@@ -268,8 +273,14 @@ pub fn check(dir: &Path, spec: &RequestSpec) -> Result<CheckReport, CliError> {
 
 /// Decides `spec` with `bundle`.
 pub fn check_with(bundle: &Bundle, spec: &RequestSpec) -> Result<CheckReport, CliError> {
-    let request = AuthzRequest::try_from(spec.to_check_request()?)
+    let mut request = AuthzRequest::try_from(spec.to_check_request()?)
         .map_err(|e| CliError::Request(e.to_string()))?;
+    // `time` asks what policy decides at that time: it is the time policy sees, even one the
+    // server would not take from a CheckRequest (see `request::request_time`).
+    if let Some(at) = spec.stated_time()? {
+        request.time = std::time::SystemTime::from(at);
+        request.time_source = TimeSource::Request;
+    }
     let decision = bundle
         .decide(&Authorizer::new(), &request)
         .map_err(|e| CliError::Decide(e.to_string()))?;
@@ -327,10 +338,15 @@ impl CheckReport {
             r.route
         ));
         let body = &r.body;
-        if body.bytes > 0 || body.model.is_some() {
+        if body.bytes > 0 || body.model.is_some() || !body.size_known {
             out.push_str(&format!(
-                "  body:            {} bytes, model {}, truncated {}, parse error {}\n",
+                "  body:            {} bytes{}, model {}, truncated {}, parse error {}\n",
                 body.bytes,
+                if body.size_known {
+                    ""
+                } else {
+                    " (at least: size unknown)"
+                },
                 body.model.as_deref().unwrap_or("-"),
                 body.truncated,
                 body.parse_error
@@ -359,6 +375,7 @@ impl CheckReport {
             "route": r.route,
             "model": r.body.model,
             "body_bytes": r.body.bytes,
+            "body_size_known": r.body.size_known,
             "body_truncated": r.body.truncated,
             "body_parse_error": r.body.parse_error,
             "time": cedar_datetime(r.time),
