@@ -1632,6 +1632,70 @@ async fn eventually_recorded(audit: &dyn Fn() -> usize, before: usize) -> Result
     .await
 }
 
+/// A policy limiting the body size (the example bundle's `body-size-limit`: over 1 MiB, or
+/// of unknown size) holds whatever the client leaves out: a body the filter could measure
+/// is judged by its size, one it could not is refused, with and without `content-length`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_size_limit_holds_without_content_length() -> Result<()> {
+    const MIB: usize = 1 << 20;
+    let stack = Stack::builder().start().await?;
+    let route = path("/t/bounded-body");
+    let small = chat_of_size("gpt-4o-mini", 1000);
+    let large = chat_of_size("gpt-4o-mini", MIB + 1);
+    let cases = [
+        (Proto::H1, &small, Framing::Length, 200, Some(true)),
+        (Proto::H1, &small, Framing::Unknown, 200, Some(true)),
+        (Proto::H2, &small, Framing::Length, 200, Some(true)),
+        (Proto::H2, &small, Framing::Unknown, 200, Some(true)),
+        (Proto::H2, &large, Framing::Length, 403, Some(true)),
+        // Cut at max_body_bytes before its end: of unknown size, so refused.
+        (Proto::H2, &large, Framing::Unknown, 403, Some(false)),
+    ];
+    for (proto, body, framing, status, known) in cases {
+        let what = format!("{proto:?} {framing:?} {} bytes", body.len());
+        let ledger = Ledger::take(&stack).await?;
+        let reply = send_ok(&stack, proto, &Req::post(&route, body).framing(framing)).await?;
+        assert_eq!(reply.status, status, "{what}: {}", reply.text());
+        if status == 403 {
+            assert_denied(&reply, "body-size-limit");
+        }
+        let settled = ledger.settle(&stack, &what, decided(status)).await?;
+        let record = &settled.audit[0];
+        assert_eq!(
+            record["body_size_known"].as_bool(),
+            known,
+            "{what}: {record}"
+        );
+        if known == Some(true) {
+            assert_eq!(record["body_bytes"], body.len() as u64, "{what}: {record}");
+        }
+    }
+
+    // HTTP/1.1 chunked, decided on its first 1100 bytes: the rest is never measured.
+    let ledger = Ledger::take(&stack).await?;
+    let denied = filter_stat(&stack, "checks.deny").await?;
+    let body = chat_of_size("gpt-4o-mini", 3000);
+    let request =
+        H1Request::post_chunked(&route, vec![body[..1100].to_vec(), body[1100..].to_vec()]);
+    let pieces = request.body_pieces();
+    let mut h1 = H1Conn::to(&stack).await?;
+    h1.write(&request.head_bytes()).await?;
+    h1.write(&pieces[0]).await?;
+    wait_filter_counter(&stack, "checks.deny", denied + 1).await?;
+    for piece in &pieces[1..] {
+        h1.write(piece).await?;
+    }
+    assert_denied(&h1.answer().await?.reply()?, "body-size-limit");
+    ledger
+        .settle(
+            &stack,
+            "h1 chunked, cut before its end",
+            Outcomes::none().deny(1),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Bodies near the largest `max_body_bytes` (8 MiB) get a decision, not `error`, and do not
 /// open the breaker. Over Envoy's 1 MiB buffer limit while the filter holds the request,
 /// HTTP/1.1 gets Envoy's 413 (the request ends `cancelled`) and HTTP/2 is flow-controlled
