@@ -63,8 +63,8 @@ test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
 	$(CARGO) test -p arbiter-proto -p arbiter-filter
 
 .PHONY: test-server
-test-server: ## Policy server tests (service calls and real gRPC on loopback)
-	$(CARGO) test -p arbiter-policy-server
+test-server: ## Policy server and audit trail tests (service calls and real gRPC on loopback)
+	$(CARGO) test -p arbiter-audit -p arbiter-policy-server
 
 .PHONY: test-e2e
 test-e2e: setup wasm ## End-to-end: real Envoy + real wasm + real policy server

@@ -134,6 +134,7 @@ async fn measure(mode: &str, dir: &Path, secs: u64, concurrency: usize) -> f64 {
                     AuditSync::Write
                 },
                 max_bytes: 1 << 30,
+                checkpoints: None,
             };
             let audit = AuditLog::open(&config, AuditMetrics::default()).unwrap();
             tokio::spawn(async move {

@@ -4,7 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::audit::{AuditConfig, AuditSync, DEFAULT_MAX_BYTES};
+use crate::audit::checkpoint::{self, CheckpointError};
+use crate::audit::{
+    AuditConfig, AuditSync, Checkpointing, DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_MAX_BYTES,
+};
 use crate::health::{self, HealthConfig};
 use crate::trace::TraceConfig;
 
@@ -48,6 +52,17 @@ pub struct Config {
     /// Rotate the audit log once it reaches this many bytes.
     #[arg(long, env = "ARBITER_AUDIT_MAX_BYTES", default_value_t = DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(4096..))]
     pub audit_max_bytes: u64,
+    /// PKCS#8 PEM P-256 private key that signs audit checkpoints into
+    /// `<audit log>.checkpoints` (what `arbiter audit verify --key` proves completeness with).
+    /// Without it no checkpoints are written.
+    #[arg(long, env = "ARBITER_AUDIT_SIGNING_KEY", value_name = "PATH")]
+    pub audit_signing_key: Option<PathBuf>,
+    /// A signed checkpoint after this many records (also at rotation and shutdown).
+    #[arg(long, env = "ARBITER_AUDIT_CHECKPOINT_EVERY", default_value_t = DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_checkpoint_every: u64,
+    /// A signed checkpoint at the latest this many seconds after the oldest unsigned record.
+    #[arg(long, env = "ARBITER_AUDIT_CHECKPOINT_INTERVAL_SECS", default_value_t = DEFAULT_CHECKPOINT_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_checkpoint_interval_secs: u64,
     /// Extra header whose value is never recorded (repeatable; comma-separated in the
     /// environment variable). `authorization`, `cookie`, `x-api-key` and names containing
     /// `auth`, `key`, `token`, `secret`, … are always redacted.
@@ -94,6 +109,9 @@ impl Config {
             audit_log: audit_log.into(),
             audit_sync: AuditSync::Fsync,
             audit_max_bytes: DEFAULT_MAX_BYTES,
+            audit_signing_key: None,
+            audit_checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            audit_checkpoint_interval_secs: DEFAULT_CHECKPOINT_INTERVAL.as_secs(),
             redact_headers: Vec::new(),
             otlp_endpoint: None,
             health_interval: health::DEFAULT_INTERVAL,
@@ -124,13 +142,22 @@ impl Config {
         Some(config)
     }
 
-    /// The audit writer's part of the configuration.
-    pub fn audit(&self) -> AuditConfig {
-        AuditConfig {
+    /// The audit writer's part of the configuration (the signing key loaded).
+    pub fn audit(&self) -> Result<AuditConfig, CheckpointError> {
+        let checkpoints = match &self.audit_signing_key {
+            Some(path) => Some(Checkpointing {
+                key: checkpoint::load_signing_key(path)?,
+                every: self.audit_checkpoint_every,
+                interval: Duration::from_secs(self.audit_checkpoint_interval_secs),
+            }),
+            None => None,
+        };
+        Ok(AuditConfig {
             path: self.audit_log.clone(),
             sync: self.audit_sync,
             max_bytes: self.audit_max_bytes,
-        }
+            checkpoints,
+        })
     }
 }
 

@@ -73,6 +73,9 @@ pub enum ServerError {
     /// The audit log cannot be opened or continued.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// The audit signing key cannot be loaded.
+    #[error(transparent)]
+    SigningKey(#[from] audit::checkpoint::CheckpointError),
     /// The OTLP exporter is misconfigured.
     #[error(transparent)]
     Export(#[from] audit::export::ExportError),
@@ -123,7 +126,7 @@ pub async fn run(
         engine.set_shadow(Some(Arc::new(bundle)));
         watches.push(watch);
     }
-    let audit = AuditLog::open(&config.audit(), audit_metrics)?;
+    let audit = AuditLog::open(&config.audit()?, audit_metrics)?;
     if let Some(endpoint) = &config.otlp_endpoint {
         let exporter = audit::export::Exporter::new(
             audit::export::ExportConfig::new(endpoint.clone(), &config.audit_log),

@@ -18,7 +18,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{Instrument as _, Span};
 use uuid::Uuid;
 
-use crate::audit::{AuditEvent, AuditLog, Redactor, RequestFacts, TraceParent};
+use crate::audit::{self, AuditLog, Redactor, RequestFacts, TraceParent};
 use crate::engine::{Decision, EngineError, PolicyEngine};
 use crate::request::{AuthzRequest, TimeSource};
 use crate::trace;
@@ -126,7 +126,7 @@ impl AuthorizationService {
         }
         span.record("arbiter.audit.id", audit_id.as_str());
         let latency = started.elapsed();
-        let event = AuditEvent::new(audit_id.clone(), &req, &decision, facts, latency);
+        let event = audit::event(audit_id.clone(), &req, &decision, facts, latency);
         // No decision without a record: if the record cannot be written (disk full, I/O
         // error), answer UNAVAILABLE, which is "no decision" to the filter, so the route's
         // fail mode applies (closed: 503; open: let through and recorded on the Envoy side).

@@ -393,6 +393,168 @@ async fn torn_tail_is_kept_reported_and_the_chain_continues() {
 }
 
 #[tokio::test]
+async fn a_second_server_on_the_same_log_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(dir.path(), &[]).await;
+    // The second process, same log: it must exit with one message naming the file and the
+    // holder, having written nothing.
+    let before = std::fs::read(&first.audit).unwrap();
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_arbiter-policy-server"))
+        .args(["--listen", "127.0.0.1:0", "--policies"])
+        .arg(common::example_bundle())
+        .arg("--audit-log")
+        .arg(&first.audit)
+        .env_remove("ARBITER_LISTEN")
+        .kill_on_drop(true)
+        .output();
+    // A safety net so a regression fails instead of hanging, not a synchronisation.
+    let output = tokio::time::timeout(Duration::from_secs(120), second)
+        .await
+        .expect("the second server kept running on a locked audit log")
+        .unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let message = format!(
+        "audit log `{}` is already written by process {}",
+        first.audit.display(),
+        first.pid()
+    );
+    assert!(stderr.contains(&message), "{stderr}");
+    assert_eq!(std::fs::read(&first.audit).unwrap(), before);
+
+    // The first still decides and records; once it is gone (even killed: the kernel drops
+    // the lock), the log can be taken over and the chain continues.
+    let mut client = AuthorizationClient::new(first.channel().await);
+    client
+        .check(check_request("", "GET", "/v1/models", &[]))
+        .await
+        .unwrap();
+    first.kill().await;
+    let next = Server::start(dir.path(), &[]).await;
+    let mut client = AuthorizationClient::new(next.channel().await);
+    client
+        .check(check_request("", "GET", "/v1/models", &[]))
+        .await
+        .unwrap();
+    let report = verify(&all_files(&next.audit)).unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert!(report.records >= 2, "{report:?}");
+}
+
+/// Writes a P-256 key pair as PEM (`signing.pem`, `signing.pub.pem`) into `dir`.
+fn key_pair(dir: &Path) -> (PathBuf, PathBuf) {
+    use p256::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+    let key = p256::ecdsa::SigningKey::from_slice(&[9; 32]).unwrap();
+    let private = dir.join("signing.pem");
+    let public = dir.join("signing.pub.pem");
+    std::fs::write(
+        &private,
+        key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
+    )
+    .unwrap();
+    std::fs::write(
+        &public,
+        key.verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap(),
+    )
+    .unwrap();
+    (private, public)
+}
+
+/// SIGTERM, then waits for the exit: a clean shutdown.
+async fn terminate(mut server: Server) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = server.child.wait().await.unwrap();
+    assert!(exit.success(), "{exit}\n{}", server.log());
+}
+
+#[tokio::test]
+async fn signed_checkpoints_prove_the_server_log_complete_and_a_short_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = key_pair(keys.path());
+    let private = private.to_str().unwrap().to_owned();
+    let public = public.to_str().unwrap().to_owned();
+    let args = [
+        "--audit-signing-key",
+        private.as_str(),
+        "--audit-checkpoint-every",
+        "2",
+    ];
+    let server = Server::start(dir.path(), &args).await;
+    let audit = server.audit.clone();
+    let checkpoints = dir.path().join("audit.jsonl.checkpoints");
+    {
+        let mut client = AuthorizationClient::new(server.channel().await);
+        for _ in 0..3 {
+            client
+                .check(check_request("", "GET", "/v1/models", &[]))
+                .await
+                .unwrap();
+        }
+    }
+    // Checkpoints at seq 2 (every 2) and 3 (clean shutdown).
+    terminate(server).await;
+    let verify_args = ["audit", "verify", "--key", public.as_str()];
+    let (code, out) = cli(&verify_args, [&audit, &checkpoints]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("complete: seq 1..=3 proven by 2 signed checkpoint(s)")
+            && out.contains("unsigned: none"),
+        "{out}"
+    );
+
+    // The last record removed: verify names the missing records, the server refuses the log.
+    let all = lines_of(&audit);
+    write_lines(&audit, &all[..2]);
+    let (code, out) = cli(&verify_args, [&audit, &checkpoints]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("records 3..=3 are missing"), "{out}");
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_arbiter-policy-server"))
+        .args(["--listen", "127.0.0.1:0", "--policies"])
+        .arg(common::example_bundle())
+        .arg("--audit-log")
+        .arg(&audit)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    // A safety net so a regression fails instead of hanging, not a synchronisation.
+    let output = tokio::time::timeout(Duration::from_secs(120), refused)
+        .await
+        .expect("the server started on a log shorter than its checkpoint")
+        .unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("ends at seq 2 but") && stderr.contains("signed checkpoint of seq 3"),
+        "{stderr}"
+    );
+
+    // Restored, continued, then killed between a write and its checkpoint: complete up to
+    // the newest checkpoint, the record after it reported unsigned, and the server goes on.
+    write_lines(&audit, &all);
+    let server = Server::start(dir.path(), &args).await;
+    AuthorizationClient::new(server.channel().await)
+        .check(check_request("", "GET", "/v1/models", &[]))
+        .await
+        .unwrap();
+    server.kill().await;
+    let (code, out) = cli(&verify_args, [&audit, &checkpoints]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("unsigned: seq 4..=4"), "{out}");
+    let server = Server::start(dir.path(), &args).await;
+    terminate(server).await;
+    let (code, out) = cli(&verify_args, [&audit, &checkpoints]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("complete: seq 1..=4"), "{out}");
+}
+
+#[tokio::test]
 async fn rotation_keeps_one_chain_across_files_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
@@ -400,6 +562,7 @@ async fn rotation_keeps_one_chain_across_files_and_restarts() {
         path: path.clone(),
         sync: AuditSync::Write,
         max_bytes: 4096,
+        checkpoints: None,
     };
     let metrics = write_events(&config, 0..40).await;
     assert!(metrics.rotations.get() >= 4, "{}", metrics.rotations.get());
@@ -736,6 +899,79 @@ impl Receiver {
         });
         (stop, task)
     }
+}
+
+/// The OTLP copy carries the signed checkpoints: the insider who cuts the local log and
+/// deletes its checkpoints is caught with the copy alone.
+#[tokio::test]
+async fn otlp_copy_of_the_checkpoints_vouches_for_the_local_log() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let (stop, task) = receiver.serve(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = key_pair(keys.path());
+    let endpoint = format!("http://{addr}");
+    let args = [
+        "--otlp-endpoint",
+        endpoint.as_str(),
+        "--audit-signing-key",
+        private.to_str().unwrap(),
+        "--audit-checkpoint-every",
+        "2",
+    ];
+    let server = Server::start(dir.path(), &args).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    for _ in 0..4 {
+        client
+            .check(check_request("", "GET", "/v1/models", &[]))
+            .await
+            .unwrap();
+    }
+    let checkpoint_lines = || {
+        receiver
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.event_name == "arbiter.audit.checkpoint")
+            .filter_map(|r| match r.body.as_ref()?.value.as_ref()? {
+                any_value::Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect::<Vec<String>>()
+    };
+    // Polled with a generous deadline (export runs beside decisions, at its own pace).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !checkpoint_lines().iter().any(|l| l.contains("\"seq\":4,")) {
+        assert!(Instant::now() < deadline, "checkpoint 4 not exported");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    server.kill().await;
+    let offsite = dir.path().join("offsite.checkpoints");
+    write_lines(&offsite, &checkpoint_lines());
+
+    let audit = server_audit(&dir);
+    let all = lines_of(&audit);
+    write_lines(&audit, &all[..2]);
+    std::fs::remove_file(dir.path().join("audit.jsonl.checkpoints")).unwrap();
+    let verify_args = [
+        "audit",
+        "verify",
+        "--key",
+        public.to_str().unwrap(),
+        "--checkpoint",
+        offsite.to_str().unwrap(),
+    ];
+    let (code, out) = cli(&verify_args, [&audit]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("records 3..=4 are missing"), "{out}");
+    write_lines(&audit, &all);
+    let (code, out) = cli(&verify_args, [&audit]);
+    assert_eq!(code, 0, "{out}");
+    let _ = stop.send(());
+    task.await.unwrap();
 }
 
 #[tokio::test]

@@ -609,7 +609,17 @@ mod tests {
 
     #[test]
     fn server_records_replay_with_the_identity_evidence_they_kept() {
-        let mut event = crate::audit::record::tests::event();
+        let mut event: crate::audit::AuditEvent = serde_json::from_value(serde_json::json!({
+            "ts": "2026-11-22T02:00:00.000001Z", "id": "0193a1b2-0000-7000-8000-000000000001",
+            "request_id": "r-1", "decision": "allow", "reason": "permit",
+            "policy_version": "sha256:0123456789abcdef", "policy_ids": ["routine-chat"],
+            "principal": "anonymous", "action": "chat.completions", "route": "chat",
+            "route_context": {"classification": "public"}, "method": "POST", "scheme": "http",
+            "host": "gw", "path": "/v1/chat/completions", "source": "127.0.0.1:5000",
+            "identity": null, "headers": {}, "model": null, "body_bytes": 12, "body_size_known": true,
+            "body_truncated": false, "prompt_sha256": null, "trace_id": null, "latency_us": 42
+        }))
+        .unwrap();
         event.principal = "https://idp#alice".into();
         event.identity = Some(serde_json::json!({
             "source": "jwt", "jwt": {"iss": "https://idp", "sub": "alice"}, "api_key_sha256": "ab12"
@@ -640,7 +650,34 @@ mod tests {
             case.facts.apply(&mut req);
             (req.body.bytes, req.body.size_known)
         };
-        let mut event = crate::audit::record::tests::event();
+        let mut event = crate::audit::AuditEvent {
+            ts: "2026-11-22T02:00:00.000001Z".into(),
+            id: "0193a1b2-0000-7000-8000-000000000001".into(),
+            request_id: "r-1".into(),
+            decision: crate::audit::Verdict::Allow,
+            reason: crate::audit::Reason::Permit,
+            policy_version: "sha256:0123456789abcdef".into(),
+            policy_ids: vec!["routine-chat".into()],
+            shadow_decision: None,
+            principal: "anonymous".into(),
+            action: "chat.completions".into(),
+            route: "chat".into(),
+            route_context: Default::default(),
+            method: "POST".into(),
+            scheme: "http".into(),
+            host: "gw".into(),
+            path: "/v1/chat/completions".into(),
+            source: Some("127.0.0.1:5000".into()),
+            identity: None,
+            headers: Default::default(),
+            model: None,
+            body_bytes: Some(12),
+            body_size_known: Some(true),
+            body_truncated: Some(false),
+            prompt_sha256: None,
+            trace_id: None,
+            latency_us: 42,
+        };
         event.body_bytes = Some(9_000_000);
         event.body_size_known = Some(false);
         event.body_truncated = Some(true);

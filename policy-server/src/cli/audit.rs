@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use crate::audit::checkpoint;
 use crate::audit::replay::{self, Recorded, ReplayReport};
 use crate::audit::verify::{self, VerifyReport};
 use crate::engine::PolicyEngine;
@@ -12,10 +13,12 @@ use super::{EXIT_ERROR, EXIT_FOUND, EXIT_OK};
 /// `arbiter audit …`
 #[derive(Debug, clap::Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain and gapless seq of audit files (rotated files in any order).
+    /// Check the hash chain and gapless seq of audit files (rotated files in any order);
+    /// with `--key`, also that every checkpoint is signed by that key and the chain is
+    /// complete from seq 1 to the newest checkpoint (records after it: reported unsigned).
     ///
-    /// Exit code 0: intact; 1: broken (the first broken record is named as FILE:LINE);
-    /// 2: a file cannot be read.
+    /// Exit code 0: intact (and complete); 1: broken, missing records or a bad checkpoint
+    /// (named as FILE:LINE); 2: a file or the key cannot be read.
     Verify(VerifyArgs),
     /// Re-decide recorded requests with a policy bundle: server-side audit records and
     /// Envoy access-log lines with an `arbiter_record` (requests nobody decided).
@@ -32,7 +35,15 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Audit files (the active file and its rotated files).
+    /// PEM public key of `--audit-signing-key`: check every checkpoint's signature and
+    /// prove the chain complete from seq 1 up to the newest checkpoint (exit 1 otherwise).
+    #[arg(long, value_name = "PUB")]
+    pub key: Option<PathBuf>,
+    /// A checkpoints file kept elsewhere (a copy off the host, an OTLP copy); repeatable. A
+    /// newer checkpoint here makes an older or truncated log fail.
+    #[arg(long = "checkpoint", value_name = "FILE", requires = "key")]
+    pub checkpoints: Vec<PathBuf>,
+    /// Audit files (the active file and its rotated files) and `<log>.checkpoints`.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
 }
@@ -67,7 +78,12 @@ pub fn run(command: AuditCommand, out: &mut impl Write) -> u8 {
 }
 
 fn run_verify(args: &VerifyArgs, out: &mut impl Write) -> Result<u8, String> {
-    let report = verify::verify(&args.files).map_err(|e| error_chain(&e))?;
+    let key = match &args.key {
+        Some(path) => Some(checkpoint::load_verifying_key(path).map_err(|e| error_chain(&e))?),
+        None => None,
+    };
+    let report = verify::verify_complete(&args.files, key.as_ref(), &args.checkpoints)
+        .map_err(|e| error_chain(&e))?;
     let printed = if args.json {
         serde_json::to_string_pretty(&report)
             .map_err(|e| e.to_string())
@@ -97,6 +113,17 @@ fn print_verify(report: &VerifyReport, out: &mut impl Write) -> std::io::Result<
             )?;
             if let Some(hash) = &report.last_hash {
                 writeln!(out, "last hash: {hash}")?;
+            }
+            if let Some(cp) = &report.checkpoint {
+                writeln!(
+                    out,
+                    "complete: seq 1..={} proven by {} signed checkpoint(s), newest signed at {} (key {})",
+                    cp.seq, report.checkpoints, cp.ts, cp.key_id
+                )?;
+                match report.unsigned {
+                    Some((first, last)) => writeln!(out, "unsigned: seq {first}..={last}")?,
+                    None => writeln!(out, "unsigned: none")?,
+                }
             }
         }
         Some(broken) => {

@@ -5,6 +5,12 @@
 //! receiver acknowledged them. Decisions never wait for it; a receiver outage only delays
 //! the export. A crash between the acknowledgement and the save sends a batch again
 //! (at-least-once): receivers spot duplicates by the `arbiter.audit.id` attribute.
+//!
+//! Signed checkpoints (`<log>.checkpoints`) go out too, each once the records it covers
+//! were acknowledged, as log records with event name [`CHECKPOINT_EVENT_NAME`] and the
+//! checkpoint line as body, so a copy off the host can vouch for the local file. Their
+//! position is kept in memory only: after a restart every checkpoint is sent again (a
+//! duplicate has the same `arbiter.audit.checkpoint.seq` and signature).
 
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom};
@@ -22,6 +28,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
+use super::checkpoint::Checkpoint;
 use super::metrics::AuditMetrics;
 use super::record::{self, AuditRecord};
 use super::writer::{rotated_files, rotated_name};
@@ -32,6 +39,8 @@ pub const SERVICE_NAME: &str = "arbiter-policy-server";
 pub const SCOPE_NAME: &str = "arbiter.audit";
 /// `event_name` of every exported record.
 pub const EVENT_NAME: &str = "arbiter.decision";
+/// `event_name` of an exported checkpoint.
+pub const CHECKPOINT_EVENT_NAME: &str = "arbiter.audit.checkpoint";
 /// Records per export call.
 const BATCH: usize = 256;
 /// Bound on one export call.
@@ -85,6 +94,8 @@ pub struct Exporter {
     client: LogsServiceClient<Channel>,
     metrics: AuditMetrics,
     cursor: Option<Cursor>,
+    /// Seq of the newest checkpoint acknowledged by the receiver in this run.
+    checkpoint_sent: u64,
 }
 
 /// Where reading stopped: a file (named by its first seq, stable across rotation) and an
@@ -112,6 +123,7 @@ impl Exporter {
             client,
             metrics,
             cursor: None,
+            checkpoint_sent: 0,
         })
     }
 
@@ -135,9 +147,14 @@ impl Exporter {
                 }
             };
             if batch.is_empty() {
+                // Checkpoints of exported records (one may come after its records: interval,
+                // shutdown).
+                self.export_checkpoints(position).await;
                 // Wait for the writer, or poll (a rotation or a restart may need a look).
                 if let Ok(Err(_)) = tokio::time::timeout(IDLE_POLL, written.changed()).await {
-                    // The writer is gone (shutting down): nothing new will come.
+                    // The writer is gone (shutting down): nothing new will come but its
+                    // shutdown checkpoint, written before it went.
+                    self.export_checkpoints(position).await;
                     return;
                 }
                 continue;
@@ -164,6 +181,37 @@ impl Exporter {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
+            }
+        }
+    }
+
+    /// Sends the checkpoints of seq <= `position` not sent yet; a failure is retried on the
+    /// next call.
+    async fn export_checkpoints(&mut self, position: u64) {
+        let path = crate::checkpoint::checkpoints_path(&self.config.log_path);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let mut batch = Vec::new();
+        for line in bytes.split(|b| *b == b'\n') {
+            let Ok(cp) = Checkpoint::parse(line) else {
+                continue;
+            };
+            if cp.seq > self.checkpoint_sent && cp.seq <= position {
+                batch.push((
+                    cp.seq,
+                    checkpoint_record(&cp, String::from_utf8_lossy(line).into_owned()),
+                ));
+            }
+        }
+        let Some(newest) = batch.iter().map(|(seq, _)| *seq).max() else {
+            return;
+        };
+        match self.send(batch).await {
+            Ok(()) => self.checkpoint_sent = newest,
+            Err(status) => {
+                self.metrics.otlp_errors.inc();
+                tracing::warn!(endpoint = %self.config.endpoint, "OTLP export of audit checkpoints failed, retrying: {status}");
             }
         }
     }
@@ -343,6 +391,29 @@ fn int_attr(key: &str, value: u64) -> KeyValue {
                 i64::try_from(value).unwrap_or(i64::MAX),
             )),
         }),
+        ..Default::default()
+    }
+}
+
+/// The OTLP log record of a checkpoint `line` (the whole line, signature included).
+pub fn checkpoint_record(cp: &Checkpoint, line: String) -> LogRecord {
+    let time_unix_nano = OffsetDateTime::parse(&cp.ts, &Rfc3339)
+        .ok()
+        .and_then(|t| u64::try_from(t.unix_timestamp_nanos()).ok())
+        .unwrap_or(0);
+    LogRecord {
+        time_unix_nano,
+        severity_number: SeverityNumber::Info.into(),
+        severity_text: "INFO".into(),
+        body: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(line)),
+        }),
+        attributes: vec![
+            int_attr("arbiter.audit.checkpoint.seq", cp.seq),
+            string_attr("arbiter.audit.checkpoint.hash", &cp.hash),
+            string_attr("arbiter.audit.checkpoint.key_id", &cp.key_id),
+        ],
+        event_name: CHECKPOINT_EVENT_NAME.into(),
         ..Default::default()
     }
 }

@@ -24,6 +24,10 @@ pub struct AuditMetrics {
     pub torn_tails: Counter,
     /// Files rotated.
     pub rotations: Counter,
+    /// Signed checkpoints written.
+    pub checkpoints: Counter,
+    /// Checkpoints that could not be written.
+    pub checkpoint_errors: Counter,
     /// Records acknowledged by the OTLP receiver.
     pub otlp_exported: Counter,
     /// Failed OTLP export attempts.
@@ -44,6 +48,8 @@ impl Default for AuditMetrics {
             writable: Gauge::default(),
             torn_tails: Counter::default(),
             rotations: Counter::default(),
+            checkpoints: Counter::default(),
+            checkpoint_errors: Counter::default(),
             otlp_exported: Counter::default(),
             otlp_errors: Counter::default(),
             otlp_position: Gauge::default(),
@@ -95,6 +101,16 @@ impl AuditMetrics {
             "rotations",
             "Audit log files rotated",
             self.rotations.clone(),
+        );
+        audit.register(
+            "checkpoints",
+            "Signed audit checkpoints written",
+            self.checkpoints.clone(),
+        );
+        audit.register(
+            "checkpoint_errors",
+            "Audit checkpoints that could not be written (records after the last one are unsigned)",
+            self.checkpoint_errors.clone(),
         );
         audit.register(
             "otlp_exported",

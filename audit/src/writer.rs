@@ -5,15 +5,26 @@
 //! mode) and only then releases the callers. A failed write releases them with an error and
 //! rolls the file back to the last complete record; while the log is not writable the
 //! thread probes it and reports when writing works again.
+//!
+//! One writer per log: [`AuditLog::open`] takes an exclusive advisory lock (`flock`) on
+//! `.<name>.lock` beside the log before reading anything, and holds it until the writer
+//! thread has finished, so a second server on the same log refuses to start instead of
+//! forking the chain. The lock is on a file of its own, not on the log: the log is renamed
+//! at every rotation, and a lock on its inode would leave the new active file unlocked. It is
+//! a hidden file so that `arbiter audit verify audit.jsonl*` does not pick it up.
 
-use std::fs::{File, OpenOptions};
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
+use super::checkpoint::{self, CheckpointFile, CheckpointReason};
 use super::metrics::AuditMetrics;
 use super::record::{self, AuditEvent, RecordError, GENESIS_HASH};
 use super::{AuditConfig, AuditSync};
@@ -50,6 +61,43 @@ pub enum AuditError {
         /// What is wrong.
         source: RecordError,
     },
+    /// Another process (or another [`AuditLog`] in this one) writes this log.
+    #[error("audit log `{path}` is already written by {holder} (it holds the lock `{lock}`): two writers would fork the chain; stop the other server or give this one another --audit-log")]
+    Locked {
+        /// The log.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// Who holds the lock, as far as it says: `process 1234` (the pid it wrote into the
+        /// lock file, in its pid namespace) or `another process`.
+        holder: String,
+    },
+    /// The log ends before the newest signed checkpoint: records it covers are gone.
+    #[error("audit log `{path}` ends at seq {head} but `{checkpoints}` holds a signed checkpoint of seq {seq} ({ts}): records were removed or the log was restored from an older backup; refusing to continue the chain over the gap. Keep every file for review; to start a new chain, move the log, its rotated files and its checkpoints aside")]
+    BehindCheckpoint {
+        /// The log.
+        path: PathBuf,
+        /// The checkpoints file.
+        checkpoints: PathBuf,
+        /// Seq of the log's last record (0: none).
+        head: u64,
+        /// Seq of the newest checkpoint.
+        seq: u64,
+        /// When that checkpoint was signed.
+        ts: String,
+    },
+    /// The log's record at the newest checkpoint's seq is not the one it signed.
+    #[error("audit log `{path}` record seq {seq} does not have the hash `{signed}` its signed checkpoint in `{checkpoints}` names: the log was rewritten; refusing to continue the chain")]
+    Rewritten {
+        /// The log.
+        path: PathBuf,
+        /// The checkpoints file.
+        checkpoints: PathBuf,
+        /// Seq of the record.
+        seq: u64,
+        /// Hash the checkpoint signed.
+        signed: String,
+    },
     /// The record was not written.
     #[error("cannot write audit log `{path}`: {reason}")]
     Write {
@@ -78,11 +126,12 @@ struct Job {
     done: oneshot::Sender<Result<Written, AuditError>>,
 }
 
-/// Handle to the audit writer; clones share the one writer thread, which ends when the last
-/// handle is dropped.
+/// Handle to the audit writer; clones share the one writer thread. Dropping the last handle
+/// waits for the thread to write what is queued, sync and release the lock, so the log can
+/// be reopened right after.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Job>,
+    thread: Arc<WriterThread>,
     writable: watch::Receiver<bool>,
     written: watch::Receiver<u64>,
     metrics: AuditMetrics,
@@ -90,11 +139,18 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log at `config.path`, continues the chain of what is already
-    /// there (rotated files included) and starts the writer thread.
+    /// Locks the log at `config.path` (see the module doc), opens or creates it, continues
+    /// the chain of what is already there (rotated files included) and starts the writer
+    /// thread.
     pub fn open(config: &AuditConfig, metrics: AuditMetrics) -> Result<Self, AuditError> {
+        // Before anything is read or renamed: recovery moves torn files aside.
+        let lock = lock(&config.path)?;
         let chain = recover(&config.path, &metrics)?;
         let last_seq = chain.next_seq - 1;
+        // Records after the newest checkpoint (a crash, or checkpoints newly configured) are
+        // covered by the next one.
+        let signed = check_against_checkpoint(&config.path, last_seq, &chain.last_hash)?;
+        let unsigned = last_seq - signed.min(last_seq);
         let (writable_tx, writable) = watch::channel(true);
         let (written_tx, written) = watch::channel(last_seq);
         metrics.writable.set(1);
@@ -113,6 +169,16 @@ impl AuditLog {
             written_tx,
             metrics: metrics.clone(),
             buf: Vec::with_capacity(64 * 1024),
+            checkpoints: config.checkpoints.as_ref().map(|c| {
+                (
+                    CheckpointFile::new(&config.path, c.key.clone()),
+                    c.every.max(1),
+                    c.interval,
+                )
+            }),
+            unsigned_since: (unsigned > 0).then(Instant::now),
+            unsigned,
+            _lock: lock,
         };
         // Fail at start, not on the first request, when the file cannot be opened at all
         // (missing directory, permissions).
@@ -127,7 +193,7 @@ impl AuditLog {
             "audit log open"
         );
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("arbiter-audit".into())
             .spawn(move || writer.run(&rx))
             .map_err(|e| AuditError::Open {
@@ -135,7 +201,10 @@ impl AuditLog {
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
         Ok(Self {
-            tx,
+            thread: Arc::new(WriterThread {
+                tx: Some(tx),
+                handle: Some(handle),
+            }),
             writable,
             written,
             metrics,
@@ -148,7 +217,11 @@ impl AuditLog {
     pub async fn append(&self, event: AuditEvent) -> Result<Written, AuditError> {
         let (done, result) = oneshot::channel();
         self.metrics.queue_depth.inc();
-        if self.tx.send(Job { event, done }).is_err() {
+        let sent = match &self.thread.tx {
+            Some(tx) => tx.send(Job { event, done }).is_ok(),
+            None => false,
+        };
+        if !sent {
             self.metrics.queue_depth.dec();
             return Err(AuditError::Stopped);
         }
@@ -176,6 +249,24 @@ impl AuditLog {
     }
 }
 
+/// The writer thread and the only sender of its queue.
+#[derive(Debug)]
+struct WriterThread {
+    tx: Option<mpsc::Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has written what was queued; waiting
+        // for it makes "the last handle is gone" mean "the file is synced and unlocked".
+        self.tx = None;
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
 struct Writer {
     path: PathBuf,
     sync: AuditSync,
@@ -193,16 +284,24 @@ struct Writer {
     written_tx: watch::Sender<u64>,
     metrics: AuditMetrics,
     buf: Vec<u8>,
+    /// Where checkpoints go, and after how many records or how long.
+    checkpoints: Option<(CheckpointFile, u64, Duration)>,
+    /// When the oldest record not covered by a checkpoint was written.
+    unsigned_since: Option<Instant>,
+    /// Records not covered by a checkpoint.
+    unsigned: u64,
+    /// Held (never read) for the life of the thread: the log's exclusive lock.
+    _lock: File,
 }
 
 impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Job>) {
         let mut batch = Vec::new();
         loop {
-            let first = if self.writable {
-                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-            } else {
-                rx.recv_timeout(PROBE_INTERVAL)
+            let first = match (self.writable, self.checkpoint_due_in()) {
+                (false, _) => rx.recv_timeout(PROBE_INTERVAL),
+                (true, Some(due)) => rx.recv_timeout(due),
+                (true, None) => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match first {
                 Ok(job) => {
@@ -218,10 +317,12 @@ impl Writer {
                         .dec_by(i64::try_from(batch.len()).unwrap_or(i64::MAX));
                     self.commit(&mut batch);
                 }
-                Err(RecvTimeoutError::Timeout) => self.probe(),
+                Err(RecvTimeoutError::Timeout) if !self.writable => self.probe(),
+                Err(RecvTimeoutError::Timeout) => self.checkpoint(CheckpointReason::Periodic),
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+        self.checkpoint(CheckpointReason::Shutdown);
         if let Some(file) = &self.file {
             if let Err(e) = file.sync_all() {
                 tracing::warn!(path = %self.path.display(), "audit log sync at shutdown failed: {e}");
@@ -275,6 +376,15 @@ impl Writer {
                 self.written_tx.send_replace(seq - 1);
                 for (done, seq) in accepted {
                     let _ = done.send(Ok(Written { seq }));
+                }
+                self.unsigned += count;
+                self.unsigned_since.get_or_insert_with(Instant::now);
+                if self
+                    .checkpoints
+                    .as_ref()
+                    .is_some_and(|(_, every, _)| self.unsigned >= *every)
+                {
+                    self.checkpoint(CheckpointReason::Periodic);
                 }
             }
             Err(e) => {
@@ -372,6 +482,7 @@ impl Writer {
         if let Some(file) = &self.file {
             file.sync_all()?;
         }
+        self.checkpoint(CheckpointReason::Rotation);
         std::fs::rename(&self.path, &target)?;
         self.file = None;
         self.len = 0;
@@ -413,6 +524,44 @@ impl Writer {
         }
     }
 
+    /// How long until the unsigned records are due for a checkpoint (`None`: nothing due).
+    fn checkpoint_due_in(&self) -> Option<Duration> {
+        let (_, _, interval) = self.checkpoints.as_ref()?;
+        let since = self.unsigned_since?;
+        Some(interval.saturating_sub(since.elapsed()))
+    }
+
+    /// Signs the head of the chain if records are unsigned. The log is synced first, so a
+    /// checkpoint never covers a record a power loss could still take (`write` mode). A
+    /// failure does not refuse decisions (the records are written); it is logged and
+    /// counted, and verification reports the records after the last checkpoint as unsigned.
+    fn checkpoint(&mut self, reason: CheckpointReason) {
+        if self.unsigned == 0 || self.next_seq <= 1 {
+            return;
+        }
+        let Some((file, _, _)) = self.checkpoints.as_mut() else {
+            return;
+        };
+        let synced = match &self.file {
+            Some(log) => log.sync_data(),
+            None => Ok(()),
+        };
+        let head = self.next_seq - 1;
+        match synced.and_then(|()| file.append(head, &self.last_hash, reason)) {
+            Ok(()) => {
+                self.unsigned = 0;
+                self.unsigned_since = None;
+                self.metrics.checkpoints.inc();
+            }
+            Err(e) => {
+                self.metrics.checkpoint_errors.inc();
+                // Try again at the next batch or interval, not in a loop.
+                self.unsigned_since = Some(Instant::now());
+                tracing::error!(path = %file.path().display(), seq = head, "cannot write an audit checkpoint: {e}");
+            }
+        }
+    }
+
     fn set_writable(&mut self, writable: bool, error: Option<&io::Error>) {
         if writable == self.writable {
             return;
@@ -428,6 +577,55 @@ impl Writer {
             _ => tracing::info!(path = %self.path.display(), "audit log writable again"),
         }
     }
+}
+
+/// `.<name>.lock` beside the log `path`: the file [`AuditLog`] locks.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+/// Takes the exclusive lock of the log `path` and writes this process's id into the lock
+/// file (for the message a second writer gets). An advisory `flock`: it keeps out other
+/// Arbiter servers, not someone who edits the file by hand (that is what the chain is for).
+/// The kernel releases it when the process dies, so a crash never leaves a stale lock.
+fn lock(path: &Path) -> Result<File, AuditError> {
+    let lock = lock_path(path);
+    let open_error = |e: io::Error| AuditError::Open {
+        path: path.to_owned(),
+        reason: format!("cannot open the lock file `{}`: {e}", lock.display()),
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)
+        .map_err(open_error)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim().parse::<u32>() {
+                Ok(pid) => format!("process {pid}"),
+                Err(_) => "another process".to_owned(),
+            };
+            return Err(AuditError::Locked {
+                path: path.to_owned(),
+                lock,
+                holder,
+            });
+        }
+        Err(TryLockError::Error(e)) => return Err(open_error(e)),
+    }
+    // Only a hint for the message above; the lock is what counts.
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(open_error)?;
+    Ok(file)
 }
 
 /// Makes a rename or a new file in `path`'s directory durable.
@@ -527,6 +725,36 @@ pub(crate) fn scan(path: &Path) -> Result<Scan, AuditError> {
     Ok(scan)
 }
 
+/// Refuses to continue a log that ends before, or differs at, its newest checkpoint. A
+/// refusal, not a "chain break" record: continuing would make the server the one that
+/// papers over the gap; whether the missing records are restored or a new chain is started
+/// is a person's decision, made with the files kept as evidence. Returns the newest
+/// checkpoint's seq (0: none).
+fn check_against_checkpoint(path: &Path, head: u64, head_hash: &str) -> Result<u64, AuditError> {
+    let file = checkpoint::checkpoints_path(path);
+    let newest = checkpoint::last_checkpoint(&file).map_err(|e| AuditError::Open {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    match newest {
+        Some(cp) if head < cp.seq => Err(AuditError::BehindCheckpoint {
+            path: path.to_owned(),
+            checkpoints: file,
+            head,
+            seq: cp.seq,
+            ts: cp.ts,
+        }),
+        Some(cp) if head == cp.seq && head_hash != cp.hash => Err(AuditError::Rewritten {
+            path: path.to_owned(),
+            checkpoints: file,
+            seq: cp.seq,
+            signed: cp.hash,
+        }),
+        Some(cp) => Ok(cp.seq),
+        None => Ok(0),
+    }
+}
+
 /// Where the chain continues.
 struct Chain {
     next_seq: u64,
@@ -598,4 +826,37 @@ fn recover(path: &Path, metrics: &AuditMetrics) -> Result<Chain, AuditError> {
         "audit log ends with a torn record (a crash while writing; it was never acknowledged): file kept as is, chain continues in a new file"
     );
     Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_writer_per_log_and_the_lock_goes_with_the_last_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig::new(dir.path().join("audit.jsonl"));
+        let first = AuditLog::open(&config, AuditMetrics::default()).unwrap();
+        let clone = first.clone();
+        let err = AuditLog::open(&config, AuditMetrics::default()).unwrap_err();
+        let expected = format!("is already written by process {}", std::process::id());
+        assert!(
+            matches!(err, AuditError::Locked { .. }) && err.to_string().contains(&expected),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "only the log and its lock"
+        );
+        drop(first);
+        // A clone still holds the writer, so still locked.
+        assert!(AuditLog::open(&config, AuditMetrics::default()).is_err());
+        drop(clone);
+        AuditLog::open(&config, AuditMetrics::default()).unwrap();
+        assert_eq!(
+            lock_path(&config.path),
+            dir.path().join(".audit.jsonl.lock")
+        );
+    }
 }
