@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::mock_llm::Received;
-use crate::stack::{Reply, Stack};
+use crate::stack::{Reply, Stack, StackBuilder};
 use crate::util::eventually;
 
 /// The filter's outcome counters: every request that reaches the filter moves exactly one.
@@ -78,6 +78,30 @@ pub fn filter_counter(stats: &std::collections::HashMap<String, u64>, name: &str
         .get(&format!("wasmcustom.arbiter.{name}"))
         .copied()
         .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// The stack
+
+/// Plugin configuration of [`patient_stack`]: routes without their own `timeout_ms` give
+/// the server 3 s, and no breaker turns a run of hangs into `breaker_open`.
+pub const PATIENT_PLUGIN_CONFIG: &str =
+    r#"{"policy_cluster":"arbiter_policy","timeout_ms":3000,"breaker_threshold":0}"#;
+
+/// `TIMEOUT_MS` in [`patient_stack`]: the `t_*` routes that cases make time out.
+pub const PATIENT_ROUTE_TIMEOUT_MS: u64 = 1000;
+
+/// The stack adversarial cases start from. A case that expects a decision must not get a
+/// timeout because this 2-core box is busy or its disk stalls an `fdatasync` for 200 ms:
+/// policy calls get 1 s (routes with `{{TIMEOUT_MS}}`) or 3 s (the others), and audit
+/// records are written without `fdatasync` (`--audit-sync write`, durability is not under
+/// test here).
+pub fn patient_stack() -> StackBuilder {
+    Stack::builder()
+        .plugin_config(PATIENT_PLUGIN_CONFIG)
+        .var("TIMEOUT_MS", PATIENT_ROUTE_TIMEOUT_MS.to_string())
+        .policy_arg("--audit-sync")
+        .policy_arg("write")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1188,10 +1212,38 @@ impl Req {
 
 /// Sends `req` over `proto` on a fresh connection and waits for the answer.
 pub async fn send(stack: &Stack, proto: Proto, req: &Req) -> Result<Answer> {
+    send_to(listener(stack)?, proto, req).await
+}
+
+/// Sends every request at once (each on its own connection) and returns the answers in
+/// order: cases that wait out a hanging policy server cost one timeout, not one each.
+pub async fn send_all(stack: &Stack, reqs: &[(Proto, Req)]) -> Result<Vec<Answer>> {
+    let addr = listener(stack)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (proto, req)) in reqs.iter().enumerate() {
+        let (proto, req) = (*proto, req.clone());
+        tasks.spawn(async move { (i, send_to(addr, proto, &req).await) });
+    }
+    let mut answers: Vec<Option<Answer>> = reqs.iter().map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, answer) = joined?;
+        answers[i] = Some(answer?);
+    }
+    answers
+        .into_iter()
+        .map(|a| a.context("a request got no answer"))
+        .collect()
+}
+
+fn listener(stack: &Stack) -> Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], stack.envoy.port()?)))
+}
+
+async fn send_to(addr: SocketAddr, proto: Proto, req: &Req) -> Result<Answer> {
     match proto {
-        Proto::H1 => H1Conn::to(stack).await?.request(&req.h1()).await,
+        Proto::H1 => H1Conn::connect(addr).await?.request(&req.h1()).await,
         Proto::H2 => {
-            let mut h2 = H2Conn::to(stack).await?;
+            let mut h2 = H2Conn::connect(addr).await?;
             let end_after_headers = req.h2_headers_end_stream();
             let mut stream = h2.open(&req.h2_head(), end_after_headers).await?;
             // Envoy may reset the stream before it has all of it (e.g. headers over its

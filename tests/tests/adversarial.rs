@@ -9,20 +9,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use arbiter_e2e::adversary::{
-    error_kind, filter_counter, filter_stat, policy_calls, send, send_ok, wait_active_requests,
-    wait_filter_counter, wait_idle, wait_policy_call, Answer, Framing, H1Body, H1Conn, H1Request,
-    H2Conn, Head, Ledger, Outcomes, Proto, Req, Settled, FORWARD_TRAILERS,
+    error_kind, filter_counter, filter_stat, patient_stack, policy_calls, send, send_all, send_ok,
+    wait_active_requests, wait_filter_counter, wait_idle, wait_policy_call, Answer, Framing,
+    H1Body, H1Conn, H1Request, H2Conn, Head, Ledger, Outcomes, Proto, Req, Settled,
+    FORWARD_TRAILERS,
 };
 use arbiter_e2e::fault::Fault;
+use arbiter_e2e::mock_llm::Mode;
 use arbiter_e2e::stack::{Reply, Stack};
+use arbiter_e2e::util::eventually;
 use serde_json::{json, Value};
 
 const CHAT: &str = "/v1/chat/completions";
 /// Resolves to the identified caller `acme-batch` (examples/ai-gateway/policies).
 const APPROVED_KEY: &str = "demo-key-acme-batch";
-/// No breaker: a case that makes the policy server hang many times still sees `timeout`.
-const NO_BREAKER: &str =
-    r#"{"policy_cluster":"arbiter_policy","timeout_ms":200,"breaker_threshold":0}"#;
 const TRAILERS: [(&str, &str); 2] = [("x-checksum", "c0ffee"), ("x-stream-end", "1")];
 
 fn chat(model: &str) -> Vec<u8> {
@@ -82,7 +82,7 @@ fn assert_upstream(reply: &Reply) {
 /// request before its decision (or fail mode).
 #[tokio::test(flavor = "multi_thread")]
 async fn trailers_are_held_until_the_decision_on_every_route_kind() -> Result<()> {
-    let stack = Stack::builder().plugin_config(NO_BREAKER).start().await?;
+    let stack = patient_stack().start().await?;
     let case = |proto: Proto, what: &str| format!("{proto:?}: {what}");
 
     for proto in Proto::BOTH {
@@ -164,53 +164,57 @@ async fn trailers_are_held_until_the_decision_on_every_route_kind() -> Result<()
             .await?;
     }
 
+    // Under a hanging server every request waits out the same timeout: all at once.
     stack.fault.set(Fault::Blackhole).await?;
+    let both = |reqs: Vec<Req>| -> Vec<(Proto, Req)> {
+        Proto::BOTH
+            .iter()
+            .flat_map(|proto| reqs.iter().map(|r| (*proto, r.clone().trailers(&TRAILERS))))
+            .collect()
+    };
+    let ledger = Ledger::take(&stack).await?;
+    let closed = both(vec![
+        Req::post(&path("/t/closed"), chat("gpt-4o-mini")),
+        Req::get("/t/closed/v1/models"),
+        Req::post(&path("/t/bounded-body"), chat("gpt-4o-mini")),
+        Req::post(&path("/t/bounded-body"), chat("gpt-4o-mini")).no_length(),
+    ]);
+    for answer in send_all(&stack, &closed).await? {
+        assert_unavailable(&answer.reply()?, "timeout");
+    }
+    ledger
+        .settle(
+            &stack,
+            "closed routes with trailers, server hanging",
+            Outcomes::none().fail_closed(closed.len() as u64),
+        )
+        .await?;
+
+    let ledger = Ledger::take(&stack).await?;
+    let open = both(vec![
+        Req::post(&path("/t/open"), chat("gpt-4o")),
+        Req::post(&path("/t/lenient-body"), chat("gpt-4o")).no_length(),
+        Req::get("/t/open/v1/models"),
+    ]);
+    for answer in send_all(&stack, &open).await? {
+        assert_upstream(&answer.reply()?);
+    }
+    let settled = ledger
+        .settle(
+            &stack,
+            "open routes with trailers, server hanging",
+            Outcomes::none().fail_open(open.len() as u64),
+        )
+        .await?;
+    for seen in &settled.upstream {
+        assert_eq!(seen.header("x-arbiter-fail-open"), Some("timeout"));
+        let (_, sent) = open.iter().find(|(_, r)| r.path == seen.path).unwrap();
+        assert_eq!(seen.body_raw, sent.body, "{}: body intact", seen.path);
+    }
+
+    // The cached allow still answers; the disabled route never asks.
     for proto in Proto::BOTH {
         let caller = format!("trailers-{proto:?}");
-        let ledger = Ledger::take(&stack).await?;
-        for req in [
-            Req::post(&path("/t/closed"), chat("gpt-4o-mini")),
-            Req::get("/t/closed/v1/models"),
-            Req::post(&path("/t/body"), chat("gpt-4o-mini")),
-            Req::post(&path("/t/body"), chat("gpt-4o-mini")).no_length(),
-        ] {
-            let reply = send_ok(&stack, proto, &req.trailers(&TRAILERS)).await?;
-            assert_unavailable(&reply, "timeout");
-        }
-        ledger
-            .settle(
-                &stack,
-                &case(proto, "closed routes, server hanging"),
-                Outcomes::none().fail_closed(4),
-            )
-            .await?;
-
-        let ledger = Ledger::take(&stack).await?;
-        let open = [
-            Req::post(&path("/t/open"), chat("gpt-4o")),
-            Req::post(&path("/t/lenient-body"), chat("gpt-4o")).no_length(),
-            Req::get("/t/open/v1/models"),
-        ];
-        for req in &open {
-            assert_upstream(&send_ok(&stack, proto, &req.clone().trailers(&TRAILERS)).await?);
-        }
-        let settled = ledger
-            .settle(
-                &stack,
-                &case(proto, "open routes, server hanging"),
-                Outcomes::none().fail_open(3),
-            )
-            .await?;
-        for (req, seen) in open.iter().zip(&settled.upstream) {
-            assert_eq!(seen.header("x-arbiter-fail-open"), Some("timeout"));
-            assert_eq!(
-                seen.body_raw, req.body,
-                "{proto:?} {}: body intact",
-                req.path
-            );
-        }
-
-        // The cached allow still answers; the disabled route never asks.
         let ledger = Ledger::take(&stack).await?;
         let req = Req::post(&path("/t/cached"), chat("gpt-4o-mini"))
             .header("x-caller", &caller)
@@ -236,8 +240,7 @@ async fn trailers_are_held_until_the_decision_on_every_route_kind() -> Result<()
 /// client's trailer section at its downstream codec.
 #[tokio::test(flavor = "multi_thread")]
 async fn trailers_reach_the_upstream_intact_when_envoy_forwards_them() -> Result<()> {
-    let stack = Stack::builder()
-        .plugin_config(NO_BREAKER)
+    let stack = patient_stack()
         .edit_template(FORWARD_TRAILERS.0, FORWARD_TRAILERS.1)
         .start()
         .await?;
@@ -315,11 +318,7 @@ async fn trailers_reach_the_upstream_intact_when_envoy_forwards_them() -> Result
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_gone_before_the_decision_is_cancelled_and_nothing_goes_upstream() -> Result<()> {
     // Long route timeouts: the client, not the timeout, ends each request.
-    let stack = Stack::builder()
-        .plugin_config(NO_BREAKER)
-        .var("TIMEOUT_MS", "5000")
-        .start()
-        .await?;
+    let stack = patient_stack().var("TIMEOUT_MS", "5000").start().await?;
     let body = chat("gpt-4o-mini");
 
     // Mid-body on a body route: the filter is still reading the body, no check yet.
@@ -398,6 +397,40 @@ async fn a_client_gone_before_the_decision_is_cancelled_and_nothing_goes_upstrea
         assert_logged_cancelled(&settled);
     }
 
+    // After the decision the request is the upstream's: a reset then is no second outcome.
+    stack.fault.set(Fault::Pass).await?;
+    stack
+        .primary
+        .set_mode(Mode::Slow(Duration::from_secs(2)))
+        .await?;
+    let ledger = Ledger::take(&stack).await?;
+    let allowed = filter_stat(&stack, "checks.allow").await?;
+    let mut h2 = H2Conn::to(&stack).await?;
+    let mut stream = h2
+        .open(
+            &Head::post(&path("/t/closed")).content_length(body.len()),
+            false,
+        )
+        .await?;
+    stream.data(&body, true)?;
+    wait_filter_counter(&stack, "checks.allow", allowed + 1).await?;
+    eventually(
+        Duration::from_secs(10),
+        "the request at the provider",
+        || async { (!stack.primary.requests().is_empty()).then_some(()) },
+    )
+    .await?;
+    stream.reset();
+    wait_idle(&stack).await?;
+    ledger
+        .settle(
+            &stack,
+            "reset after the decision",
+            Outcomes::none().allow(1),
+        )
+        .await?;
+    stack.primary.set_mode(Mode::Ok).await?;
+
     // While the check is only late: it may reach the server (and be recorded) before the
     // cancel does. Last, so a late record cannot land in another case's ledger.
     stack.fault.set(Fault::Pass).await?;
@@ -447,10 +480,10 @@ async fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() -> Result<()> {
     const THRESHOLD: u64 = 2;
     const COOLDOWN: Duration = Duration::from_millis(500);
     // One worker, so one breaker (it is per worker VM).
-    let stack = Stack::builder()
+    let stack = patient_stack()
         .concurrency(1)
         .plugin_config(format!(
-            r#"{{"policy_cluster":"arbiter_policy","timeout_ms":200,"breaker_threshold":{THRESHOLD},"breaker_cooldown_ms":{}}}"#,
+            r#"{{"policy_cluster":"arbiter_policy","timeout_ms":1000,"breaker_threshold":{THRESHOLD},"breaker_cooldown_ms":{}}}"#,
             COOLDOWN.as_millis()
         ))
         .start()
@@ -501,7 +534,7 @@ async fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() -> Result<()> {
         // The server is back: within the cool-down (and a generous bound for this box) a
         // request is decided by policy again.
         stack.fault.set(Fault::Pass).await?;
-        let deadline = Instant::now() + COOLDOWN + Duration::from_secs(10);
+        let deadline = Instant::now() + COOLDOWN + Duration::from_secs(15);
         loop {
             let reply = send_ok(&stack, Proto::H1, &closed).await?;
             if reply.status == 200 {
@@ -513,7 +546,7 @@ async fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() -> Result<()> {
             ensure!(
                 Instant::now() < deadline,
                 "round {round} ({cancel}): still refused {:?} after the server came back: {}",
-                COOLDOWN + Duration::from_secs(10),
+                COOLDOWN + Duration::from_secs(15),
                 reply.text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -548,7 +581,7 @@ async fn a_cancelled_breaker_probe_does_not_wedge_the_breaker() -> Result<()> {
 /// pieces is still seen).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_body_is_decided_only_once_complete() -> Result<()> {
-    let stack = Stack::builder().start().await?;
+    let stack = patient_stack().start().await?;
     const PIECES: usize = 4;
     const GAP: Duration = Duration::from_millis(40);
     let route = path("/t/strict-body");
@@ -634,7 +667,7 @@ fn decided(status: u16) -> Outcomes {
 /// plain route, a body route and an open route failing open.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_split_around_the_decision_reaches_the_upstream_exactly_once() -> Result<()> {
-    let stack = Stack::builder().plugin_config(NO_BREAKER).start().await?;
+    let stack = patient_stack().start().await?;
     // Over t_body's max_body_bytes, so a body route decides on the first part.
     let body = chat_of_size("gpt-4o-mini", 3000);
     let (first, rest) = body.split_at(1500);
@@ -699,19 +732,59 @@ async fn a_body_split_around_the_decision_reaches_the_upstream_exactly_once() ->
                 let settled = ledger.settle(&stack, &what, expect).await?;
                 let seen = &settled.upstream[0].body_raw;
                 if *seen != body {
+                    let twice = [first, first].concat();
+                    let why = if seen.len() == body.len() + first.len() && seen.ends_with(&body) {
+                        " (the part before the decision twice)"
+                    } else if seen.len() == body.len() && seen.starts_with(&twice) {
+                        " (the part before the decision twice; the rest went past content-length)"
+                    } else {
+                        ""
+                    };
                     broken.push(format!(
-                        "{what}: the upstream got {} bytes for {} sent{}",
+                        "{what}: the upstream got {} bytes for {} sent{why}",
                         seen.len(),
-                        body.len(),
-                        if seen.len() == body.len() + first.len() && seen.ends_with(&body) {
-                            " (the part before the decision twice)"
-                        } else {
-                            ""
-                        }
+                        body.len()
                     ));
                 }
             }
         }
+    }
+    // Denied on the first part: the rest has nowhere to go.
+    stack.fault.set(Fault::Pass).await?;
+    let cut = chat_of_size("gpt-4o", 3000);
+    let (first, rest) = cut.split_at(1500);
+    for proto in Proto::BOTH {
+        let ledger = Ledger::take(&stack).await?;
+        let denied = filter_stat(&stack, "checks.deny").await?;
+        let answer = match proto {
+            Proto::H1 => {
+                let mut h1 = H1Conn::to(&stack).await?;
+                h1.write(&H1Request::post(&path("/t/strict-body"), &cut).head_bytes())
+                    .await?;
+                h1.write(first).await?;
+                wait_filter_counter(&stack, "checks.deny", denied + 1).await?;
+                h1.write(rest).await?;
+                h1.answer().await?
+            }
+            Proto::H2 => {
+                let mut h2 = H2Conn::to(&stack).await?;
+                let head = Head::post(&path("/t/strict-body")).content_length(cut.len());
+                let mut stream = h2.open(&head, false).await?;
+                stream.data(first, false)?;
+                wait_filter_counter(&stack, "checks.deny", denied + 1).await?;
+                // Envoy may have closed the stream with the answer already.
+                let _ = stream.data(rest, true);
+                stream.answer().await?
+            }
+        };
+        assert_denied(&answer.reply()?, "body-must-be-readable");
+        ledger
+            .settle(
+                &stack,
+                &format!("{proto:?}: denied on the first part"),
+                Outcomes::none().deny(1),
+            )
+            .await?;
     }
     ensure!(
         broken.is_empty(),
@@ -727,7 +800,7 @@ async fn a_body_split_around_the_decision_reaches_the_upstream_exactly_once() ->
 /// announced length, where the provider reads it as a request of its own.)
 #[tokio::test(flavor = "multi_thread")]
 async fn no_request_is_smuggled_to_the_provider_behind_a_decided_one() -> Result<()> {
-    let stack = Stack::builder().plugin_config(NO_BREAKER).start().await?;
+    let stack = patient_stack().start().await?;
     let first = chat_with("gpt-4o-mini", &"h".repeat(250));
     let head = "POST /v1/chat/completions/SMUGGLED HTTP/1.1\r\nhost: provider\r\ncontent-length: 2\r\nx-pad: ";
     let pad = first.len() - head.len() - "\r\n\r\n{}".len();
@@ -782,7 +855,7 @@ async fn no_request_is_smuggled_to_the_provider_behind_a_decided_one() -> Result
 async fn a_thousand_streams_on_one_connection_are_each_decided_once() -> Result<()> {
     const STREAMS: usize = 1000;
     // Generous timeouts: this case is about accounting, not about a slow debug server.
-    let stack = Stack::builder()
+    let stack = patient_stack()
         .plugin_config(
             r#"{"policy_cluster":"arbiter_policy","timeout_ms":30000,"breaker_threshold":0}"#,
         )
@@ -809,7 +882,8 @@ async fn a_thousand_streams_on_one_connection_are_each_decided_once() -> Result<
             .header("x-stream", i.to_string());
         let mut stream = h2.open(&head, false).await?;
         stream.data(&body, true)?;
-        answers.spawn(async move { (i, stream.answer().await) });
+        // Generous: the last of 1,000 waits for the 999 before it on a busy box.
+        answers.spawn(async move { (i, stream.answer_within(Duration::from_secs(120)).await) });
     }
     let mut answered = vec![0u32; STREAMS];
     let mut passed = Vec::new();
@@ -881,7 +955,7 @@ async fn a_thousand_streams_on_one_connection_are_each_decided_once() -> Result<
 /// under the limits the request is decided normally and arrives whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn header_floods_and_oversized_headers_never_pass_undecided() -> Result<()> {
-    let stack = Stack::builder().start().await?;
+    let stack = patient_stack().start().await?;
     let body = chat("gpt-4o-mini");
     let base = || Req::post(&path("/t/closed"), &body);
     let with = |n: usize, name: &dyn Fn(usize) -> String, value: &str| {
@@ -979,7 +1053,7 @@ async fn header_floods_and_oversized_headers_never_pass_undecided() -> Result<()
 /// reset and ends `cancelled`.
 #[tokio::test(flavor = "multi_thread")]
 async fn framing_tricks_never_pass_undecided() -> Result<()> {
-    let stack = Stack::builder().start().await?;
+    let stack = patient_stack().start().await?;
     let body = chat("gpt-4o-mini");
 
     let ledger = Ledger::take(&stack).await?;
@@ -1078,7 +1152,7 @@ async fn framing_tricks_never_pass_undecided() -> Result<()> {
 /// request has one outcome; they cannot forge an identity, a tenant or a marker.
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_utf8_in_header_values_has_a_defined_outcome() -> Result<()> {
-    let stack = Stack::builder().start().await?;
+    let stack = patient_stack().start().await?;
     let body = chat("gpt-4o-mini");
     let junk: &[u8] = b"caf\xe9 \x80\xff\xfe";
     for proto in Proto::BOTH {
@@ -1148,7 +1222,7 @@ async fn invalid_utf8_in_header_values_has_a_defined_outcome() -> Result<()> {
 /// not the source policy sees.
 #[tokio::test(flavor = "multi_thread")]
 async fn forged_arbiter_and_envoy_headers_never_speak_for_the_filter() -> Result<()> {
-    let stack = Stack::builder().plugin_config(NO_BREAKER).start().await?;
+    let stack = patient_stack().start().await?;
     // A real audit id to replay.
     assert_upstream(
         &send_ok(
@@ -1268,30 +1342,37 @@ async fn forged_arbiter_and_envoy_headers_never_speak_for_the_filter() -> Result
 
     // Under a hanging server the marker is the filter's, once, with the real reason.
     stack.fault.set(Fault::Blackhole).await?;
+    let ledger = Ledger::take(&stack).await?;
+    let mut reqs = Vec::new();
     for proto in Proto::BOTH {
-        let ledger = Ledger::take(&stack).await?;
-        let req = forge(Req::post(&path("/t/lenient-body"), chat("gpt-4o-mini")));
-        assert_upstream(&send_ok(&stack, proto, &req).await?);
-        let reply = send_ok(
-            &stack,
+        reqs.push((
             proto,
-            &forge(Req::post(&path("/t/closed"), chat("gpt-4o-mini"))),
+            forge(Req::post(&path("/t/lenient-body"), chat("gpt-4o-mini"))),
+        ));
+        reqs.push((
+            proto,
+            forge(Req::post(&path("/t/closed"), chat("gpt-4o-mini"))),
+        ));
+    }
+    for ((proto, req), answer) in reqs.iter().zip(send_all(&stack, &reqs).await?) {
+        let reply = answer.reply()?;
+        if req.path.starts_with("/t/closed") {
+            assert_unavailable(&reply, "timeout");
+        } else {
+            assert_eq!(reply.status, 200, "{proto:?}: {}", reply.text());
+        }
+    }
+    let settled = ledger
+        .settle(
+            &stack,
+            "forged headers, server hanging",
+            Outcomes::none().fail_open(2).fail_closed(2),
         )
         .await?;
-        assert_unavailable(&reply, "timeout");
-        let settled = ledger
-            .settle(
-                &stack,
-                &format!("{proto:?} forged headers, server hanging"),
-                Outcomes::none().fail_open(1).fail_closed(1),
-            )
-            .await?;
-        assert_eq!(
-            settled.upstream[0].header("x-arbiter-fail-open"),
-            Some("timeout")
-        );
-        assert!(!settled.upstream[0].has_header("x-envoy-auth-partial-body"));
-        assert!(!settled.upstream[0].has_header("x-api-key"));
+    for seen in &settled.upstream {
+        assert_eq!(seen.header("x-arbiter-fail-open"), Some("timeout"));
+        assert!(!seen.has_header("x-envoy-auth-partial-body"));
+        assert!(!seen.has_header("x-api-key"));
     }
     Ok(())
 }
@@ -1301,8 +1382,8 @@ async fn forged_arbiter_and_envoy_headers_never_speak_for_the_filter() -> Result
 /// routes, while policy still identifies the caller by the key.
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_credentials_never_reach_the_upstream() -> Result<()> {
-    let stack = Stack::builder()
-        .plugin_config(r#"{"policy_cluster":"arbiter_policy","timeout_ms":200,"breaker_threshold":0,"credential_headers":["x-api-key","x-gateway-token"]}"#)
+    let stack = patient_stack()
+        .plugin_config(r#"{"policy_cluster":"arbiter_policy","timeout_ms":3000,"breaker_threshold":0,"credential_headers":["x-api-key","x-gateway-token"]}"#)
         .start()
         .await?;
     let keyed = |req: Req| {
@@ -1390,25 +1471,29 @@ async fn gateway_credentials_never_reach_the_upstream() -> Result<()> {
         assert!(!settled.upstream[0].has_header("x-api-key"));
     }
     stack.fault.set(Fault::Blackhole).await?;
-    for proto in Proto::BOTH {
-        let ledger = Ledger::take(&stack).await?;
-        assert_upstream(
-            &send_ok(
-                &stack,
-                proto,
-                &keyed(Req::post(&path("/t/open"), chat("gpt-4o-mini"))),
+    let ledger = Ledger::take(&stack).await?;
+    let reqs: Vec<(Proto, Req)> = Proto::BOTH
+        .iter()
+        .map(|proto| {
+            (
+                *proto,
+                keyed(Req::post(&path("/t/open"), chat("gpt-4o-mini"))),
             )
-            .await?,
-        );
-        let settled = ledger
-            .settle(
-                &stack,
-                &format!("{proto:?} credentials, fail open"),
-                Outcomes::none().fail_open(1),
-            )
-            .await?;
-        assert!(!settled.upstream[0].has_header("x-api-key"));
-        assert!(!settled.upstream[0].has_header("x-gateway-token"));
+        })
+        .collect();
+    for answer in send_all(&stack, &reqs).await? {
+        assert_upstream(&answer.reply()?);
+    }
+    let settled = ledger
+        .settle(
+            &stack,
+            "credentials, fail open",
+            Outcomes::none().fail_open(2),
+        )
+        .await?;
+    for seen in &settled.upstream {
+        assert!(!seen.has_header("x-api-key"));
+        assert!(!seen.has_header("x-gateway-token"));
     }
     // Nothing secret in the access log either.
     let access_log = std::fs::read_to_string(stack.envoy.access_log_path())?;
@@ -1463,7 +1548,7 @@ fn assert_sized(record: &Value, size: usize, framing: Framing, what: &str) -> Re
 /// a body cut before its end is said to be of unknown size, not 0.
 #[tokio::test(flavor = "multi_thread")]
 async fn policy_sees_the_body_size_that_was_received() -> Result<()> {
-    let stack = Stack::builder().start().await?;
+    let stack = patient_stack().start().await?;
     for proto in Proto::BOTH {
         for framing in [Framing::Length, Framing::Unknown] {
             for size in [
@@ -1556,6 +1641,70 @@ async fn eventually_recorded(audit: &dyn Fn() -> usize, before: usize) -> Result
     .await
 }
 
+/// A policy limiting the body size (the example bundle's `body-size-limit`: over 1 MiB, or
+/// of unknown size) holds whatever the client leaves out: a body the filter could measure
+/// is judged by its size, one it could not is refused, with and without `content-length`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_size_limit_holds_without_content_length() -> Result<()> {
+    const MIB: usize = 1 << 20;
+    let stack = patient_stack().start().await?;
+    let route = path("/t/bounded-body");
+    let small = chat_of_size("gpt-4o-mini", 1000);
+    let large = chat_of_size("gpt-4o-mini", MIB + 1);
+    let cases = [
+        (Proto::H1, &small, Framing::Length, 200, Some(true)),
+        (Proto::H1, &small, Framing::Unknown, 200, Some(true)),
+        (Proto::H2, &small, Framing::Length, 200, Some(true)),
+        (Proto::H2, &small, Framing::Unknown, 200, Some(true)),
+        (Proto::H2, &large, Framing::Length, 403, Some(true)),
+        // Cut at max_body_bytes before its end: of unknown size, so refused.
+        (Proto::H2, &large, Framing::Unknown, 403, Some(false)),
+    ];
+    for (proto, body, framing, status, known) in cases {
+        let what = format!("{proto:?} {framing:?} {} bytes", body.len());
+        let ledger = Ledger::take(&stack).await?;
+        let reply = send_ok(&stack, proto, &Req::post(&route, body).framing(framing)).await?;
+        assert_eq!(reply.status, status, "{what}: {}", reply.text());
+        if status == 403 {
+            assert_denied(&reply, "body-size-limit");
+        }
+        let settled = ledger.settle(&stack, &what, decided(status)).await?;
+        let record = &settled.audit[0];
+        assert_eq!(
+            record["body_size_known"].as_bool(),
+            known,
+            "{what}: {record}"
+        );
+        if known == Some(true) {
+            assert_eq!(record["body_bytes"], body.len() as u64, "{what}: {record}");
+        }
+    }
+
+    // HTTP/1.1 chunked, decided on its first 1100 bytes: the rest is never measured.
+    let ledger = Ledger::take(&stack).await?;
+    let denied = filter_stat(&stack, "checks.deny").await?;
+    let body = chat_of_size("gpt-4o-mini", 3000);
+    let request =
+        H1Request::post_chunked(&route, vec![body[..1100].to_vec(), body[1100..].to_vec()]);
+    let pieces = request.body_pieces();
+    let mut h1 = H1Conn::to(&stack).await?;
+    h1.write(&request.head_bytes()).await?;
+    h1.write(&pieces[0]).await?;
+    wait_filter_counter(&stack, "checks.deny", denied + 1).await?;
+    for piece in &pieces[1..] {
+        h1.write(piece).await?;
+    }
+    assert_denied(&h1.answer().await?.reply()?, "body-size-limit");
+    ledger
+        .settle(
+            &stack,
+            "h1 chunked, cut before its end",
+            Outcomes::none().deny(1),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Bodies near the largest `max_body_bytes` (8 MiB) get a decision, not `error`, and do not
 /// open the breaker. Over Envoy's 1 MiB buffer limit while the filter holds the request,
 /// HTTP/1.1 gets Envoy's 413 (the request ends `cancelled`) and HTTP/2 is flow-controlled
@@ -1563,11 +1712,10 @@ async fn eventually_recorded(audit: &dyn Fn() -> usize, before: usize) -> Result
 #[tokio::test(flavor = "multi_thread")]
 async fn large_bodies_are_decided_or_refused_never_passed_undecided() -> Result<()> {
     const MIB: usize = 1 << 20;
-    let stack = Stack::builder()
+    let stack = patient_stack()
         .plugin_config(
-            r#"{"policy_cluster":"arbiter_policy","timeout_ms":1000,"breaker_threshold":2}"#,
+            r#"{"policy_cluster":"arbiter_policy","timeout_ms":3000,"breaker_threshold":2}"#,
         )
-        .var("TIMEOUT_MS", "1000")
         .start()
         .await?;
     let big_route = path("/t/big-body");
@@ -1623,14 +1771,23 @@ async fn large_bodies_are_decided_or_refused_never_passed_undecided() -> Result<
     stack.fault.set(Fault::Blackhole).await?;
     let ledger = Ledger::take(&stack).await?;
     let body = chat_of_size("gpt-4o-mini", 3 * MIB);
-    for route in ["/t/open", "/t/closed"] {
-        let reply = send_ok(&stack, Proto::H1, &Req::post(&path(route), &body)).await?;
-        assert_eq!(reply.status, 413, "h1 {route}: {}", reply.text());
+    let reqs: Vec<(Proto, Req)> = [
+        (Proto::H1, "/t/open"),
+        (Proto::H1, "/t/closed"),
+        (Proto::H2, "/t/open"),
+        (Proto::H2, "/t/closed"),
+    ]
+    .iter()
+    .map(|(proto, route)| (*proto, Req::post(&path(route), &body)))
+    .collect();
+    for ((proto, req), answer) in reqs.iter().zip(send_all(&stack, &reqs).await?) {
+        let reply = answer.reply()?;
+        match (proto, req.path.starts_with("/t/open")) {
+            (Proto::H1, _) => assert_eq!(reply.status, 413, "h1 {}: {}", req.path, reply.text()),
+            (Proto::H2, true) => assert_upstream(&reply),
+            (Proto::H2, false) => assert_unavailable(&reply, "timeout"),
+        }
     }
-    let reply = send_ok(&stack, Proto::H2, &Req::post(&path("/t/closed"), &body)).await?;
-    assert_unavailable(&reply, "timeout");
-    let reply = send_ok(&stack, Proto::H2, &Req::post(&path("/t/open"), &body)).await?;
-    assert_upstream(&reply);
     let settled = ledger
         .settle(
             &stack,
@@ -1663,7 +1820,7 @@ async fn large_bodies_are_decided_or_refused_never_passed_undecided() -> Result<
 /// counted, and never open.
 #[tokio::test(flavor = "multi_thread")]
 async fn fail_open_until_at_the_edges_of_time_never_opens_a_route() -> Result<()> {
-    let stack = Stack::builder().plugin_config(NO_BREAKER).start().await?;
+    let stack = patient_stack().start().await?;
     let routes = [
         ("/t/until-ancient", false),
         ("/t/until-pre1970", false),
@@ -1691,11 +1848,16 @@ async fn fail_open_until_at_the_edges_of_time_never_opens_a_route() -> Result<()
 
     stack.fault.set(Fault::Blackhole).await?;
     let ledger = Ledger::take(&stack).await?;
-    for proto in Proto::BOTH {
-        for (route, _) in routes {
-            let reply = send_ok(&stack, proto, &Req::post(&path(route), &body)).await?;
-            assert_unavailable(&reply, "timeout");
-        }
+    let reqs: Vec<(Proto, Req)> = Proto::BOTH
+        .iter()
+        .flat_map(|proto| {
+            routes
+                .iter()
+                .map(|(route, _)| (*proto, Req::post(&path(route), &body)))
+        })
+        .collect();
+    for answer in send_all(&stack, &reqs).await? {
+        assert_unavailable(&answer.reply()?, "timeout");
     }
     ledger
         .settle(
