@@ -285,7 +285,9 @@ impl<H: Host> Filter<H> {
         };
         pending.received = buffered;
         let limit = usize::try_from(pending.route.body_limit.unwrap_or(0)).unwrap_or(usize::MAX);
-        if !end_of_stream && buffered < limit {
+        // At exactly the limit the body may be complete: wait for its end or one more byte,
+        // so a whole body of `max_body_bytes` is not mistaken for a cut one.
+        if !end_of_stream && buffered <= limit {
             return Flow::Pause;
         }
         self.body_ready(end_of_stream)
@@ -325,7 +327,7 @@ impl<H: Host> Filter<H> {
             pending.info.body_size = Some(buffered as u64);
         }
         // Like native ext_authz: policy sees the first `max_body_bytes` and is told so.
-        pending.body_partial = buffered > limit || (!complete && buffered >= limit);
+        pending.body_partial = buffered > limit;
         pending.body = Some(body);
         // Returning Continue from a body or trailers callback releases what was paused.
         self.decide(pending)
