@@ -587,6 +587,9 @@ pub fn lock_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// How long [`lock`] retries a held lock before naming its holder.
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Takes the exclusive lock of the log `path` and writes this process's id into the lock
 /// file (for the message a second writer gets). An advisory `flock`: it keeps out other
 /// Arbiter servers, not someone who edits the file by hand (that is what the chain is for).
@@ -604,7 +607,16 @@ fn lock(path: &Path) -> Result<File, AuditError> {
         .truncate(false)
         .open(&lock)
         .map_err(open_error)?;
-    match file.try_lock() {
+    // A lock held only for a moment is not another writer: a process that forks (to start
+    // a child) shares its open files with the child until the child's exec closes them, so
+    // a log just closed by this very process can look locked for that long.
+    let deadline = Instant::now() + LOCK_PATIENCE;
+    let mut locked = file.try_lock();
+    while matches!(locked, Err(TryLockError::WouldBlock)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        locked = file.try_lock();
+    }
+    match locked {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
             let mut text = String::new();

@@ -909,12 +909,22 @@ fn body_size_is_what_was_received_or_unknown() {
     );
     // Exactly the limit, then the end: whole, not cut.
     assert_eq!(
-        size_of(Some(body_route(10.0)), &[], &[(10, false), (10, true)], false),
+        size_of(
+            Some(body_route(10.0)),
+            &[],
+            &[(10, false), (10, true)],
+            false
+        ),
         (10, false)
     );
     // Past the limit before the end: content-length if announced, else unknown.
     assert_eq!(
-        size_of(Some(body_route(10.0)), &[], &[(10, false), (11, false)], false),
+        size_of(
+            Some(body_route(10.0)),
+            &[],
+            &[(10, false), (11, false)],
+            false
+        ),
         (-1, true)
     );
     assert_eq!(
