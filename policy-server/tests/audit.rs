@@ -58,6 +58,7 @@ fn cli<P: AsRef<std::ffi::OsStr>>(
 fn event(i: usize) -> AuditEvent {
     AuditEvent {
         ts: "2026-11-22T02:00:00.000000Z".into(),
+        request_time: None,
         id: format!("id-{i}"),
         request_id: format!("r-{i}"),
         decision: Verdict::Allow,
@@ -80,6 +81,10 @@ fn event(i: usize) -> AuditEvent {
         body_bytes: None,
         body_size_known: None,
         body_truncated: None,
+        body_parse_error: None,
+        stream: None,
+        max_tokens: None,
+        message_count: None,
         prompt_sha256: None,
         trace_id: None,
         latency_us: 10,
