@@ -871,4 +871,43 @@ mod tests {
         event.body_bytes = None;
         assert_eq!(replayed(event), (0, false));
     }
+
+    #[test]
+    fn older_records_name_only_the_body_facts_a_parse_could_have_given() {
+        let facts = |sent: Option<bool>, truncated: Option<bool>, model: Option<&str>| {
+            Facts {
+                time: Some(SystemTime::UNIX_EPOCH),
+                identity_recorded: true,
+                body_bytes: Some(10),
+                body_size_known: Some(true),
+                body_sent: sent,
+                body_truncated: truncated,
+                model: model.map(str::to_owned),
+                ..Facts::default()
+            }
+            .missing()
+        };
+        let parsed = ["stream", "max_tokens", "message_count"];
+        // No body, or a cut one: nothing was parsed, nothing is missing.
+        assert!(facts(Some(false), Some(false), None).is_empty());
+        assert!(facts(Some(true), Some(true), None).is_empty());
+        assert!(facts(None, Some(true), None).is_empty());
+        // A parsed body: a model shows it parsed.
+        assert_eq!(facts(Some(true), Some(false), Some("m")), parsed);
+        let mut all = vec!["body_parse_error"];
+        all.extend(parsed);
+        assert_eq!(facts(Some(true), Some(false), None), all);
+        assert_eq!(facts(None, Some(false), None), all);
+        all.insert(0, "body_truncated");
+        assert_eq!(facts(None, None, None), all);
+        // Recorded: `null` is "the body did not say".
+        let recorded = Facts {
+            body_parsed_recorded: true,
+            ..Facts::default()
+        };
+        assert_eq!(
+            recorded.missing(),
+            ["time", "identity", "body_bytes", "body_size_known"]
+        );
+    }
 }
