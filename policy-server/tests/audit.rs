@@ -1319,6 +1319,11 @@ fn replay_decides_at_the_records_time_and_names_missing_facts() {
             envoy(serde_json::json!({"outcome": "fail_open", "reason": "timeout", "request_id": "e-stream", "stream": true})),
             envoy(serde_json::json!({"outcome": "cached", "reason": null, "audit_id": "id-0", "request_id": "e-cached", "max_tokens": 4096})),
             envoy(serde_json::json!({"outcome": "cached", "reason": null, "audit_id": "id-0", "request_id": "e-cached-ok"})),
+            envoy(serde_json::json!({"outcome": "fail_open", "reason": "timeout", "request_id": "e-unreadable",
+                "model": null, "body_parse_error": true, "stream": null, "message_count": null})),
+            envoy(serde_json::json!({"outcome": "fail_open", "reason": "timeout", "request_id": "e-unmeasured",
+                "context": {"size_policy": "bounded"}, "body_bytes": 1024, "body_size_known": false,
+                "body_truncated": true, "model": null, "stream": null, "message_count": null})),
             envoy(serde_json::json!({"outcome": "fail_open", "reason": "timeout", "request_id": "e-old", "model": null,
                 "-body_parse_error": null, "-stream": null, "-max_tokens": null, "-message_count": null})),
         ]
@@ -1355,6 +1360,8 @@ fn replay_decides_at_the_records_time_and_names_missing_facts() {
             ("r-2", "recorded allow, now deny"),
             ("e-stream", "would have been denied"),
             ("e-cached", "would have been denied"),
+            ("e-unreadable", "would have been denied"),
+            ("e-unmeasured", "would have been denied"),
         ],
         "{report}"
     );
@@ -1363,6 +1370,14 @@ fn replay_decides_at_the_records_time_and_names_missing_facts() {
     assert_eq!(report["cached"]["differ"], 1);
     assert_eq!(report["differences"][2]["recorded"]["kind"], "cached");
     assert_eq!(report["differences"][2]["recorded"]["audit_id"], "id-0");
+    assert_eq!(
+        report["differences"][3]["policy_ids"],
+        serde_json::json!(["body-must-be-readable"])
+    );
+    assert_eq!(
+        report["differences"][4]["policy_ids"],
+        serde_json::json!(["body-size-limit"])
+    );
     let incomplete: Vec<(&str, Vec<&str>)> = report["incomplete"]
         .as_array()
         .unwrap()
