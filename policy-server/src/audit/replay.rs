@@ -1,8 +1,11 @@
 //! `arbiter audit replay`: re-decides recorded requests with a bundle.
 //!
 //! Reads server-side audit records and Envoy access-log lines carrying an `arbiter_record`
-//! (the filter's record of a request nobody decided), rebuilds the `CheckRequest` each one
-//! stands for and decides it with the same mapping and engine as the server.
+//! (the filter's record of a request the server did not decide: fail open, fail closed, or
+//! allowed from the allow-cache), rebuilds the `CheckRequest` each one stands for and
+//! decides it with the same mapping and engine as the server, at the record's own time and
+//! with the body facts it kept. A fact an older record lacks is decided without and named
+//! ([`Incomplete`]), never silently defaulted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -21,10 +21,13 @@ pub enum AuditCommand {
     /// (named as FILE:LINE); 2: a file or the key cannot be read.
     Verify(VerifyArgs),
     /// Re-decide recorded requests with a policy bundle: server-side audit records and
-    /// Envoy access-log lines with an `arbiter_record` (requests nobody decided).
+    /// Envoy access-log lines with an `arbiter_record` (requests the server did not decide:
+    /// fail open, fail closed, allowed from the cache), each at its recorded time with the
+    /// body facts it recorded.
     ///
-    /// Prints a summary and every request decided differently now (a fail-open request
-    /// policy denies: "would have been denied"). Exit code 0: no difference; 1: some;
+    /// Prints a summary, every request decided differently now (a fail-open request
+    /// policy denies: "would have been denied") and every record lacking facts the decision
+    /// had (older records: "missing time, stream, …"). Exit code 0: no difference; 1: some;
     /// 2: cannot run (unreadable file, invalid bundle).
     Replay(ReplayArgs),
 }
