@@ -79,6 +79,11 @@ pub enum Reason {
 pub struct AuditEvent {
     /// When the decision was made, RFC 3339 UTC with microseconds.
     pub ts: String,
+    /// The time policy decided at (`context.time`), RFC 3339 UTC with microseconds: the
+    /// CheckRequest's time when trusted, else the server's receipt time. `None` in records
+    /// written before the field existed.
+    #[serde(default)]
+    pub request_time: Option<String>,
     /// The audit id: a UUID v7, also sent to the caller (`x-arbiter-audit-id`, deny body).
     pub id: String,
     /// Envoy's `x-request-id` (the CheckRequest's `http.id`).
@@ -129,6 +134,20 @@ pub struct AuditEvent {
     pub body_size_known: Option<bool>,
     /// Whether the body was cut at `max_body_bytes` (`context.body_truncated`).
     pub body_truncated: Option<bool>,
+    /// Whether a complete body was not an OpenAI-style JSON object
+    /// (`context.body_parse_error`). `None` in records written before the body facts below
+    /// existed: its presence says `stream`, `max_tokens` and `message_count` are recorded.
+    #[serde(default)]
+    pub body_parse_error: Option<bool>,
+    /// `stream` from the body (`context.stream`); `null` when policy saw none.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// `max_tokens` (or `max_completion_tokens`) from the body (`context.max_tokens`).
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    /// Number of `messages` in the body (`context.message_count`).
+    #[serde(default)]
+    pub message_count: Option<i64>,
     /// SHA-256 (hex) of the body bytes the filter sent.
     pub prompt_sha256: Option<String>,
     /// W3C trace id from the request's `traceparent`.
@@ -248,6 +267,7 @@ pub(crate) mod tests {
     pub(crate) fn event() -> AuditEvent {
         AuditEvent {
             ts: "2026-11-22T02:00:00.000001Z".into(),
+            request_time: Some("2026-11-22T02:00:00.000000Z".into()),
             id: "0193a1b2-0000-7000-8000-000000000001".into(),
             request_id: "r-1".into(),
             decision: Verdict::Allow,
@@ -270,6 +290,10 @@ pub(crate) mod tests {
             body_bytes: Some(12),
             body_size_known: Some(true),
             body_truncated: Some(false),
+            body_parse_error: Some(false),
+            stream: Some(false),
+            max_tokens: None,
+            message_count: Some(1),
             prompt_sha256: None,
             trace_id: None,
             latency_us: 42,

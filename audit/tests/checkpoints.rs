@@ -21,6 +21,7 @@ fn key(seed: u8) -> SigningKey {
 fn event(i: usize) -> AuditEvent {
     AuditEvent {
         ts: "2026-11-22T02:00:00.000001Z".into(),
+        request_time: None,
         id: format!("id-{i}"),
         request_id: format!("r-{i}"),
         decision: Verdict::Allow,
@@ -43,6 +44,10 @@ fn event(i: usize) -> AuditEvent {
         body_bytes: None,
         body_size_known: None,
         body_truncated: None,
+        body_parse_error: None,
+        stream: None,
+        max_tokens: None,
+        message_count: None,
         prompt_sha256: None,
         trace_id: None,
         latency_us: 1,

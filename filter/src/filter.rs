@@ -25,6 +25,9 @@ pub use crate::check::PARTIAL_BODY_HEADER;
 /// Header that tells the upstream a request passed without a decision.
 pub const FAIL_OPEN_HEADER: &str = "x-arbiter-fail-open";
 
+/// Header the policy server sets on an allowed request: the audit id of its decision.
+const AUDIT_ID_HEADER: &str = "x-arbiter-audit-id";
+
 /// How much longer than its route's timeout a breaker probe may hold its slot: the call's
 /// own timeout answers it, this only covers an answer that never arrives.
 const PROBE_GRACE: Duration = Duration::from_secs(1);
@@ -349,6 +352,17 @@ impl<H: Host> Filter<H> {
         });
         if let Some(key) = &cache_key {
             if let Some(entry) = self.cache_lookup(key, now) {
+                // Its own Envoy-side record, naming the decision that allowed it (the entry
+                // holds the headers that decision set, its audit id among them).
+                let audit_id = entry
+                    .headers
+                    .iter()
+                    .find(|(name, _, _)| name.eq_ignore_ascii_case(AUDIT_ID_HEADER))
+                    .map(|(_, value, _)| value.as_str());
+                self.host.set_log_field(
+                    "arbiter_record",
+                    &self.record(Outcome::Cached, None, false, &pending, audit_id),
+                );
                 self.apply_allow(&Entry::header_ops(&entry.headers), &entry.remove);
                 self.response_headers = Entry::header_ops(&entry.response_headers);
                 self.finish(Outcome::Cached, None);
@@ -714,7 +728,7 @@ impl<H: Host> Filter<H> {
         // The Envoy-side record of an undecided request (the server never saw it).
         self.host.set_log_field(
             "arbiter_record",
-            &self.record(outcome, reason, override_active, pending),
+            &self.record(outcome, Some(reason), override_active, pending, None),
         );
         self.finish(outcome, Some((reason, override_active)));
         match action {
@@ -742,13 +756,15 @@ impl<H: Host> Filter<H> {
     }
 
     /// One JSON line an auditor can replay: the request's shape and caller, never secrets
-    /// or prompt text (an API key only as its SHA-256, the path without its query).
+    /// or prompt text (an API key only as its SHA-256, the path without its query), and
+    /// what the server would have read from the body.
     fn record(
         &self,
         outcome: Outcome,
-        reason: Reason,
+        reason: Option<Reason>,
         override_active: bool,
         p: &Pending,
+        audit_id: Option<&str>,
     ) -> String {
         let header = |name: &str| p.info.header(name);
         let ts = OffsetDateTime::from(self.host.now()).format(&Rfc3339).ok();
@@ -757,11 +773,7 @@ impl<H: Host> Filter<H> {
             use sha2::Digest;
             hex::encode(sha2::Sha256::digest(k.as_bytes()))
         });
-        let model = p
-            .body
-            .as_deref()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-            .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_owned));
+        let body = crate::body::body_facts(p.body.as_deref(), p.info.body_size, p.body_partial);
         let context: serde_json::Map<String, serde_json::Value> = p
             .settings
             .settings
@@ -774,8 +786,9 @@ impl<H: Host> Filter<H> {
             "v": 1,
             "ts": ts,
             "outcome": outcome.as_str(),
-            "reason": reason.as_str(),
+            "reason": reason.map(Reason::as_str),
             "override": override_active,
+            "audit_id": audit_id,
             "route": p.info.route_name,
             "request_id": p.request_id,
             "method": header(":method"),
@@ -788,10 +801,14 @@ impl<H: Host> Filter<H> {
             "api_key_sha256": api_key_sha256,
             "tenant": header("x-tenant-id"),
             "context": context,
-            "model": model,
-            "body_bytes": p.info.body_size.or(p.body.as_ref().map(|b| b.len() as u64)),
-            "body_size_known": p.info.body_size.is_some(),
-            "body_truncated": p.body_partial,
+            "model": body.model,
+            "body_bytes": body.bytes,
+            "body_size_known": body.size_known,
+            "body_truncated": body.truncated,
+            "body_parse_error": body.parse_error,
+            "stream": body.stream,
+            "max_tokens": body.max_tokens,
+            "message_count": body.message_count,
             "policy_version": self.shared.policy_version(),
         })
         .to_string()

@@ -6,6 +6,7 @@
 //! building, outcome mapping, the per-request state machine) is plain Rust that builds and
 //! tests natively; `wasm.rs` is the thin proxy-wasm glue, compiled only for wasm32.
 
+pub mod body;
 pub mod breaker;
 pub mod cache;
 pub mod check;

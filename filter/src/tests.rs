@@ -732,6 +732,79 @@ fn cache_serves_allows_only_and_follows_the_policy_version() {
 }
 
 #[test]
+fn cached_allows_leave_a_record_naming_the_decision_that_allowed_them() {
+    let shared = shared_with(r#"{"policy_cluster":"p"}"#);
+    let store: Rc<RefCell<HashMap<String, Vec<u8>>>> = Rc::default();
+    let md = metadata(&[
+        ("cache_ttl_ms", Kind::NumberValue(1000.0)),
+        ("include_body", Kind::BoolValue(true)),
+    ]);
+    let body = br#"{"model":"gpt-4o-mini","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"my secret prompt"}]}"#;
+    let run = |request_id: &str| {
+        let (mut f, host) = request_with(
+            Rc::clone(&shared),
+            "chat",
+            Some(md.clone()),
+            &[
+                ("x-request-id", request_id),
+                ("x-api-key", "sk-secret"),
+                ("x-tenant-id", "t1"),
+            ],
+        );
+        {
+            let mut r = host.0.borrow_mut();
+            r.shared = Rc::clone(&store);
+            r.body = body.to_vec();
+            // `request_with` puts its own `x-request-id` first: this request's is the one.
+            r.headers
+                .retain(|(k, v)| k != "x-request-id" || v != b"rid-1");
+        }
+        f.on_request_headers(false);
+        f.on_request_body(body.len(), true);
+        (f, host)
+    };
+    let (mut first, host) = run("rid-1");
+    host.0.borrow_mut().response_body = Some(ok_response());
+    first.on_check_response(7, 0, 1);
+    assert_eq!(metric(&host, Metric::CacheStore), 1);
+    assert!(
+        !host.0.borrow().log_fields.contains_key("arbiter_record"),
+        "a decided request's record is the server's"
+    );
+
+    let (_, host) = run("rid-2");
+    assert!(
+        host.0.borrow().dispatched.is_empty(),
+        "served from the cache"
+    );
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Cached)), 1);
+    let record = host.0.borrow().log_fields["arbiter_record"].clone();
+    for secret in ["sk-secret", "my secret prompt"] {
+        assert!(!record.contains(secret), "{secret} leaked into {record}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(v["outcome"], "cached");
+    assert_eq!(v["audit_id"], "a-1", "the decision that allowed it");
+    assert_eq!(v["reason"], serde_json::Value::Null);
+    assert_eq!(v["request_id"], "rid-2");
+    assert_eq!(v["route"], "chat");
+    assert_eq!(v["source"], "127.0.0.1:5555");
+    assert_eq!(v["tenant"], "t1");
+    assert_eq!(v["api_key_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(v["policy_version"], "v1");
+    assert!(v["ts"].as_str().unwrap().starts_with("2026-11-18T"));
+    // The body facts the server read when it allowed the first one.
+    assert_eq!(v["model"], "gpt-4o-mini");
+    assert_eq!(v["stream"], true);
+    assert_eq!(v["max_tokens"], 64);
+    assert_eq!(v["message_count"], 1);
+    assert_eq!(v["body_parse_error"], false);
+    assert_eq!(v["body_bytes"], body.len());
+    assert_eq!(v["body_size_known"], true);
+    assert_eq!(v["body_truncated"], false);
+}
+
+#[test]
 fn undecided_requests_leave_a_replayable_record_without_secrets() {
     let md = metadata(&[
         ("fail_mode", Kind::StringValue("open".into())),
@@ -789,6 +862,14 @@ fn undecided_requests_leave_a_replayable_record_without_secrets() {
     assert_eq!(v["source"], "127.0.0.1:5555");
     assert_eq!(v["api_key_sha256"].as_str().unwrap().len(), 64);
     assert!(v["ts"].as_str().unwrap().starts_with("2026-11-18T"));
+    assert_eq!(v["audit_id"], serde_json::Value::Null);
+    // What the server would have read from the body.
+    assert_eq!(v["body_parse_error"], false);
+    assert_eq!(v["stream"], false);
+    assert_eq!(v["max_tokens"], serde_json::Value::Null);
+    assert_eq!(v["message_count"], serde_json::Value::Null);
+    assert_eq!(v["body_size_known"], true);
+    assert_eq!(v["body_truncated"], false);
 }
 
 fn http_sent(

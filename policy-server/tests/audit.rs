@@ -58,6 +58,7 @@ fn cli<P: AsRef<std::ffi::OsStr>>(
 fn event(i: usize) -> AuditEvent {
     AuditEvent {
         ts: "2026-11-22T02:00:00.000000Z".into(),
+        request_time: None,
         id: format!("id-{i}"),
         request_id: format!("r-{i}"),
         decision: Verdict::Allow,
@@ -80,6 +81,10 @@ fn event(i: usize) -> AuditEvent {
         body_bytes: None,
         body_size_known: None,
         body_truncated: None,
+        body_parse_error: None,
+        stream: None,
+        max_tokens: None,
+        message_count: None,
         prompt_sha256: None,
         trace_id: None,
         latency_us: 10,
@@ -1094,4 +1099,339 @@ async fn otlp_export_survives_receiver_and_server_outages() {
     })
     .await;
     drop(server);
+}
+
+/// The example bundle plus `extra` policies, in `<dir>/bundle`.
+fn bundle_with(dir: &Path, extra: &str) -> PathBuf {
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for entry in std::fs::read_dir(common::example_bundle()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(bundle.join("replay-test.cedar"), extra).unwrap();
+    bundle
+}
+
+/// Policies on the facts a replay must bring back: time and the body's `stream` and
+/// `max_tokens`.
+const REPLAY_POLICIES: &str = r#"
+@id("window-open-until-2020")
+permit (principal, action, resource)
+when { context.route == "window" && context.time < datetime("2020-01-01T00:00:00Z") };
+
+@id("no-streaming-on-batch")
+forbid (principal, action, resource)
+when { context.route == "batch" && context has stream && context.stream };
+
+@id("max-tokens-cap-on-batch")
+forbid (principal, action, resource)
+when { context.route == "batch" && context has max_tokens && context.max_tokens > 1000 };
+"#;
+
+fn with_body(mut request: CheckRequest, body: Option<&[u8]>, size: i64) -> CheckRequest {
+    let http = request
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.raw_body = body.unwrap_or_default().to_vec();
+    http.size = size;
+    request
+}
+
+/// The server records every body fact policy read and the time it decided at; a replay
+/// with the same bundle decides every record as it was decided (parse errors and size limits
+/// included) and lacks nothing, and a bundle with `stream` / `max_tokens` rules sees them.
+#[tokio::test]
+async fn replay_decides_with_the_body_facts_and_time_the_server_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let streaming =
+        br#"{"model":"gpt-4o-mini","stream":true,"max_tokens":5000,"messages":[{"role":"user","content":"hi"}]}"#;
+    let chat = |route: &str| check_request("", "POST", "/v1/chat/completions", &[("route", route)]);
+    let bounded = || {
+        check_request(
+            "",
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "bounded"), ("size_policy", "bounded")],
+        )
+    };
+    // (request, allowed)
+    let cases = [
+        (
+            with_body(chat("batch"), Some(streaming), streaming.len() as i64),
+            true,
+        ),
+        (with_body(chat("chat"), Some(b"not json"), 8), false),
+        (with_body(bounded(), None, 2_000_000), false),
+        (with_body(bounded(), None, -1), false),
+        (with_body(bounded(), None, 100), true),
+    ];
+    for (request, allowed) in cases {
+        let response = client.check(request).await.unwrap().into_inner();
+        assert_eq!(response.status.unwrap().code == 0, allowed);
+    }
+    let audit = server.audit.clone();
+    server.kill().await;
+
+    let records = audit_lines(&audit);
+    let first = &records[0];
+    assert_eq!(first["stream"], true, "{first}");
+    assert_eq!(first["max_tokens"], 5000);
+    assert_eq!(first["message_count"], 1);
+    assert_eq!(first["body_parse_error"], false);
+    assert!(
+        first["request_time"].as_str().unwrap().ends_with('Z'),
+        "{first}"
+    );
+    assert_eq!(records[1]["body_parse_error"], true);
+    assert_eq!(records[1]["stream"], Value::Null);
+    assert_eq!(records[3]["body_size_known"], false);
+
+    let example = common::example_bundle();
+    let (code, out) = cli(
+        &["audit", "replay", "--policies", example.to_str().unwrap()],
+        [&audit],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("server decisions:      5 replayed, 0 decided differently now"),
+        "{out}"
+    );
+    assert!(!out.contains("incomplete"), "{out}");
+
+    let bundle = bundle_with(dir.path(), REPLAY_POLICIES);
+    let (code, out) = cli(
+        &[
+            "audit",
+            "replay",
+            "--json",
+            "--policies",
+            bundle.to_str().unwrap(),
+        ],
+        [&audit],
+    );
+    assert_eq!(code, 1, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let differences = report["differences"].as_array().unwrap();
+    assert_eq!(differences.len(), 1, "{report}");
+    assert_eq!(differences[0]["verdict"], "recorded allow, now deny");
+    assert_eq!(
+        differences[0]["policy_ids"],
+        serde_json::json!(["max-tokens-cap-on-batch", "no-streaming-on-batch"])
+    );
+    assert_eq!(report["incomplete"], serde_json::json!([]));
+}
+
+/// Records written by hand: a time-bounded permit replays at each record's own time (the
+/// replay runs long after the window closed), the Envoy-side records of undecided and cached
+/// requests carry their body facts, and records of an older format name what they lack.
+#[test]
+fn replay_decides_at_the_records_time_and_names_missing_facts() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_with(dir.path(), REPLAY_POLICIES);
+    let audit = dir.path().join("audit.jsonl");
+    let mut lines = Vec::new();
+    let mut prev = arbiter_policy_server::audit::record::GENESIS_HASH.to_owned();
+    let mut push = |event: &AuditEvent, lines: &mut Vec<u8>| {
+        let seq = lines.iter().filter(|b| **b == b'\n').count() as u64 + 1;
+        prev = arbiter_policy_server::audit::record::encode(event, seq, &prev, lines).unwrap();
+    };
+    let window = |i: usize, time: &str| AuditEvent {
+        request_time: Some(time.into()),
+        ts: time.into(),
+        action: "http.request".into(),
+        route: "window".into(),
+        method: "GET".into(),
+        path: "/files".into(),
+        policy_ids: vec!["window-open-until-2020".into()],
+        identity: Some(serde_json::json!({"source": "none", "jwt": null, "api_key_sha256": null})),
+        body_bytes: Some(0),
+        body_size_known: Some(true),
+        body_truncated: Some(false),
+        body_parse_error: Some(false),
+        ..event(i)
+    };
+    // Just before the window closed, and the first millisecond after: the second was
+    // allowed then (say, a skewed clock), and replay names it.
+    push(&window(1, "2019-12-31T23:59:59.999999Z"), &mut lines);
+    push(&window(2, "2020-01-01T00:00:00.000000Z"), &mut lines);
+    // An older record: no `request_time`, `identity`, `body_size_known` or parsed body
+    // facts, though a complete body (with a model) was sent.
+    let mut old = event(3);
+    old.model = Some("gpt-4o-mini".into());
+    old.body_bytes = Some(120);
+    old.body_truncated = Some(false);
+    old.prompt_sha256 = Some("ab".repeat(32));
+    let mut line = Vec::new();
+    arbiter_policy_server::audit::record::encode(&old, 3, &prev, &mut line).unwrap();
+    let mut value: serde_json::Map<String, Value> = serde_json::from_slice(&line).unwrap();
+    for key in [
+        "request_time",
+        "identity",
+        "body_size_known",
+        "body_parse_error",
+        "stream",
+        "max_tokens",
+        "message_count",
+    ] {
+        value.remove(key).unwrap();
+    }
+    value.remove("hash").unwrap();
+    let content = Value::Object(value).to_string();
+    let hash = hex::encode(Sha256::digest(&content));
+    lines.extend_from_slice(
+        format!("{},\"hash\":\"{hash}\"}}\n", &content[..content.len() - 1]).as_bytes(),
+    );
+    std::fs::write(&audit, &lines).unwrap();
+
+    // Envoy-side records: a fail-open streaming request on `batch`, a cached one, and a
+    // fail-open record of the format before the body facts.
+    let envoy = |fields: Value| {
+        let mut record = serde_json::json!({
+            "v": 1, "ts": "2026-11-22T02:00:00.5Z", "override": false, "route": "batch",
+            "method": "POST", "path": "/v1/chat/completions", "host": "gw", "scheme": "http",
+            "source": "127.0.0.1:4000", "principal": null, "context": {}, "model": "gpt-4o-mini",
+            "body_bytes": 90, "body_size_known": true, "body_truncated": false,
+            "body_parse_error": false, "stream": false, "max_tokens": null, "message_count": 1,
+        });
+        for (k, v) in fields.as_object().unwrap() {
+            if v.is_null() && k.starts_with('-') {
+                record.as_object_mut().unwrap().remove(&k[1..]);
+            } else {
+                record[k] = v.clone();
+            }
+        }
+        serde_json::json!({"route_name": "batch", "arbiter_record": record.to_string()}).to_string()
+    };
+    let access = dir.path().join("access.log");
+    std::fs::write(
+        &access,
+        [
+            envoy(serde_json::json!({"outcome": "fail_open", "reason": "timeout", "request_id": "e-stream", "stream": true})),
+            envoy(serde_json::json!({"outcome": "cached", "reason": null, "audit_id": "id-0", "request_id": "e-cached", "max_tokens": 4096})),
+            envoy(serde_json::json!({"outcome": "cached", "reason": null, "audit_id": "id-0", "request_id": "e-cached-ok"})),
+            envoy(serde_json::json!({"outcome": "fail_open", "reason": "timeout", "request_id": "e-unreadable",
+                "model": null, "body_parse_error": true, "stream": null, "message_count": null})),
+            envoy(serde_json::json!({"outcome": "fail_open", "reason": "timeout", "request_id": "e-unmeasured",
+                "context": {"size_policy": "bounded"}, "body_bytes": 1024, "body_size_known": false,
+                "body_truncated": true, "model": null, "stream": null, "message_count": null})),
+            envoy(serde_json::json!({"outcome": "fail_open", "reason": "timeout", "request_id": "e-old", "model": null,
+                "-body_parse_error": null, "-stream": null, "-max_tokens": null, "-message_count": null})),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+
+    let (code, out) = cli(
+        &[
+            "audit",
+            "replay",
+            "--json",
+            "--policies",
+            bundle.to_str().unwrap(),
+        ],
+        [&audit, &access],
+    );
+    assert_eq!(code, 1, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let verdicts: Vec<(&str, &str)> = report["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["request_id"].as_str().unwrap(),
+                d["verdict"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("r-2", "recorded allow, now deny"),
+            ("e-stream", "would have been denied"),
+            ("e-cached", "would have been denied"),
+            ("e-unreadable", "would have been denied"),
+            ("e-unmeasured", "would have been denied"),
+        ],
+        "{report}"
+    );
+    assert_eq!(report["server"]["replayed"], 3);
+    assert_eq!(report["cached"]["replayed"], 2);
+    assert_eq!(report["cached"]["differ"], 1);
+    assert_eq!(report["differences"][2]["recorded"]["kind"], "cached");
+    assert_eq!(report["differences"][2]["recorded"]["audit_id"], "id-0");
+    assert_eq!(
+        report["differences"][3]["policy_ids"],
+        serde_json::json!(["body-must-be-readable"])
+    );
+    assert_eq!(
+        report["differences"][4]["policy_ids"],
+        serde_json::json!(["body-size-limit"])
+    );
+    let incomplete: Vec<(&str, Vec<&str>)> = report["incomplete"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["request_id"].as_str().unwrap(),
+                i["missing"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.as_str().unwrap())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        incomplete,
+        [
+            (
+                "r-3",
+                vec!["time", "identity", "stream", "max_tokens", "message_count"]
+            ),
+            (
+                "e-old",
+                vec!["body_parse_error", "stream", "max_tokens", "message_count"]
+            ),
+        ],
+        "{report}"
+    );
+    assert_eq!(report["missing"]["stream"], 2);
+    assert_eq!(report["missing"]["time"], 1);
+    assert_eq!(report["server"]["incomplete"], 1);
+    assert_eq!(report["fail_open"]["incomplete"], 1);
+
+    // The same for humans.
+    let (code, out) = cli(
+        &["audit", "replay", "--policies", bundle.to_str().unwrap()],
+        [&audit, &access],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("cached:                2 replayed, 1 would have been denied"),
+        "{out}"
+    );
+    assert!(out.contains("incomplete:            2 records lack facts the decision had, replayed without them: body_parse_error (1), identity (1), max_tokens (2), message_count (2), stream (2), time (1)"), "{out}");
+    assert!(
+        out.contains(
+            "audit.jsonl:3: request r-3: missing time, identity, stream, max_tokens, message_count"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("would have been denied: request e-cached on route batch by anonymous: POST /v1/chat/completions (chat.completions): recorded cached (allowed by decision id-0); policies max-tokens-cap-on-batch"),
+        "{out}"
+    );
 }

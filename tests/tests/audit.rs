@@ -470,3 +470,72 @@ async fn replay_names_the_requests_let_through_that_policy_denies() -> Result<()
     assert!(text.contains("2 would have been denied"), "{text}");
     Ok(())
 }
+
+/// A request answered from the allow-cache is attributable through Envoy's access log: its
+/// line carries an Envoy-side record naming the decision that allowed it, that decision is
+/// in the audit log, and replay re-decides the cached request as allowed by it.
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_allows_leave_a_record_naming_their_decision() -> Result<()> {
+    let stack = Stack::builder().start().await?;
+    let path = "/t/cached/v1/chat/completions";
+    assert_eq!(stack.chat(path).await?.status, 200);
+    assert_eq!(stack.chat(path).await?.status, 200);
+    let upstream = stack.primary.requests();
+    assert_eq!(upstream.len(), 2);
+    let audit_id = upstream[0]
+        .header("x-arbiter-audit-id")
+        .context("no audit id upstream")?
+        .to_owned();
+
+    let lines = stack.envoy.wait_access_log(2).await?;
+    let by_outcome = |outcome: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["arbiter_outcome"] == outcome)
+            .collect()
+    };
+    let (decided, cached) = (by_outcome("allow"), by_outcome("cached"));
+    assert_eq!((decided.len(), cached.len()), (1, 1), "{lines:?}");
+    let record: Value = serde_json::from_str(
+        cached[0]["arbiter_record"]
+            .as_str()
+            .with_context(|| format!("no record: {}", cached[0]))?,
+    )?;
+    assert_eq!(record["outcome"], "cached", "{record}");
+    assert_eq!(record["audit_id"], audit_id.as_str(), "{record}");
+    assert_eq!(record["request_id"], cached[0]["request_id"], "{record}");
+    assert_ne!(record["request_id"], decided[0]["request_id"], "{record}");
+    assert_eq!(record["route"], "t_cached");
+    assert_eq!(record["method"], "POST");
+    assert_eq!(record["path"], path);
+    assert!(
+        record["source"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{record}"
+    );
+    assert!(record["ts"].as_str().unwrap().ends_with('Z'), "{record}");
+    let decision = policy(&stack)
+        .audit_records()?
+        .into_iter()
+        .find(|r| r["id"] == audit_id.as_str())
+        .context("the decision named is not in the audit log")?;
+    assert_eq!(decision["decision"], "allow");
+    assert_eq!(decision["request_id"], decided[0]["request_id"]);
+
+    let policies = stack.workspace().join("examples/ai-gateway/policies");
+    let mut args = vec![
+        "audit".into(),
+        "replay".into(),
+        "--json".into(),
+        "--policies".into(),
+        policies.into_os_string(),
+        stack.envoy.access_log_path().into(),
+    ];
+    args.extend(policy(&stack).audit_files()?.into_iter().map(Into::into));
+    let (code, out) = arbiter_e2e::stack::arbiter_cli(&args)?;
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    assert_eq!(report["cached"]["replayed"], 1, "{report}");
+    assert_eq!(report["cached"]["differ"], 0, "{report}");
+    assert_eq!(report["incomplete"], serde_json::json!([]), "{report}");
+    Ok(())
+}

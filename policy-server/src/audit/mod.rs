@@ -4,7 +4,7 @@
 
 pub mod replay;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
 
@@ -29,6 +29,8 @@ pub fn event(
     };
     AuditEvent {
         ts: timestamp(OffsetDateTime::now_utc()),
+        // `context.time`, so a replay decides at the time the decision was made.
+        request_time: Some(system_timestamp(req.time)),
         id,
         request_id: req.request_id.clone(),
         decision: verdict,
@@ -62,12 +64,29 @@ pub fn event(
         headers,
         model: req.body.model.clone(),
         // The body as policy saw it (`context.body_bytes`, `body_size_known`,
-        // `body_truncated`), so a replay decides on the same facts.
+        // `body_truncated`, `body_parse_error`, `stream`, `max_tokens`, `message_count`), so
+        // a replay decides on the same facts.
         body_bytes: Some(req.body.bytes),
         body_size_known: Some(req.body.size_known),
         body_truncated: Some(req.body.truncated),
+        body_parse_error: Some(req.body.parse_error),
+        stream: req.body.stream,
+        max_tokens: req.body.max_tokens,
+        message_count: req.body.message_count,
         prompt_sha256: req.body.sha256.clone(),
         trace_id: trace.map(|t| t.trace_id),
         latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
     }
+}
+
+/// [`timestamp`] of a `SystemTime`, without the panic of `OffsetDateTime::from` on times
+/// it cannot represent (a request's time is near the server's clock; this only keeps it so).
+fn system_timestamp(at: SystemTime) -> String {
+    let nanos = match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => i128::try_from(after.as_nanos()).unwrap_or(i128::MAX),
+        Err(before) => i128::try_from(before.duration().as_nanos()).map_or(i128::MIN, |n| -n),
+    };
+    timestamp(
+        OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+    )
 }

@@ -1,12 +1,16 @@
 //! `arbiter audit replay`: re-decides recorded requests with a bundle.
 //!
 //! Reads server-side audit records and Envoy access-log lines carrying an `arbiter_record`
-//! (the filter's record of a request nobody decided), rebuilds the `CheckRequest` each one
-//! stands for and decides it with the same mapping and engine as the server.
+//! (the filter's record of a request the server did not decide: fail open, fail closed, or
+//! allowed from the allow-cache), rebuilds the `CheckRequest` each one stands for and
+//! decides it with the same mapping and engine as the server, at the record's own time and
+//! with the body facts it kept. A fact an older record lacks is decided without and named
+//! ([`Incomplete`]), never silently defaulted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::{
     address, socket_address::PortSpecifier, Address, SocketAddress,
@@ -18,11 +22,14 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value as ProtoValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use super::record::{AuditRecord, Verdict};
+use crate::ai::BodyAttributes;
 use crate::engine::PolicyEngine;
 use crate::identity::JWT_PAYLOAD_KEY;
-use crate::request::{AuthzRequest, ACTION_KEY, ROUTE_KEY, TENANT_HEADER};
+use crate::request::{AuthzRequest, TimeSource, ACTION_KEY, ROUTE_KEY, TENANT_HEADER};
 
 /// Key of the filter's record in an Envoy JSON access-log line.
 pub const ENVOY_RECORD_KEY: &str = "arbiter_record";
@@ -68,6 +75,11 @@ pub enum Recorded {
         /// Why there was no decision.
         reason: String,
     },
+    /// Allowed from the filter's allow-cache by an earlier decision of the server.
+    Cached {
+        /// The audit id of the decision that allowed it (empty if the record has none).
+        audit_id: String,
+    },
 }
 
 impl Recorded {
@@ -75,7 +87,7 @@ impl Recorded {
     fn let_through(&self) -> bool {
         match self {
             Self::Server { decision, .. } => *decision == Verdict::Allow,
-            Self::FailOpen { .. } => true,
+            Self::FailOpen { .. } | Self::Cached { .. } => true,
             Self::FailClosed { .. } => false,
         }
     }
@@ -89,6 +101,7 @@ impl Recorded {
             } => format!("fail_open ({reason}, override)"),
             Self::FailOpen { reason, .. } => format!("fail_open ({reason})"),
             Self::FailClosed { reason } => format!("fail_closed ({reason})"),
+            Self::Cached { audit_id } => format!("cached (allowed by decision {audit_id})"),
         }
     }
 }
@@ -120,6 +133,22 @@ pub struct Difference {
     pub policy_ids: Vec<String>,
     /// One line for humans: "would have been denied", …
     pub verdict: String,
+    /// Facts the original decision had that the record does not hold (replayed with the
+    /// defaults documented for each, see [`Incomplete`]).
+    pub missing: Vec<&'static str>,
+}
+
+/// A record that lacks facts the original decision had (written by an older version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Incomplete {
+    /// Where the record is.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// Envoy's request id.
+    pub request_id: String,
+    /// The facts it lacks, by their `context` name (`time`, `stream`, …, and `identity`).
+    pub missing: Vec<&'static str>,
 }
 
 /// Counts per kind of record.
@@ -129,6 +158,8 @@ pub struct Tally {
     pub replayed: u64,
     /// Of those, decided differently now.
     pub differ: u64,
+    /// Of those, records lacking facts the original decision had.
+    pub incomplete: u64,
 }
 
 /// The outcome of a replay.
@@ -142,12 +173,18 @@ pub struct ReplayReport {
     pub fail_open: Tally,
     /// Envoy-side fail-closed records.
     pub fail_closed: Tally,
+    /// Envoy-side records of requests allowed from the allow-cache.
+    pub cached: Tally,
     /// Lines that are neither (e.g. access-log lines of decided requests).
     pub skipped: u64,
     /// Lines that could not be read as a record, with why.
     pub unreadable: Vec<String>,
     /// Every request decided differently now, in input order.
     pub differences: Vec<Difference>,
+    /// How many replayed records lack each fact, by fact.
+    pub missing: BTreeMap<&'static str, u64>,
+    /// Every replayed record that lacks facts, in input order.
+    pub incomplete: Vec<Incomplete>,
 }
 
 /// Replays every record in `files` (in the order given) against `engine`.
@@ -200,6 +237,7 @@ fn replay_line(
             return;
         }
     };
+    let missing = case.facts.missing();
     case.facts.apply(&mut req);
     let decision = match engine.decide(&req) {
         Ok(decision) => decision,
@@ -212,8 +250,21 @@ fn replay_line(
         Recorded::Server { .. } => &mut report.server,
         Recorded::FailOpen { .. } => &mut report.fail_open,
         Recorded::FailClosed { .. } => &mut report.fail_closed,
+        Recorded::Cached { .. } => &mut report.cached,
     };
     tally.replayed += 1;
+    if !missing.is_empty() {
+        tally.incomplete += 1;
+        for fact in &missing {
+            *report.missing.entry(fact).or_default() += 1;
+        }
+        report.incomplete.push(Incomplete {
+            file: path.to_owned(),
+            line,
+            request_id: req.request_id.clone(),
+            missing: missing.clone(),
+        });
+    }
     if case.recorded.let_through() == decision.allowed {
         return;
     }
@@ -245,6 +296,7 @@ fn replay_line(
         replayed,
         policy_ids: decision.policy_ids,
         verdict,
+        missing,
     });
 }
 
@@ -255,20 +307,78 @@ struct Case {
 }
 
 /// What the record says about evidence the rebuilt `CheckRequest` cannot carry (the API key
-/// exists only as its hash, the body only as its attributes).
+/// exists only as its hash, the body only as its attributes, the time is the record's).
 #[derive(Debug, Default)]
 struct Facts {
     api_key_sha256: Option<String>,
     tenant: Option<String>,
+    /// When the decision was (or would have been) made; `None`: the record does not say.
+    time: Option<SystemTime>,
+    /// What to decide at when `time` is missing: an older server record's `ts`, written
+    /// just after the decision (else the time of the replay).
+    fallback_time: Option<SystemTime>,
     model: Option<String>,
     body_bytes: Option<u64>,
     body_size_known: Option<bool>,
     body_truncated: Option<bool>,
     body_sha256: Option<String>,
+    body_parse_error: Option<bool>,
+    stream: Option<bool>,
+    max_tokens: Option<i64>,
+    message_count: Option<i64>,
+    /// Whether a body was sent to policy, when the record shows it either way.
+    body_sent: Option<bool>,
+    /// The record holds what the body told policy (`body_parse_error`, `stream`,
+    /// `max_tokens`, `message_count`): a `None` among them is "the body did not say".
+    body_parsed_recorded: bool,
+    /// Whether an API-key hash and JWT claims were recorded (older server records kept only
+    /// the principal).
+    identity_recorded: bool,
 }
 
 impl Facts {
+    /// Facts the original decision had that this record does not hold, by their `context`
+    /// name. Replay decides without them (the defaults in [`Facts::apply`]), and says so.
+    fn missing(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if self.time.is_none() {
+            missing.push("time");
+        }
+        if !self.identity_recorded {
+            missing.push("identity");
+        }
+        if self.body_bytes.is_none() && self.body_size_known != Some(false) {
+            missing.push("body_bytes");
+        }
+        if self.body_size_known.is_none() && !self.complete_body() {
+            missing.push("body_size_known");
+        }
+        if !self.body_parsed_recorded {
+            match (self.body_truncated, self.body_sent) {
+                // Nothing was parsed: a body cut at the limit, or none.
+                (Some(true), _) | (_, Some(false)) => {}
+                (truncated, _) => {
+                    if truncated.is_none() {
+                        missing.push("body_truncated");
+                    }
+                    // A model was read, so the body parsed.
+                    if self.model.is_none() {
+                        missing.push("body_parse_error");
+                    }
+                    missing.extend(["stream", "max_tokens", "message_count"]);
+                }
+            }
+        }
+        missing
+    }
+
+    /// An older record shows a complete body (hash present, not cut): its size was exact.
+    fn complete_body(&self) -> bool {
+        self.body_sha256.is_some() && self.body_truncated == Some(false)
+    }
+
     fn apply(self, req: &mut AuthzRequest) {
+        let complete_body = self.complete_body();
         if self.api_key_sha256.is_some() {
             req.identity.api_key_sha256 = self.api_key_sha256;
             req.principal = req.identity.display();
@@ -276,25 +386,51 @@ impl Facts {
         if self.tenant.is_some() {
             req.requested_tenant = self.tenant;
         }
-        if let Some(bytes) = self.body_bytes {
-            req.body.bytes = bytes;
-            req.body.truncated = self.body_truncated.unwrap_or_default();
-            // Records without the field: exact only if they show the complete body was sent
-            // (the server's own rule); replay assumes nothing a record does not say.
-            req.body.size_known = self
-                .body_size_known
-                .unwrap_or(self.body_sha256.is_some() && !req.body.truncated);
-            req.body.model = self.model;
-            req.body.sha256 = self.body_sha256;
+        // The record's time, not the replay's: time-bounded policies decide as they did.
+        // Without one (reported missing) the rebuilt request keeps the time of the replay.
+        if let Some(time) = self.time.or(self.fallback_time) {
+            req.time = time;
+            req.time_source = TimeSource::Request;
         }
+        // Records without `body_size_known`: exact only if they show the complete body was
+        // sent (the server's own rule); replay assumes nothing a record does not say.
+        let size_known = match (self.body_bytes, self.body_size_known) {
+            (_, Some(known)) => known,
+            (Some(_), None) => complete_body,
+            (None, None) => false,
+        };
+        req.body = BodyAttributes {
+            bytes: self.body_bytes.unwrap_or_default(),
+            size_known,
+            truncated: self.body_truncated.unwrap_or_default(),
+            parse_error: self.body_parse_error.unwrap_or_default(),
+            model: self.model,
+            stream: self.stream,
+            max_tokens: self.max_tokens,
+            message_count: self.message_count,
+            sha256: self.body_sha256,
+        };
     }
 }
 
-/// The Envoy-side record of an undecided request (`arbiter_record`, format v1).
+/// An RFC 3339 time from a record.
+fn parse_time(text: Option<&str>) -> Option<SystemTime> {
+    OffsetDateTime::parse(text?, &Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// The Envoy-side record of a request the server did not decide (`arbiter_record`, format
+/// v1): fail open, fail closed, or allowed from the cache.
 #[derive(Debug, Deserialize)]
 struct EnvoyRecord {
     v: u32,
+    #[serde(default)]
+    ts: Option<String>,
     outcome: String,
+    /// Of a `cached` record: the decision that allowed it.
+    #[serde(default)]
+    audit_id: Option<String>,
     #[serde(default)]
     reason: Option<String>,
     #[serde(default, rename = "override")]
@@ -328,6 +464,17 @@ struct EnvoyRecord {
     body_bytes: Option<u64>,
     #[serde(default)]
     body_size_known: Option<bool>,
+    #[serde(default)]
+    body_truncated: Option<bool>,
+    /// Present in records that carry what the body told policy (the three below).
+    #[serde(default)]
+    body_parse_error: Option<bool>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    message_count: Option<i64>,
 }
 
 /// `Ok(None)`: a line that is no record to replay (an access-log line of a decided request).
@@ -365,6 +512,7 @@ fn server_case(record: AuditRecord) -> Case {
     extensions.insert(ROUTE_KEY.into(), event.route);
     // The recorded action is what policy saw, whether derived or set by the route.
     extensions.insert(ACTION_KEY.into(), event.action);
+    let identity_recorded = event.identity.is_some();
     let identity = event.identity.unwrap_or_default();
     let source = identity["source"].as_str().unwrap_or("mtls");
     // Only an mTLS identity is a peer principal; the others come back as the evidence the
@@ -381,11 +529,22 @@ fn server_case(record: AuditRecord) -> Case {
     let facts = Facts {
         api_key_sha256: identity["api_key_sha256"].as_str().map(str::to_owned),
         tenant: event.headers.get(TENANT_HEADER).cloned(),
+        // Older records: `time` is reported missing, and the record's `ts` (written just
+        // after the decision) stands in rather than the time of the replay.
+        time: parse_time(event.request_time.as_deref()),
+        fallback_time: parse_time(Some(&event.ts)),
+        body_sent: Some(event.prompt_sha256.is_some()),
         model: event.model,
         body_bytes: event.body_bytes,
         body_size_known: event.body_size_known,
         body_truncated: event.body_truncated,
         body_sha256: event.prompt_sha256,
+        body_parsed_recorded: event.body_parse_error.is_some(),
+        body_parse_error: event.body_parse_error,
+        stream: event.stream,
+        max_tokens: event.max_tokens,
+        message_count: event.message_count,
+        identity_recorded,
     };
     Case {
         recorded: Recorded::Server {
@@ -424,6 +583,9 @@ fn envoy_case(value: Value) -> Result<Case, String> {
             r#override: record.override_,
         },
         "fail_closed" => Recorded::FailClosed { reason },
+        "cached" => Recorded::Cached {
+            audit_id: record.audit_id.unwrap_or_default(),
+        },
         other => return Err(format!("unknown outcome `{other}`")),
     };
     let mut extensions: HashMap<String, String> = record
@@ -453,10 +615,25 @@ fn envoy_case(value: Value) -> Result<Case, String> {
         facts: Facts {
             api_key_sha256: record.api_key_sha256,
             tenant: record.tenant,
+            // The filter's record is written when its outcome is applied: its `ts` is the
+            // decision time.
+            time: parse_time(record.ts.as_deref()),
+            fallback_time: None,
+            // Older records do not say whether the route sent the body, unless a model
+            // was read from it.
+            body_sent: record.model.is_some().then_some(true),
             model: record.model,
-            body_bytes: record.body_bytes,
+            // `null`: no body and no announced length, i.e. 0 bytes of unknown size.
+            body_bytes: record.body_bytes.or(Some(0)),
             body_size_known: record.body_size_known,
-            ..Facts::default()
+            body_truncated: record.body_truncated,
+            body_sha256: None,
+            body_parsed_recorded: record.body_parse_error.is_some(),
+            body_parse_error: record.body_parse_error,
+            stream: record.stream,
+            max_tokens: record.max_tokens,
+            message_count: record.message_count,
+            identity_recorded: true,
         },
     })
 }
@@ -652,6 +829,7 @@ mod tests {
         };
         let mut event = crate::audit::AuditEvent {
             ts: "2026-11-22T02:00:00.000001Z".into(),
+            request_time: None,
             id: "0193a1b2-0000-7000-8000-000000000001".into(),
             request_id: "r-1".into(),
             decision: crate::audit::Verdict::Allow,
@@ -674,6 +852,10 @@ mod tests {
             body_bytes: Some(12),
             body_size_known: Some(true),
             body_truncated: Some(false),
+            body_parse_error: Some(false),
+            stream: None,
+            max_tokens: None,
+            message_count: None,
             prompt_sha256: None,
             trace_id: None,
             latency_us: 42,
@@ -691,5 +873,44 @@ mod tests {
         // Nothing recorded: nothing assumed.
         event.body_bytes = None;
         assert_eq!(replayed(event), (0, false));
+    }
+
+    #[test]
+    fn older_records_name_only_the_body_facts_a_parse_could_have_given() {
+        let facts = |sent: Option<bool>, truncated: Option<bool>, model: Option<&str>| {
+            Facts {
+                time: Some(SystemTime::UNIX_EPOCH),
+                identity_recorded: true,
+                body_bytes: Some(10),
+                body_size_known: Some(true),
+                body_sent: sent,
+                body_truncated: truncated,
+                model: model.map(str::to_owned),
+                ..Facts::default()
+            }
+            .missing()
+        };
+        let parsed = ["stream", "max_tokens", "message_count"];
+        // No body, or a cut one: nothing was parsed, nothing is missing.
+        assert!(facts(Some(false), Some(false), None).is_empty());
+        assert!(facts(Some(true), Some(true), None).is_empty());
+        assert!(facts(None, Some(true), None).is_empty());
+        // A parsed body: a model shows it parsed.
+        assert_eq!(facts(Some(true), Some(false), Some("m")), parsed);
+        let mut all = vec!["body_parse_error"];
+        all.extend(parsed);
+        assert_eq!(facts(Some(true), Some(false), None), all);
+        assert_eq!(facts(None, Some(false), None), all);
+        all.insert(0, "body_truncated");
+        assert_eq!(facts(None, None, None), all);
+        // Recorded: `null` is "the body did not say".
+        let recorded = Facts {
+            body_parsed_recorded: true,
+            ..Facts::default()
+        };
+        assert_eq!(
+            recorded.missing(),
+            ["time", "identity", "body_bytes", "body_size_known"]
+        );
     }
 }

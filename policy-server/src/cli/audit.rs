@@ -21,10 +21,13 @@ pub enum AuditCommand {
     /// (named as FILE:LINE); 2: a file or the key cannot be read.
     Verify(VerifyArgs),
     /// Re-decide recorded requests with a policy bundle: server-side audit records and
-    /// Envoy access-log lines with an `arbiter_record` (requests nobody decided).
+    /// Envoy access-log lines with an `arbiter_record` (requests the server did not decide:
+    /// fail open, fail closed, allowed from the cache), each at its recorded time with the
+    /// body facts it recorded.
     ///
-    /// Prints a summary and every request decided differently now (a fail-open request
-    /// policy denies: "would have been denied"). Exit code 0: no difference; 1: some;
+    /// Prints a summary, every request decided differently now (a fail-open request
+    /// policy denies: "would have been denied") and every record lacking facts the decision
+    /// had (older records: "missing time, stream, …"). Exit code 0: no difference; 1: some;
     /// 2: cannot run (unreadable file, invalid bundle).
     Replay(ReplayArgs),
 }
@@ -163,7 +166,10 @@ fn print_replay(
     args: &ReplayArgs,
     out: &mut impl Write,
 ) -> std::io::Result<()> {
-    let total = report.server.replayed + report.fail_open.replayed + report.fail_closed.replayed;
+    let total = report.server.replayed
+        + report.fail_open.replayed
+        + report.fail_closed.replayed
+        + report.cached.replayed;
     writeln!(
         out,
         "replayed {total} records against {} ({})",
@@ -185,6 +191,24 @@ fn print_replay(
         "  fail-closed:      {:>6} replayed, {} would have been allowed",
         report.fail_closed.replayed, report.fail_closed.differ
     )?;
+    writeln!(
+        out,
+        "  cached:           {:>6} replayed, {} would have been denied",
+        report.cached.replayed, report.cached.differ
+    )?;
+    if !report.incomplete.is_empty() {
+        let facts: Vec<String> = report
+            .missing
+            .iter()
+            .map(|(fact, n)| format!("{fact} ({n})"))
+            .collect();
+        writeln!(
+            out,
+            "  incomplete:       {:>6} records lack facts the decision had, replayed without them: {}",
+            report.incomplete.len(),
+            facts.join(", ")
+        )?;
+    }
     if report.skipped > 0 {
         writeln!(
             out,
@@ -206,15 +230,21 @@ fn print_replay(
             } => format!("fail_open ({reason}, override)"),
             Recorded::FailOpen { reason, .. } => format!("fail_open ({reason})"),
             Recorded::FailClosed { reason } => format!("fail_closed ({reason})"),
+            Recorded::Cached { audit_id } => format!("cached (allowed by decision {audit_id})"),
         };
         let policies = if d.policy_ids.is_empty() {
             "no permit applies".to_owned()
         } else {
             format!("policies {}", d.policy_ids.join(", "))
         };
+        let missing = if d.missing.is_empty() {
+            String::new()
+        } else {
+            format!("; missing {}", d.missing.join(", "))
+        };
         writeln!(
             out,
-            "  {}:{}: {}: request {} on route {} by {}: {} {} ({}): recorded {recorded}; {policies}",
+            "  {}:{}: {}: request {} on route {} by {}: {} {} ({}): recorded {recorded}; {policies}{missing}",
             d.file.display(),
             d.line,
             d.verdict,
@@ -224,6 +254,19 @@ fn print_replay(
             d.method,
             d.path,
             d.action,
+        )?;
+    }
+    if !report.incomplete.is_empty() {
+        writeln!(out, "incomplete records:")?;
+    }
+    for i in &report.incomplete {
+        writeln!(
+            out,
+            "  {}:{}: request {}: missing {}",
+            i.file.display(),
+            i.line,
+            i.request_id,
+            i.missing.join(", ")
         )?;
     }
     if !report.unreadable.is_empty() {
