@@ -7,7 +7,6 @@
 //! (`POST /__mock/mode`, `GET /__mock/requests`, `DELETE /__mock/requests`), on the main
 //! port and on a separate control port that stays open while the main port refuses.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,13 +29,33 @@ use crate::util::lock;
 /// Response header naming the mock that answered.
 pub const PROVIDER_HEADER: &str = "x-mock-provider";
 
+/// The `retry-after` (seconds) of a [`Mode::Status`] 429 or 503 answer.
+pub const STATUS_RETRY_AFTER: &str = "7";
+
+/// What a [`Mode::Reset`] mock's service returns: hyper then closes the connection without
+/// writing a response.
+#[derive(Debug)]
+struct ResetConnection;
+
+impl std::fmt::Display for ResetConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("mock resets the connection")
+    }
+}
+
+impl std::error::Error for ResetConnection {}
+
 /// How the mock answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// OpenAI-shaped 200 answers.
     Ok,
-    /// Every request gets this status with an OpenAI-shaped error body.
+    /// Every request gets this status with an OpenAI-shaped error body; a 429 or 503 also
+    /// carries `retry-after: `[`STATUS_RETRY_AFTER`], as providers send it.
     Status(u16),
+    /// Every request is read whole and recorded, then its connection is closed without an
+    /// answer (a provider crashing mid-request, as Envoy sees a reset before the response).
+    Reset,
     /// Answers like `Ok` after this delay.
     Slow(Duration),
     /// The listener is closed: connects are refused and live connections are dropped.
@@ -196,7 +215,7 @@ fn handler(shared: Arc<Shared>, main: bool) -> Handler {
         Box::pin(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, main, req).await) }
+                async move { handle(&shared, main, req).await }
             });
             // Errors here are the peer going away, which tests provoke on purpose.
             // Envoy's limits (100 headers, 60 KiB) are what tests examine; the mock takes
@@ -209,21 +228,25 @@ fn handler(shared: Arc<Shared>, main: bool) -> Handler {
     })
 }
 
-async fn handle(shared: &Shared, main: bool, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    shared: &Shared,
+    main: bool,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ResetConnection> {
     let method = req.method().clone();
     let path = req
         .uri()
         .path_and_query()
         .map_or_else(|| req.uri().path().to_owned(), |p| p.to_string());
     if path.starts_with("/__mock/") {
-        return control(shared, &method, &path, req).await;
+        return Ok(control(shared, &method, &path, req).await);
     }
     if !main {
-        return reply(
+        return Ok(reply(
             shared,
             StatusCode::NOT_FOUND,
             json!({"error": "control port serves /__mock/* only"}),
-        );
+        ));
     }
     let headers: Vec<(String, String)> = req
         .headers()
@@ -274,7 +297,7 @@ async fn handle(shared: &Shared, main: bool, req: Request<Incoming>) -> Response
     match mode {
         Mode::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return reply(
+            let mut response = reply(
                 shared,
                 status,
                 json!({
@@ -282,7 +305,15 @@ async fn handle(shared: &Shared, main: bool, req: Request<Incoming>) -> Response
                     "provider": shared.name,
                 }),
             );
+            if matches!(code, 429 | 503) {
+                response.headers_mut().insert(
+                    hyper::header::RETRY_AFTER,
+                    hyper::header::HeaderValue::from_static(STATUS_RETRY_AFTER),
+                );
+            }
+            return Ok(response);
         }
+        Mode::Reset => return Err(ResetConnection),
         Mode::Slow(delay) => tokio::time::sleep(delay).await,
         Mode::Ok | Mode::Refuse => {}
     }
@@ -324,7 +355,7 @@ async fn handle(shared: &Shared, main: bool, req: Request<Incoming>) -> Response
             "arbiter_headers": arbiter_headers,
         }),
     };
-    reply(shared, StatusCode::OK, answer)
+    Ok(reply(shared, StatusCode::OK, answer))
 }
 
 /// Body of `POST /__mock/mode`.
@@ -362,7 +393,8 @@ async fn control(
                     "status" => Mode::Status(wanted.status.unwrap_or(503)),
                     "slow" => Mode::Slow(Duration::from_millis(wanted.delay_ms.unwrap_or(1000))),
                     "refuse" => Mode::Refuse,
-                    other => bail!("unknown mode `{other}` (ok, status, slow, refuse)"),
+                    "reset" => Mode::Reset,
+                    other => bail!("unknown mode `{other}` (ok, status, slow, refuse, reset)"),
                 };
                 let Some(main) = lock(&shared.main)
                     .as_ref()
