@@ -270,8 +270,8 @@ async fn when_every_provider_fails_the_caller_gets_one_clear_answer() -> Result<
 
 /// The mapping rewrites Envoy's replies about providers only: Arbiter's deny and
 /// fail-closed answers keep their status, body and headers while every provider is down,
-/// and a fail-open request that then finds no provider gets `provider_unavailable`, not
-/// `policy_unavailable`.
+/// a fail-open request that then finds no provider gets `provider_unavailable`, not
+/// `policy_unavailable`, and one that fails over keeps its `x-arbiter-fail-open` marker.
 #[tokio::test(flavor = "multi_thread")]
 async fn arbiters_own_answers_are_not_rewritten() -> Result<()> {
     let mut stack = patient_stack().start().await?;
@@ -298,10 +298,21 @@ async fn arbiters_own_answers_are_not_rewritten() -> Result<()> {
     assert_provider_unavailable(&reply, "t_open");
     assert_eq!(stack.upstream_requests(), 0);
 
+    // A request let through on an open route keeps its marker on every try.
+    stack.primary.set_mode(Mode::Status(503)).await?;
+    stack.backup.set_mode(Mode::Ok).await?;
+    let reply = stack.chat("/t/open/v1/chat/completions").await?;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.provider(), Some("backup"));
+    for seen in [stack.primary.requests(), stack.backup.requests()] {
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].header("x-arbiter-fail-open"), Some("unreachable"));
+    }
+
     let stats = stack.stats().await?;
     assert_eq!(filter_counter(&stats, "checks.deny"), 1);
     assert_eq!(filter_counter(&stats, "checks.fail_closed"), 1);
-    assert_eq!(filter_counter(&stats, "checks.fail_open"), 1);
+    assert_eq!(filter_counter(&stats, "checks.fail_open"), 2);
     assert_eq!(stats.get(ALL_FAILED).copied(), Some(1), "only the open one");
     Ok(())
 }
@@ -421,5 +432,27 @@ async fn a_route_timeout_is_answered_in_the_same_shape() -> Result<()> {
     assert_eq!(stack.primary.requests().len(), 1);
     assert!(stack.backup.requests().is_empty());
     assert_eq!(stat(&stack, ALL_FAILED).await?, 0);
+    Ok(())
+}
+
+/// The shipped provider routes have no total timeout: Envoy's default (15 s) spans the whole
+/// response and would cut an answer that takes longer (a long completion, a streamed one).
+/// A 16 s answer on a shipped route reaches the caller whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_answer_on_a_shipped_route_is_not_cut_at_15_seconds() -> Result<()> {
+    let stack = patient_stack().start().await?;
+    let answer_after = std::time::Duration::from_secs(16);
+    stack.primary.set_mode(Mode::Slow(answer_after)).await?;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()?;
+    let started = std::time::Instant::now();
+    let reply = Reply::read(http.get(stack.url("/v1/models")).send().await?).await?;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.provider(), Some("primary"));
+    assert_eq!(reply.json()?["path"], "/v1/models");
+    assert!(started.elapsed() >= answer_after);
+    assert!(stack.backup.requests().is_empty());
     Ok(())
 }

@@ -378,10 +378,9 @@ async fn mock_is_controllable_over_http() {
         .await
         .unwrap();
     assert_eq!(set.status(), 200);
-    assert_eq!(
-        http.get(format!("{main}/x")).send().await.unwrap().status(),
-        429
-    );
+    let limited = http.get(format!("{main}/x")).send().await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["retry-after"], "7", "as providers send it");
 
     let recorded: Value = http
         .get(format!("{control}/__mock/requests"))
@@ -420,6 +419,28 @@ async fn mock_is_controllable_over_http() {
         http.get(format!("{main}/x")).send().await.unwrap().status(),
         200
     );
+
+    // Reset: the request is read and recorded, the connection closes without an answer.
+    let set = http
+        .post(format!("{control}/__mock/mode"))
+        .json(&json!({"mode": "reset"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    assert_eq!(mock.mode(), Mode::Reset);
+    let recorded = mock.requests().len();
+    let mut raw = TcpStream::connect(mock.addr()).await.unwrap();
+    raw.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer))
+        .await
+        .expect("the mock closes the connection");
+    assert!(answer.is_empty(), "{read:?}: {}", String::from_utf8_lossy(&answer));
+    assert_eq!(mock.requests().len(), recorded + 1);
+    assert_eq!(mock.requests().last().unwrap().body, "{}");
 
     let bad = http
         .post(format!("{control}/__mock/mode"))

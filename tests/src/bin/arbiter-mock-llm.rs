@@ -1,5 +1,5 @@
 //! `arbiter-mock-llm`: a standalone mock OpenAI-compatible provider for demos and manual
-//! testing. Control it with `POST /__mock/mode` (`{"mode":"ok"|"status"|"slow"|"refuse",
+//! testing. Control it with `POST /__mock/mode` (`{"mode":"ok"|"status"|"slow"|"refuse"|"reset",
 //! "status":503,"delay_ms":500}`) and `GET /__mock/requests`, on the main port or on the
 //! control port (which stays open in `refuse` mode).
 
