@@ -456,3 +456,35 @@ async fn a_long_answer_on_a_shipped_route_is_not_cut_at_15_seconds() -> Result<(
     assert!(stack.backup.requests().is_empty());
     Ok(())
 }
+
+/// The retriable set is a per-route choice: a route with its own retry policy (here without
+/// 429, for a backup that shares the primary's quota) returns the primary's 429 with its
+/// `retry-after`, and still fails over on a 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_can_choose_its_own_retriable_set() -> Result<()> {
+    let stack = patient_stack().start().await?;
+    let path = "/t/no-429-failover/v1/chat/completions";
+    stack.primary.set_mode(Mode::Status(429)).await?;
+    let body = chat_request("no 429 failover");
+    let reply = post(&stack, path, &body).await?;
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.provider(), Some("primary"));
+    assert_eq!(reply.header("retry-after"), Some(STATUS_RETRY_AFTER));
+    assert!(stack.backup.requests().is_empty());
+    assert_one_decided_request(&[("primary", stack.primary.requests())], path, &body);
+    stack.primary.clear();
+
+    stack.primary.set_mode(Mode::Status(503)).await?;
+    let reply = post(&stack, path, &body).await?;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.provider(), Some("backup"));
+    assert_one_decided_request(
+        &[
+            ("primary", stack.primary.requests()),
+            ("backup", stack.backup.requests()),
+        ],
+        path,
+        &body,
+    );
+    Ok(())
+}
