@@ -488,3 +488,56 @@ async fn a_route_can_choose_its_own_retriable_set() -> Result<()> {
     );
     Ok(())
 }
+
+/// How much body Envoy keeps for a retry is the downstream stream's buffer limit: over
+/// HTTP/1.1 the listener's `per_connection_buffer_limit_bytes` (1 MiB by default), over
+/// HTTP/2 the stream's flow-control window (256 MiB by default). A 2 MiB body over HTTP/2
+/// fails over whole; over HTTP/1.1 (sent after the decision, so the filter does not answer
+/// 413 while holding it) it is not kept: the primary's answer reaches the caller as it is,
+/// and Envoy counts the abandoned retry. The README states this limit; this test keeps it
+/// honest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_beyond_the_retry_buffer_gets_the_primarys_answer() -> Result<()> {
+    let stack = patient_stack().start().await?;
+    stack.primary.set_mode(Mode::Status(503)).await?;
+    let body = chat_request(&"x".repeat(2 << 20));
+
+    let mut h2 = H2Conn::to(&stack).await?;
+    let head = Head::post(CHAT).content_length(body.len());
+    let mut stream = h2.open(&head, false).await?;
+    stream.data(&body, true)?;
+    let reply = match stream.answer().await? {
+        Answer::Reply(reply) => reply,
+        Answer::Reset(why) => anyhow::bail!("HTTP/2: no answer: {why}"),
+    };
+    assert_eq!(reply.status, 200, "HTTP/2: {}", reply.text());
+    assert_eq!(reply.provider(), Some("backup"));
+    assert_one_decided_request(
+        &[
+            ("primary", stack.primary.requests()),
+            ("backup", stack.backup.requests()),
+        ],
+        CHAT,
+        &body,
+    );
+    assert_eq!(stat(&stack, "cluster.llm.retry_or_shadow_abandoned").await?, 0);
+    stack.primary.clear();
+    stack.backup.clear();
+
+    let allowed = filter_stat(&stack, "checks.allow").await?;
+    let mut h1 = H1Conn::to(&stack).await?;
+    h1.write(&H1Request::post(CHAT, &body).head_bytes()).await?;
+    wait_filter_counter(&stack, "checks.allow", allowed + 1).await?;
+    h1.write(&body).await?;
+    let reply = match h1.answer().await? {
+        Answer::Reply(reply) => reply,
+        Answer::Reset(why) => anyhow::bail!("HTTP/1.1: no answer: {why}"),
+    };
+    assert_eq!(reply.status, 503, "HTTP/1.1: {}", reply.text());
+    assert_eq!(reply.provider(), Some("primary"), "{}", reply.text());
+    assert_eq!(reply.header("retry-after"), Some(STATUS_RETRY_AFTER));
+    assert!(stack.backup.requests().is_empty());
+    assert_one_decided_request(&[("primary", stack.primary.requests())], CHAT, &body);
+    assert_eq!(stat(&stack, "cluster.llm.retry_or_shadow_abandoned").await?, 1);
+    Ok(())
+}
