@@ -54,7 +54,11 @@ async fn recover(stack: &Stack) -> Result<()> {
     stack.backup.set_mode(Mode::Ok).await?;
     let reply = stack.chat(CHAT).await?;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.provider(), Some("primary"), "the primary is in rotation");
+    assert_eq!(
+        reply.provider(),
+        Some("primary"),
+        "the primary is in rotation"
+    );
     stack.primary.clear();
     stack.backup.clear();
     Ok(())
@@ -69,14 +73,22 @@ fn assert_one_decided_request(seen: &[(&str, Vec<Received>)], path: &str, body: 
         assert_eq!(requests.len(), 1, "{provider} got {requests:?}");
         let request = &requests[0];
         assert_eq!(request.path, path, "{provider}");
-        assert_eq!(request.body_raw.as_ref(), body, "{provider}: the body differs");
+        assert_eq!(
+            request.body_raw.as_ref(),
+            body,
+            "{provider}: the body differs"
+        );
         let audit_id = request.header("x-arbiter-audit-id");
         assert!(audit_id.is_some_and(|id| !id.is_empty()), "{provider}");
         assert!(!request.has_header("x-arbiter-fail-open"), "{provider}");
         audit_ids.push(audit_id.unwrap().to_owned());
     }
     audit_ids.dedup();
-    assert_eq!(audit_ids.len(), 1, "one decision for every try: {audit_ids:?}");
+    assert_eq!(
+        audit_ids.len(),
+        1,
+        "one decision for every try: {audit_ids:?}"
+    );
 }
 
 /// Envoy's answer when no provider could answer: Arbiter's JSON error shape.
@@ -155,7 +167,10 @@ async fn every_retriable_failure_of_the_primary_is_served_by_the_backup() -> Res
         requests,
         "one decision per request, not per try"
     );
-    assert_eq!(stats.get("cluster.llm.upstream_rq_retry").copied(), Some(14));
+    assert_eq!(
+        stats.get("cluster.llm.upstream_rq_retry").copied(),
+        Some(14)
+    );
     assert_eq!(
         stats.get("cluster.llm.upstream_rq_retry_success").copied(),
         Some(14)
@@ -203,11 +218,23 @@ async fn when_every_provider_fails_the_caller_gets_one_clear_answer() -> Result<
     let cases = [
         (Mode::Refuse, Mode::Refuse, Expect::ProviderUnavailable),
         (Mode::Reset, Mode::Reset, Expect::ProviderUnavailable),
-        (Mode::Status(429), Mode::Status(429), Expect::FromBackup(429)),
-        (Mode::Status(503), Mode::Status(500), Expect::FromBackup(500)),
+        (
+            Mode::Status(429),
+            Mode::Status(429),
+            Expect::FromBackup(429),
+        ),
+        (
+            Mode::Status(503),
+            Mode::Status(500),
+            Expect::FromBackup(500),
+        ),
         (Mode::Status(502), Mode::Reset, Expect::ProviderUnavailable),
         (Mode::Refuse, Mode::Status(503), Expect::FromBackup(503)),
-        (Mode::Status(504), Mode::Status(429), Expect::FromBackup(429)),
+        (
+            Mode::Status(504),
+            Mode::Status(429),
+            Expect::FromBackup(429),
+        ),
     ];
     let mut lines = 0;
     for (n, (primary, backup, expect)) in cases.into_iter().enumerate() {
@@ -352,7 +379,10 @@ async fn concurrent_failovers_all_reach_the_backup() -> Result<()> {
     }
     assert_eq!(stack.primary.requests().len(), CALLERS);
     assert_eq!(stack.backup.requests().len(), CALLERS);
-    assert_eq!(stat(&stack, "cluster.llm.upstream_rq_retry_overflow").await?, 0);
+    assert_eq!(
+        stat(&stack, "cluster.llm.upstream_rq_retry_overflow").await?,
+        0
+    );
     Ok(())
 }
 
@@ -423,7 +453,9 @@ async fn a_route_timeout_is_answered_in_the_same_shape() -> Result<()> {
         .primary
         .set_mode(Mode::Slow(std::time::Duration::from_secs(8)))
         .await?;
-    let reply = stack.chat("/t/provider-timeout/v1/chat/completions").await?;
+    let reply = stack
+        .chat("/t/provider-timeout/v1/chat/completions")
+        .await?;
     assert_eq!(reply.status, 504, "{}", reply.text());
     assert_eq!(reply.header("content-type"), Some("application/json"));
     let body = reply.json()?;
@@ -520,7 +552,10 @@ async fn a_body_beyond_the_retry_buffer_gets_the_primarys_answer() -> Result<()>
         CHAT,
         &body,
     );
-    assert_eq!(stat(&stack, "cluster.llm.retry_or_shadow_abandoned").await?, 0);
+    assert_eq!(
+        stat(&stack, "cluster.llm.retry_or_shadow_abandoned").await?,
+        0
+    );
     stack.primary.clear();
     stack.backup.clear();
 
@@ -538,6 +573,9 @@ async fn a_body_beyond_the_retry_buffer_gets_the_primarys_answer() -> Result<()>
     assert_eq!(reply.header("retry-after"), Some(STATUS_RETRY_AFTER));
     assert!(stack.backup.requests().is_empty());
     assert_one_decided_request(&[("primary", stack.primary.requests())], CHAT, &body);
-    assert_eq!(stat(&stack, "cluster.llm.retry_or_shadow_abandoned").await?, 1);
+    assert_eq!(
+        stat(&stack, "cluster.llm.retry_or_shadow_abandoned").await?,
+        1
+    );
     Ok(())
 }

@@ -380,7 +380,11 @@ async fn mock_is_controllable_over_http() {
     assert_eq!(set.status(), 200);
     let limited = http.get(format!("{main}/x")).send().await.unwrap();
     assert_eq!(limited.status(), 429);
-    assert_eq!(limited.headers()["retry-after"], "7", "as providers send it");
+    assert_eq!(
+        limited.headers()["retry-after"],
+        "7",
+        "as providers send it"
+    );
 
     let recorded: Value = http
         .get(format!("{control}/__mock/requests"))
@@ -438,7 +442,11 @@ async fn mock_is_controllable_over_http() {
     let read = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer))
         .await
         .expect("the mock closes the connection");
-    assert!(answer.is_empty(), "{read:?}: {}", String::from_utf8_lossy(&answer));
+    assert!(
+        answer.is_empty(),
+        "{read:?}: {}",
+        String::from_utf8_lossy(&answer)
+    );
     assert_eq!(mock.requests().len(), recorded + 1);
     assert_eq!(mock.requests().last().unwrap().body, "{}");
 
