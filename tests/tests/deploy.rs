@@ -16,18 +16,25 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use arbiter_e2e::stack::{policy_server_bin, wasm_path};
-use arbiter_e2e::{envoy::envoy_bin, eventually, workspace_root, PolicyServer};
+use arbiter_e2e::{envoy::envoy_bin, eventually, workspace_root, Envoy, MockLlm, PolicyServer};
 use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context::{HttpRequest, Request},
     authorization_client::AuthorizationClient,
     AttributeContext, CheckRequest,
 };
 use serde_json::{json, Value};
+
+/// A port nothing listens on, for configs that are only validated.
+const NOWHERE: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9,
+));
 
 fn deploy_dir() -> PathBuf {
     workspace_root().join("deploy")
@@ -381,7 +388,7 @@ async fn bundle_reload_follows_a_kubelet_configmap_swap() {
             .await
             .ok()?;
         text.lines()
-            .any(|l| l.starts_with("arbiter_bundle_rejected ") && l.ends_with(" 1"))
+            .any(|l| l == "arbiter_bundle_rejected{bundle=\"active\"} 1")
             .then_some(())
     })
     .await
@@ -403,7 +410,8 @@ async fn the_shipped_bundle_loads_from_a_kubelet_volume() {
     let volume = KubeletVolume::new(&configmap_files(&rendered()));
     let server = PolicyServer::start(volume.path(), &[]).await.unwrap();
     let (_, version) = decide(&server).await;
-    assert!(version.starts_with("sha256:"), "{version}");
+    // `<bundle.toml name>@sha256:…`: the example bundle's bundle.toml was read.
+    assert!(version.starts_with("ai-gateway@sha256:"), "{version}");
 }
 
 /// The custom resources of `deploy/istio/` and `deploy/envoy-gateway/`.
@@ -468,7 +476,7 @@ fn istio_and_envoy_gateway_resources_validate_against_their_crds() {
         .collect();
     for kind in [
         "WasmPlugin",
-        "DestinationRule",
+        "EnvoyFilter",
         "EnvoyExtensionPolicy",
         "EnvoyPatchPolicy",
     ] {
@@ -491,9 +499,9 @@ fn istio_and_envoy_gateway_resources_validate_against_their_crds() {
         .unwrap()
         .1
         .clone();
-    let rule = resources
+    let envoy_filter = resources
         .iter()
-        .find(|(_, d)| d["kind"] == "DestinationRule")
+        .find(|(_, d)| d["kind"] == "EnvoyFilter")
         .unwrap()
         .1
         .clone();
@@ -522,13 +530,8 @@ fn istio_and_envoy_gateway_resources_validate_against_their_crds() {
             ".spec.wasm[0].code.image.uri",
         ),
         (
-            renamed(
-                &rule,
-                "/spec/trafficPolicy/connectionPool/http",
-                "h2UpgradePolicy",
-                "http2UpgradePolicy",
-            ),
-            ".spec.trafficPolicy.connectionPool.http.http2UpgradePolicy",
+            renamed(&envoy_filter, "/spec/configPatches/0", "applyTo", "apply_to"),
+            ".spec.configPatches[0].apply_to",
         ),
     ];
     for (doc, expected) in cases {
@@ -539,77 +542,97 @@ fn istio_and_envoy_gateway_resources_validate_against_their_crds() {
     }
 }
 
-/// The plugin configuration and policy cluster name of each platform's resources.
-fn plugin_configs() -> Vec<(String, Value)> {
+/// The cluster each platform's patch resource adds (EnvoyFilter `CLUSTER` `ADD`,
+/// EnvoyPatchPolicy `add` of a Cluster), by the directory it is in.
+fn added_clusters(resources: &[(PathBuf, Value)]) -> Vec<(PathBuf, Value)> {
+    let mut out = Vec::new();
+    for (file, doc) in resources {
+        match doc["kind"].as_str().unwrap() {
+            "EnvoyFilter" => {
+                for patch in doc["spec"]["configPatches"].as_array().unwrap() {
+                    if patch["applyTo"] == "CLUSTER" && patch["patch"]["operation"] == "ADD" {
+                        out.push((file.clone(), patch["patch"]["value"].clone()));
+                    }
+                }
+            }
+            "EnvoyPatchPolicy" => {
+                for patch in doc["spec"]["jsonPatches"].as_array().unwrap() {
+                    if patch["type"] == "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+                        && patch["operation"]["op"] == "add"
+                    {
+                        out.push((file.clone(), patch["operation"]["value"].clone()));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Each platform's plugin configuration with the cluster its `policy_cluster` names, which
+/// must be one that platform's resources add.
+fn plugin_configs() -> Vec<(String, Value, Value)> {
     let resources = custom_resources();
+    let clusters = added_clusters(&resources);
     let mut out = Vec::new();
     for (file, doc) in &resources {
         let name = file.display().to_string();
-        match doc["kind"].as_str().unwrap() {
+        let configs = match doc["kind"].as_str().unwrap() {
             "WasmPlugin" => {
                 // Never bypass the filter when its VM fails.
                 assert_ne!(doc["spec"]["failStrategy"], "FAIL_OPEN", "{name}");
                 assert!(doc["spec"]["failStrategy"].is_string(), "{name}");
                 assert_eq!(doc["spec"]["phase"], "AUTHZ", "{name}");
-                out.push((name, doc["spec"]["pluginConfig"].clone()));
+                assert!(doc["spec"]["url"].as_str().unwrap().starts_with("oci://"));
+                vec![doc["spec"]["pluginConfig"].clone()]
             }
-            "EnvoyExtensionPolicy" => {
-                for wasm in doc["spec"]["wasm"].as_array().unwrap() {
+            "EnvoyExtensionPolicy" => doc["spec"]["wasm"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|wasm| {
                     assert_eq!(wasm["failOpen"], false, "{name}");
                     assert_eq!(wasm["code"]["type"], "Image", "{name}");
-                    out.push((name.clone(), wasm["config"].clone()));
-                }
-            }
-            _ => {}
+                    wasm["config"].clone()
+                })
+                .collect(),
+            _ => continue,
+        };
+        for config in configs {
+            let policy_cluster = config["policy_cluster"].as_str().unwrap();
+            let cluster = clusters
+                .iter()
+                .find(|(f, c)| f.parent() == file.parent() && c["name"] == policy_cluster)
+                .unwrap_or_else(|| panic!("{name}: no resource beside it adds {policy_cluster}"))
+                .1
+                .clone();
+            out.push((name.clone(), config, cluster));
         }
     }
     assert_eq!(out.len(), 2, "one WasmPlugin and one EnvoyExtensionPolicy");
     out
 }
 
-/// The cluster the EnvoyPatchPolicy adds, as Envoy gets it.
-fn patched_cluster() -> Value {
-    let resources = custom_resources();
-    let patch = &resources
-        .iter()
-        .find(|(_, d)| d["kind"] == "EnvoyPatchPolicy")
-        .unwrap()
-        .1;
-    let op = &patch["spec"]["jsonPatches"][0];
-    assert_eq!(op["type"], "type.googleapis.com/envoy.config.cluster.v3.Cluster");
-    assert_eq!(op["operation"]["op"], "add");
-    op["operation"]["value"].clone()
-}
-
-/// An Envoy config with the real filter, `plugin_config`, and a cluster named
-/// `policy_cluster` (Istio's `outbound|PORT||HOST`, or the patched cluster as it is).
-fn envoy_config(plugin_config: &Value) -> Value {
-    let policy_cluster = plugin_config["policy_cluster"].as_str().unwrap();
-    let patched = patched_cluster();
-    let cluster = if patched["name"] == policy_cluster {
-        let mut cluster = patched;
-        // Same cluster, resolvable here: the Service's DNS name only exists in a cluster.
-        cluster["type"] = json!("STATIC");
-        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            ["socket_address"]["address"] = json!("127.0.0.1");
-        cluster
-    } else {
-        // What Istio generates for the policy Service: HTTP/2, STATIC here for the same reason.
-        json!({
-            "name": policy_cluster,
-            "type": "STATIC",
-            "connect_timeout": "0.25s",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}}
-                }
-            },
-            "load_assignment": {"cluster_name": policy_cluster, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 50051}}}}
-            ]}]}
-        })
-    };
+/// An Envoy config with the real filter, `plugin_config`, the platform's policy `cluster`
+/// as its resource adds it (sending to `policy`: the Service's DNS name only resolves in a
+/// cluster), and every route going to the cluster `llm` at `upstream`.
+fn envoy_config(
+    plugin_config: &Value,
+    cluster: &Value,
+    policy: SocketAddr,
+    upstream: SocketAddr,
+) -> Value {
+    let mut cluster = cluster.clone();
+    cluster["type"] = json!("STATIC");
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"] = json!({"address": "127.0.0.1", "port_value": policy.port()});
+    let llm = json!({
+        "name": "llm", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "llm", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream.port()}}}}
+        ]}]}
+    });
     json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
@@ -623,7 +646,7 @@ fn envoy_config(plugin_config: &Value) -> Value {
                         "stat_prefix": "gateway",
                         "route_config": {"virtual_hosts": [{
                             "name": "api", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": policy_cluster}}]
+                            "routes": [{"name": "all", "match": {"prefix": "/"}, "route": {"cluster": "llm"}}]
                         }]},
                         "http_filters": [
                             {"name": "envoy.filters.http.wasm", "typed_config": {
@@ -646,7 +669,7 @@ fn envoy_config(plugin_config: &Value) -> Value {
                     }
                 }]}]
             }],
-            "clusters": [cluster]
+            "clusters": [cluster, llm]
         }
     })
 }
@@ -671,12 +694,12 @@ fn envoy_validate(config: &Value) -> (bool, String) {
 
 #[test]
 fn the_plugin_configurations_load_in_the_real_filter() {
-    for (file, config) in plugin_configs() {
+    for (file, config, cluster) in plugin_configs() {
         assert!(
             config["routes"].as_array().is_some_and(|r| !r.is_empty()),
             "{file}: no route table"
         );
-        let (ok, log) = envoy_validate(&envoy_config(&config));
+        let (ok, log) = envoy_validate(&envoy_config(&config, &cluster, NOWHERE, NOWHERE));
         assert!(ok, "{file}: the filter refused its plugin configuration:\n{log}");
 
         // Negative: envoy --mode validate runs on_configure, so a wrong field name in the
@@ -685,10 +708,13 @@ fn the_plugin_configurations_load_in_the_real_filter() {
         bad_entry["routes"][0]["settings"]["fial_mode"] = json!("open");
         let mut bad_field = config.clone();
         bad_field["timeout"] = json!(100);
-        for bad in [bad_entry, bad_field] {
-            let (ok, log) = envoy_validate(&envoy_config(&bad));
+        for (bad, field) in [(bad_entry, "fial_mode"), (bad_field, "timeout")] {
+            let (ok, log) = envoy_validate(&envoy_config(&bad, &cluster, NOWHERE, NOWHERE));
             assert!(!ok, "{file}: accepted {bad}");
-            assert!(log.contains("arbiter"), "{log}");
+            assert!(
+                log.contains("invalid plugin configuration") && log.contains(field),
+                "{file}: {field}: {log}"
+            );
         }
     }
 }
@@ -742,3 +768,54 @@ fn every_file_under_deploy_is_checked() {
         }
     }
 }
+
+/// Each platform's plugin configuration in a running Envoy, calling a real policy server
+/// through the cluster that platform's resource adds: a request on the table's `chat`
+/// route is decided by policy (403 from a deny-all bundle, nothing upstream; 200 from an
+/// allow bundle), not answered with the fail mode (503), which is what a cluster that
+/// cannot carry the call gives (as Istio's `outbound|PORT||HOST` name does: `|` is not
+/// valid in the call's `:authority`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_platform_reaches_the_policy_server_by_its_cluster_name() {
+    for (file, config, cluster) in plugin_configs() {
+        let chat = config["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "chat")
+            .unwrap_or_else(|| panic!("{file}: no `chat` route"))
+            .clone();
+        assert_eq!(chat["settings"]["fail_mode"], "closed", "{file}");
+        let authority = chat["match"]["authority"].as_str().unwrap().to_owned();
+        let path = format!("{}completions", chat["match"]["path_prefix"].as_str().unwrap());
+        for (bundle, status, upstream_requests) in [(DENY_ALL, 403, 0), (PERMIT_ALL, 200, 1)] {
+            let policies = tempfile::tempdir().unwrap();
+            std::fs::write(policies.path().join("p.cedar"), bundle).unwrap();
+            let server = PolicyServer::start(policies.path(), &[]).await.unwrap();
+            let upstream = MockLlm::start("llm").await.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let envoy_file = dir.path().join("envoy.json");
+            std::fs::write(
+                &envoy_file,
+                serde_json::to_vec_pretty(&envoy_config(&config, &cluster, server.addr(), upstream.addr()))
+                    .unwrap(),
+            )
+            .unwrap();
+            let envoy = Envoy::start(&envoy_file, &Default::default()).await.unwrap();
+            let reply = reqwest::Client::new()
+                .post(envoy.url(&path).unwrap())
+                .header("host", &authority)
+                .header("content-type", "application/json")
+                .body(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(reply.status().as_u16(), status, "{file}: {}", reply.text().await.unwrap());
+            assert_eq!(upstream.requests().len(), upstream_requests, "{file}");
+            let audit = server.audit_records().unwrap();
+            assert_eq!(audit.len(), 1, "{file}: one decision, audited: {audit:?}");
+        }
+    }
+}
+
+const PERMIT_ALL: &str = "@id(\"everything\")\npermit(principal, action, resource);\n";
