@@ -123,7 +123,10 @@ fn kubernetes_base_renders_and_validates_strictly() {
     // Negative: a misspelt field is refused, in a core object and deep in the pod spec.
     for (from, to) in [
         ("maxUnavailable: 1", "maxUnavailabel: 1"),
-        ("readOnlyRootFilesystem: true", "readOnlyRootFileSystem: true"),
+        (
+            "readOnlyRootFilesystem: true",
+            "readOnlyRootFileSystem: true",
+        ),
         ("appProtocol: grpc", "appprotocol: grpc"),
     ] {
         assert!(yaml.contains(from), "{from}");
@@ -142,7 +145,10 @@ fn the_server_workload_is_what_a_platform_team_needs() {
     let pod = &sts["spec"]["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert!(pod["securityContext"]["runAsUser"].as_u64().unwrap() > 0);
-    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
     let container = &pod["containers"][0];
     let sc = &container["securityContext"];
     assert_eq!(sc["allowPrivilegeEscalation"], false);
@@ -191,7 +197,10 @@ fn the_server_workload_is_what_a_platform_team_needs() {
     assert!(policies["subPath"].is_null());
     let audit = mounts.iter().find(|m| m["name"] == "audit").unwrap();
     assert!(env["ARBITER_AUDIT_LOG"].starts_with(audit["mountPath"].as_str().unwrap()));
-    assert_eq!(sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"], "audit");
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        "audit"
+    );
     let volume = pod["volumes"]
         .as_array()
         .unwrap()
@@ -248,7 +257,10 @@ fn the_bundle_configmap_is_the_example_bundle() {
         expected.keys().collect::<Vec<_>>(),
         "deploy/kubernetes/policies/ and kustomization.yaml must list the example bundle"
     );
-    assert!(files == expected, "deploy/kubernetes/policies/ differs from the example bundle");
+    assert!(
+        files == expected,
+        "deploy/kubernetes/policies/ differs from the example bundle"
+    );
 }
 
 /// A ConfigMap volume as the kubelet's AtomicWriter maintains it: the payload in
@@ -280,7 +292,10 @@ impl KubeletVolume {
         use std::os::unix::fs::symlink;
         let root = self.dir.path();
         self.generation += 1;
-        let stamp = format!("..2026_11_30_10_00_{:02}.{:09}", self.generation, 123_456_789);
+        let stamp = format!(
+            "..2026_11_30_10_00_{:02}.{:09}",
+            self.generation, 123_456_789
+        );
         let payload = root.join(&stamp);
         std::fs::create_dir(&payload).unwrap();
         for (name, text) in files {
@@ -357,22 +372,23 @@ const DENY_ALL: &str = "@id(\"nothing\")\nforbid(principal, action, resource);\n
 async fn bundle_reload_follows_a_kubelet_configmap_swap() {
     let allow = BTreeMap::from([("policy.cedar".to_owned(), ALLOW_CHAT.to_owned())]);
     let mut volume = KubeletVolume::new(&allow);
-    let server = PolicyServer::start(
-        volume.path(),
-        &["--reload-interval-ms".into(), "50".into()],
-    )
-    .await
-    .unwrap();
+    let server = PolicyServer::start(volume.path(), &["--reload-interval-ms".into(), "50".into()])
+        .await
+        .unwrap();
     let (allowed, v1) = decide(&server).await;
     assert!(allowed, "the first bundle allows chat");
 
     // The update renames the file too: the old link goes, a new one comes.
     let deny = BTreeMap::from([("deny.cedar".to_owned(), DENY_ALL.to_owned())]);
     volume.update(&deny);
-    let v2 = eventually(Duration::from_secs(30), "the swapped bundle to decide", || async {
-        let (allowed, version) = decide(&server).await;
-        (!allowed && version != v1).then_some(version)
-    })
+    let v2 = eventually(
+        Duration::from_secs(30),
+        "the swapped bundle to decide",
+        || async {
+            let (allowed, version) = decide(&server).await;
+            (!allowed && version != v1).then_some(version)
+        },
+    )
     .await
     .unwrap();
 
@@ -380,27 +396,35 @@ async fn bundle_reload_follows_a_kubelet_configmap_swap() {
     let broken = BTreeMap::from([("deny.cedar".to_owned(), "forbid(principal,".to_owned())]);
     volume.update(&broken);
     let metrics = server.metrics_addr().unwrap();
-    eventually(Duration::from_secs(30), "the bad bundle to be rejected", || async {
-        let text = reqwest::get(format!("http://{metrics}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .any(|l| l == "arbiter_bundle_rejected{bundle=\"active\"} 1")
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the bad bundle to be rejected",
+        || async {
+            let text = reqwest::get(format!("http://{metrics}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.lines()
+                .any(|l| l == "arbiter_bundle_rejected{bundle=\"active\"} 1")
+                .then_some(())
+        },
+    )
     .await
     .unwrap();
     assert_eq!(decide(&server).await, (false, v2.clone()));
 
     // And a good one after it is loaded again.
     volume.update(&allow);
-    eventually(Duration::from_secs(30), "the allow bundle to return", || async {
-        let (allowed, version) = decide(&server).await;
-        (allowed && version == v1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the allow bundle to return",
+        || async {
+            let (allowed, version) = decide(&server).await;
+            (allowed && version == v1).then_some(())
+        },
+    )
     .await
     .unwrap();
 }
@@ -515,7 +539,10 @@ fn istio_and_envoy_gateway_resources_validate_against_their_crds() {
     let mut bad_enum = wasm_plugin.clone();
     bad_enum["spec"]["failStrategy"] = json!("FAIL_NEVER");
     let cases = [
-        (renamed(&wasm_plugin, "/spec", "phase", "phaze"), ".spec.phaze"),
+        (
+            renamed(&wasm_plugin, "/spec", "phase", "phaze"),
+            ".spec.phaze",
+        ),
         (
             renamed(&wasm_plugin, "/spec/selector", "matchLabels", "matchLabel"),
             ".spec.selector.matchLabel",
@@ -530,7 +557,12 @@ fn istio_and_envoy_gateway_resources_validate_against_their_crds() {
             ".spec.wasm[0].code.image.uri",
         ),
         (
-            renamed(&envoy_filter, "/spec/configPatches/0", "applyTo", "apply_to"),
+            renamed(
+                &envoy_filter,
+                "/spec/configPatches/0",
+                "applyTo",
+                "apply_to",
+            ),
             ".spec.configPatches[0].apply_to",
         ),
     ];
@@ -700,7 +732,10 @@ fn the_plugin_configurations_load_in_the_real_filter() {
             "{file}: no route table"
         );
         let (ok, log) = envoy_validate(&envoy_config(&config, &cluster, NOWHERE, NOWHERE));
-        assert!(ok, "{file}: the filter refused its plugin configuration:\n{log}");
+        assert!(
+            ok,
+            "{file}: the filter refused its plugin configuration:\n{log}"
+        );
 
         // Negative: envoy --mode validate runs on_configure, so a wrong field name in the
         // route table, or a misspelt plugin field, is refused by the real filter.
@@ -729,7 +764,11 @@ fn every_file_under_deploy_is_checked() {
     .unwrap();
     let mut checked: Vec<PathBuf> = vec![deploy_dir().join("kubernetes/kustomization.yaml")];
     for resource in kustomization["resources"].as_array().unwrap() {
-        checked.push(deploy_dir().join("kubernetes").join(resource.as_str().unwrap()));
+        checked.push(
+            deploy_dir()
+                .join("kubernetes")
+                .join(resource.as_str().unwrap()),
+        );
     }
     for generator in kustomization["configMapGenerator"].as_array().unwrap() {
         for file in generator["files"].as_array().unwrap() {
@@ -786,8 +825,18 @@ async fn each_platform_reaches_the_policy_server_by_its_cluster_name() {
             .unwrap_or_else(|| panic!("{file}: no `chat` route"))
             .clone();
         assert_eq!(chat["settings"]["fail_mode"], "closed", "{file}");
+        // The shipped 50 ms budget is for a release server next to the gateway; a debug
+        // server on this loaded box can miss it on a fresh connection, and a timeout would
+        // say nothing about the cluster. Only the time budget changes.
+        let mut config = config.clone();
+        for route in config["routes"].as_array_mut().unwrap() {
+            route["settings"]["timeout_ms"] = json!(10_000);
+        }
         let authority = chat["match"]["authority"].as_str().unwrap().to_owned();
-        let path = format!("{}completions", chat["match"]["path_prefix"].as_str().unwrap());
+        let path = format!(
+            "{}completions",
+            chat["match"]["path_prefix"].as_str().unwrap()
+        );
         for (bundle, status, upstream_requests) in [(DENY_ALL, 403, 0), (PERMIT_ALL, 200, 1)] {
             let policies = tempfile::tempdir().unwrap();
             std::fs::write(policies.path().join("p.cedar"), bundle).unwrap();
@@ -797,11 +846,18 @@ async fn each_platform_reaches_the_policy_server_by_its_cluster_name() {
             let envoy_file = dir.path().join("envoy.json");
             std::fs::write(
                 &envoy_file,
-                serde_json::to_vec_pretty(&envoy_config(&config, &cluster, server.addr(), upstream.addr()))
-                    .unwrap(),
+                serde_json::to_vec_pretty(&envoy_config(
+                    &config,
+                    &cluster,
+                    server.addr(),
+                    upstream.addr(),
+                ))
+                .unwrap(),
             )
             .unwrap();
-            let envoy = Envoy::start(&envoy_file, &Default::default()).await.unwrap();
+            let envoy = Envoy::start(&envoy_file, &Default::default())
+                .await
+                .unwrap();
             let reply = reqwest::Client::new()
                 .post(envoy.url(&path).unwrap())
                 .header("host", &authority)
@@ -810,10 +866,17 @@ async fn each_platform_reaches_the_policy_server_by_its_cluster_name() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(reply.status().as_u16(), status, "{file}: {}", reply.text().await.unwrap());
+            assert_eq!(
+                reply.status().as_u16(),
+                status,
+                "{file}: {}",
+                reply.text().await.unwrap()
+            );
             assert_eq!(upstream.requests().len(), upstream_requests, "{file}");
             let audit = server.audit_records().unwrap();
             assert_eq!(audit.len(), 1, "{file}: one decision, audited: {audit:?}");
+            // Envoy's route is `all`, without metadata: the table's `chat` entry applied.
+            assert_eq!(audit[0]["route"], "chat", "{file}: {audit:?}");
         }
     }
 }
