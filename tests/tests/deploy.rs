@@ -427,6 +427,23 @@ async fn bundle_reload_follows_a_kubelet_configmap_swap() {
     )
     .await
     .unwrap();
+
+    // The most common edit: the same key, new content. Only the link's target changes.
+    volume.update(&BTreeMap::from([(
+        "policy.cedar".to_owned(),
+        DENY_ALL.to_owned(),
+    )]));
+    eventually(
+        Duration::from_secs(30),
+        "the same file with new content to decide",
+        || async {
+            let (allowed, version) = decide(&server).await;
+            // Versions hash file names too: not v2 (that was `deny.cedar`).
+            (!allowed && version != v1 && version != v2).then_some(())
+        },
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
