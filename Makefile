@@ -30,6 +30,26 @@ $(ENVOY): .envoy-version
 rust-target:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 
+# Validators of deploy/ (tests/tests/deploy.rs), pinned: Kubernetes core objects with PyPI
+# kubernetes-validate; Istio and Envoy Gateway resources against their published CRD schemas
+# from npm (versions in tests/deploy/package.json and package-lock.json; deploy/README.md
+# says where they come from). kubectl (kustomize) and node come with the machine.
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+DEPLOY_SCHEMAS := tests/deploy/node_modules/.package-lock.json
+
+.PHONY: deploy-tools
+deploy-tools: $(VENV)/bin/kubernetes-validate $(DEPLOY_SCHEMAS)
+	@command -v kubectl >/dev/null || { echo "kubectl is needed to render deploy/kubernetes (kustomize)"; exit 1; }
+	@command -v node >/dev/null || { echo "node is needed to validate deploy/ custom resources"; exit 1; }
+
+$(VENV)/bin/kubernetes-validate: $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)"
+	@touch $@
+
+$(DEPLOY_SCHEMAS): tests/deploy/package.json tests/deploy/package-lock.json
+	cd tests/deploy && npm ci --no-audit --no-fund --ignore-scripts
+	@touch $@
+
 # --- build ------------------------------------------------------------------------------
 
 .PHONY: wasm
@@ -54,7 +74,7 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # shared dependencies with other features). It also builds the policy server and harness
 # binaries the end-to-end tests start.
 .PHONY: test
-test: setup wasm ## Run every test tier (unit, server, end-to-end), then the benchmark smoke run
+test: setup wasm deploy-tools ## Run every test tier (unit, server, end-to-end, deploy/ manifests), then the benchmark smoke run
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 	$(BENCH_QUICK)
 
@@ -67,7 +87,7 @@ test-server: ## Policy server and audit trail tests (service calls and real gRPC
 	$(CARGO) test -p arbiter-audit -p arbiter-policy-server
 
 .PHONY: test-e2e
-test-e2e: setup wasm ## End-to-end: real Envoy + real wasm + real policy server
+test-e2e: setup wasm deploy-tools ## End-to-end: real Envoy + real wasm + real policy server
 	$(CARGO) build -p arbiter-policy-server --bins
 	$(CARGO) test -p arbiter-e2e -- --test-threads=2
 

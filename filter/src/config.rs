@@ -4,10 +4,12 @@
 //! config in one round trip. An invalid configuration is never replaced by defaults: the
 //! caller makes `on_configure` return false and Envoy refuses the listener.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value};
 use thiserror::Error;
+
+use crate::table::RouteTable;
 
 /// What a route does when the policy server gives no decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +83,8 @@ pub struct FilterConfig {
     /// Headers carrying the caller's gateway credential (lowercase): sent to policy, removed
     /// from the request before anything goes upstream, on every route.
     pub credential_headers: Vec<String>,
+    /// Per-route settings for routes without route metadata (first match wins).
+    pub routes: RouteTable,
 }
 
 /// When the filter stops calling a failing policy server, and how it tries again.
@@ -127,11 +131,19 @@ const KNOWN_FIELDS: &[&str] = &[
     "breaker_probes",
     "cache_max_entries",
     "credential_headers",
+    "routes",
 ];
 
 impl FilterConfig {
-    /// Parses and validates the plugin configuration bytes.
+    /// Parses and validates the plugin configuration bytes, judged at the system clock's
+    /// now (native callers; the wasm glue passes Envoy's clock to [`FilterConfig::parse_at`]).
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::parse_at(bytes, SystemTime::now())
+    }
+
+    /// Parses and validates the plugin configuration bytes loaded at `now` (a route table
+    /// override more than 24 h ahead of `now` is refused).
+    pub fn parse_at(bytes: &[u8], now: SystemTime) -> Result<Self, ConfigError> {
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::NotAnObject(format!("{e}")))?;
         let Value::Object(map) = value else {
@@ -139,10 +151,10 @@ impl FilterConfig {
                 "expected an object like {{\"policy_cluster\": \"arbiter_policy\"}}, got `{value}`"
             )));
         };
-        Self::from_map(&map)
+        Self::from_map(&map, now)
     }
 
-    fn from_map(map: &Map<String, Value>) -> Result<Self, ConfigError> {
+    fn from_map(map: &Map<String, Value>, now: SystemTime) -> Result<Self, ConfigError> {
         let mut problems = Vec::new();
         for key in map.keys() {
             if !KNOWN_FIELDS.contains(&key.as_str()) {
@@ -301,6 +313,16 @@ impl FilterConfig {
             }
         };
 
+        // One bad entry refuses the whole configuration: a table with a dropped or defaulted
+        // entry could leave that route weaker than the operator wrote it.
+        let routes = match map.get("routes") {
+            None => RouteTable::default(),
+            Some(v) => RouteTable::parse(v, now).unwrap_or_else(|e| {
+                problems.extend(e);
+                RouteTable::default()
+            }),
+        };
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -314,6 +336,7 @@ impl FilterConfig {
             breaker,
             cache_max_entries,
             credential_headers,
+            routes,
         })
     }
 }

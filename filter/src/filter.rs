@@ -19,6 +19,7 @@ use crate::config::FilterConfig;
 use crate::host::{Host, Level, Metric, Outcome};
 use crate::outcome::{self, FailAction, HeaderOp, Reason, Verdict};
 use crate::route::{Resolved, RouteSettings};
+use crate::table::RequestKey;
 
 pub use crate::check::PARTIAL_BODY_HEADER;
 
@@ -36,7 +37,8 @@ const PROBE_GRACE: Duration = Duration::from_secs(1);
 /// if something generates metadata per request).
 const ROUTE_CACHE_LIMIT: usize = 512;
 
-/// A route's settings, parsed and judged when this VM first saw them.
+/// A route's settings, parsed and judged when this VM first saw them (route metadata) or
+/// when the plugin configuration was loaded (route table, plugin defaults).
 #[derive(Debug)]
 struct CachedRoute {
     settings: RouteSettings,
@@ -47,7 +49,12 @@ struct CachedRoute {
 pub struct Shared {
     /// Plugin configuration.
     pub config: FilterConfig,
-    routes: RefCell<HashMap<Vec<u8>, Rc<CachedRoute>>>,
+    /// Parsed route metadata by its bytes; `None` when it holds no settings namespace.
+    routes: RefCell<HashMap<Vec<u8>, Option<Rc<CachedRoute>>>>,
+    /// The route table's settings, by entry index.
+    table: Vec<Rc<CachedRoute>>,
+    /// The plugin defaults, for routes neither metadata nor the table configure.
+    defaults: Rc<CachedRoute>,
     policy_version: RefCell<Option<String>>,
     breaker: RefCell<Breaker>,
 }
@@ -56,9 +63,23 @@ impl Shared {
     /// Wraps a validated configuration.
     pub fn new(config: FilterConfig) -> Self {
         let breaker = RefCell::new(Breaker::new(config.breaker));
+        let table = config
+            .routes
+            .entries
+            .iter()
+            .map(|e| {
+                Rc::new(CachedRoute {
+                    settings: e.settings.clone(),
+                })
+            })
+            .collect();
         Self {
             config,
             routes: RefCell::new(HashMap::new()),
+            table,
+            defaults: Rc::new(CachedRoute {
+                settings: RouteSettings::default(),
+            }),
             policy_version: RefCell::new(None),
             breaker,
         }
@@ -69,40 +90,65 @@ impl Shared {
         self.policy_version.borrow().clone()
     }
 
-    /// Parses (or recalls) the settings for `metadata`, logging problems once. Settings are
-    /// judged at `now` the first time (an override too far ahead stays refused).
+    /// The settings for this request and the route name policy sees. Route metadata, where
+    /// it holds the settings namespace, wins as a whole (even when invalid: it is then
+    /// handled as `closed`, never replaced by a table entry that might be weaker); then the
+    /// first matching table entry, whose name is the route policy sees; then the plugin
+    /// defaults.
     fn route(
+        &self,
+        host: &dyn Host,
+        request: &RequestKey<'_>,
+        metadata: Option<Vec<u8>>,
+        now: SystemTime,
+    ) -> (Rc<CachedRoute>, String) {
+        if let Some(cached) = self.metadata_route(host, request.route_name, metadata, now) {
+            return (cached, request.route_name.to_owned());
+        }
+        if let Some((i, entry)) = self.config.routes.find(request) {
+            if let Some(cached) = self.table.get(i) {
+                return (Rc::clone(cached), entry.name.clone());
+            }
+        }
+        (Rc::clone(&self.defaults), request.route_name.to_owned())
+    }
+
+    /// Parses (or recalls) the settings in `metadata`, logging problems once. Settings are
+    /// judged at `now` the first time (an override too far ahead stays refused).
+    fn metadata_route(
         &self,
         host: &dyn Host,
         route_name: &str,
         metadata: Option<Vec<u8>>,
         now: SystemTime,
-    ) -> Rc<CachedRoute> {
+    ) -> Option<Rc<CachedRoute>> {
         let key = metadata.unwrap_or_default();
         if let Some(hit) = self.routes.borrow().get(&key) {
-            return Rc::clone(hit);
+            return hit.clone();
         }
-        let settings = RouteSettings::from_metadata_bytes(
+        let cached = RouteSettings::from_route_metadata(
             (!key.is_empty()).then_some(key.as_slice()),
             &self.config.metadata_namespace,
         )
-        .judge_at_load(now);
-        if !settings.problems.is_empty() {
-            host.log(
-                Level::Warn,
-                &format!(
-                    "route `{route_name}`: invalid {} settings, handling the route as `closed` with the default timeout: {}",
-                    self.config.metadata_namespace,
-                    settings.problems.join("; ")
-                ),
-            );
-        }
-        let cached = Rc::new(CachedRoute { settings });
+        .map(|settings| {
+            let settings = settings.judge_at_load(now);
+            if !settings.problems.is_empty() {
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "route `{route_name}`: invalid {} settings, handling the route as `closed` with the default timeout: {}",
+                        self.config.metadata_namespace,
+                        settings.problems.join("; ")
+                    ),
+                );
+            }
+            Rc::new(CachedRoute { settings })
+        });
         let mut routes = self.routes.borrow_mut();
         if routes.len() >= ROUTE_CACHE_LIMIT {
             routes.clear();
         }
-        routes.insert(key, Rc::clone(&cached));
+        routes.insert(key, cached.clone());
         cached
     }
 }
@@ -207,12 +253,25 @@ impl<H: Host> Filter<H> {
             }
         }
 
-        let route_name = self
+        let envoy_route = self
             .string_property(&["xds", "route_name"])
             .unwrap_or_default();
         let metadata = self.host.property(&["xds", "route_metadata"]);
         let now = self.host.now();
-        let settings = self.shared.route(&self.host, &route_name, metadata, now);
+        let first = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        let request = RequestKey {
+            route_name: &envoy_route,
+            authority: first(":authority"),
+            path: first(":path"),
+            method: first(":method"),
+        };
+        let (settings, route_name) = self.shared.route(&self.host, &request, metadata, now);
+        self.host.set_log_field("arbiter_route", &route_name);
         let route = settings.settings.resolve(&self.shared.config, now);
         if route.invalid {
             self.host.increment(Metric::InvalidRouteConfig);

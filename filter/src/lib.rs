@@ -15,6 +15,7 @@ pub mod filter;
 pub mod host;
 pub mod outcome;
 pub mod route;
+pub mod table;
 
 #[cfg(test)]
 mod props;

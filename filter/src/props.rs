@@ -460,3 +460,199 @@ fn prop_request_state_machine_has_one_outcome_and_never_leaks() {
         },
     );
 }
+
+/// A value for one match field: mostly its own kind of pattern, sometimes anything.
+fn match_value(good: &'static [&'static str]) -> impl Strategy<Value = Option<Json>> {
+    proptest::option::weighted(
+        0.5,
+        prop_oneof![
+            8 => proptest::sample::select(good).prop_map(|s| Json::String(s.to_owned())),
+            1 => proptest::sample::select(&["a b", "", "*example.com", "/a?b", "x:0", "post"][..])
+                .prop_map(|s| Json::String(s.to_owned())),
+            1 => json_value(),
+        ],
+    )
+}
+
+/// A route table entry: mostly well-formed, with any junk mixed in.
+fn table_entry() -> impl Strategy<Value = Json> {
+    let matcher = (
+        match_value(&[
+            "httproute/default/llm/*",
+            "chat.completions",
+            "httproute/default/llm/rule/0/match/0/api_example_com",
+        ]),
+        match_value(&[
+            "api.example.com",
+            "*.example.com",
+            "*",
+            "API.example.com:8443",
+            "[::1]:8080",
+        ]),
+        match_value(&["/v1/chat/", "/", "/healthz"]),
+        match_value(&["POST", "GET"]),
+        proptest::option::weighted(0.05, json_value()),
+    )
+        .prop_map(|(route_name, authority, path_prefix, method, path)| {
+            let mut m = serde_json::Map::new();
+            for (k, v) in [
+                ("route_name", route_name),
+                ("authority", authority),
+                ("path_prefix", path_prefix),
+                ("method", method),
+                ("path", path),
+            ] {
+                if let Some(v) = v {
+                    m.insert(k.to_owned(), v);
+                }
+            }
+            Json::Object(m)
+        });
+    (
+        prop_oneof![
+            3 => proptest::sample::select(&["chat", "embeddings", "all", ""][..]).prop_map(|s| Some(json!(s))),
+            1 => json_value().prop_map(Some),
+            1 => Just(None),
+        ],
+        proptest::option::weighted(0.85, matcher),
+        proptest::option::of(prop_oneof![
+            4 => proptest::sample::select(vec![
+                json!({}),
+                json!({"fail_mode": "open", "timeout_ms": 40}),
+                json!({"disabled": true}),
+                json!({"fail_open_until": "2026-11-22T06:00:00Z"}),
+                json!({"context": {"classification": "regulated"}}),
+            ]),
+            1 => object_with(ROUTE_FIELDS),
+        ]),
+        proptest::option::weighted(0.05, json_value()),
+    )
+        .prop_map(|(name, matcher, settings, extra)| {
+            let mut m = serde_json::Map::new();
+            if let Some(n) = name {
+                m.insert("name".into(), n);
+            }
+            if let Some(v) = matcher {
+                m.insert("match".into(), v);
+            }
+            if let Some(v) = settings {
+                m.insert("settings".into(), v);
+            }
+            if let Some(v) = extra {
+                m.insert("unknown".into(), v);
+            }
+            Json::Object(m)
+        })
+}
+
+fn request_part() -> impl Strategy<Value = String> {
+    prop_oneof![
+        proptest::sample::select(
+            &[
+                "api.example.com",
+                "Api.Example.com:443",
+                "a.example.com",
+                "[::1]:8080",
+                "",
+                "/v1/chat/completions?x=1",
+                "/healthz",
+                "POST",
+                "GET",
+                "httproute/default/llm/rule/0/match/0/api_example_com",
+                "chat.completions",
+            ][..]
+        )
+        .prop_map(str::to_owned),
+        ".{0,24}",
+    ]
+}
+
+#[test]
+fn prop_route_table_is_valid_or_refused_and_first_match_wins() {
+    use crate::table::{RequestKey, RouteTable};
+    check(
+        "prop_route_table_is_valid_or_refused_and_first_match_wins",
+        (
+            prop_oneof![
+                4 => vec((table_entry(), any::<u8>()), 0..5).prop_map(|entries| {
+                    // Mostly unique names, so that whole tables are often accepted.
+                    Json::Array(
+                        entries
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (mut e, keep))| {
+                                if keep < 220 {
+                                    e["name"] = json!(format!("r{i}"));
+                                }
+                                e
+                            })
+                            .collect(),
+                    )
+                }),
+                1 => json_value(),
+            ],
+            instant(),
+            (
+                request_part(),
+                request_part(),
+                request_part(),
+                request_part(),
+            ),
+        ),
+        |(routes, loaded, (route_name, authority, path, method))| {
+            let config = json!({"policy_cluster": "p", "routes": routes.clone()});
+            let parsed = FilterConfig::parse_at(config.to_string().as_bytes(), loaded);
+            let table = RouteTable::parse(&routes, loaded);
+            // The plugin configuration stands or falls with its table.
+            prop_assert_eq!(parsed.is_ok(), table.is_ok());
+            let table = match table {
+                Ok(t) => t,
+                Err(problems) => {
+                    prop_assert!(!problems.is_empty());
+                    // Every problem names its entry (or the `routes` field itself).
+                    for p in &problems {
+                        prop_assert!(p.contains("routes"), "{}", p);
+                    }
+                    return Ok(());
+                }
+            };
+            let mut names = std::collections::BTreeSet::new();
+            for (i, e) in table.entries.iter().enumerate() {
+                prop_assert!(!e.name.trim().is_empty());
+                prop_assert!(names.insert(e.name.clone()), "duplicate {}", e.name);
+                // Accepted settings are valid, and an override reaches at most 24 h ahead.
+                prop_assert!(e.settings.problems.is_empty());
+                if let Some(until) = e.settings.fail_open_until {
+                    prop_assert!(
+                        until.duration_since(loaded).unwrap_or_default() <= MAX_OVERRIDE_AHEAD
+                    );
+                }
+                if e.matcher.is_catch_all() {
+                    prop_assert_eq!(i + 1, table.entries.len(), "a catch-all is last");
+                }
+            }
+            let request = RequestKey {
+                route_name: &route_name,
+                authority: &authority,
+                path: &path,
+                method: &method,
+            };
+            match table.find(&request) {
+                Some((i, e)) => {
+                    prop_assert!(e.matcher.matches(&request));
+                    for earlier in &table.entries[..i] {
+                        prop_assert!(!earlier.matcher.matches(&request));
+                    }
+                }
+                None => {
+                    for e in &table.entries {
+                        prop_assert!(!e.matcher.matches(&request));
+                    }
+                }
+            }
+            // The same document loaded at the same time is the same table.
+            prop_assert_eq!(RouteTable::parse(&routes, loaded), Ok(table));
+            Ok(())
+        },
+    );
+}

@@ -43,7 +43,7 @@ const KNOWN_FIELDS: &[&str] = &[
 ];
 
 /// The `arbiter` metadata of one route, parsed once per distinct metadata value.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteSettings {
     /// `fail_mode`, when set and valid.
     pub fail_mode: Option<FailMode>,
@@ -97,18 +97,20 @@ impl RouteSettings {
     /// `get_property(["xds","route_metadata"])` returns) and picks `namespace`.
     /// `None` (no metadata) yields the defaults.
     pub fn from_metadata_bytes(bytes: Option<&[u8]>, namespace: &str) -> Self {
-        let Some(bytes) = bytes else {
-            return Self::default();
-        };
-        match Metadata::decode(bytes) {
-            Ok(md) => match md.filter_metadata.get(namespace) {
-                Some(s) => Self::from_struct(s),
-                None => Self::default(),
-            },
-            Err(e) => Self {
+        Self::from_route_metadata(bytes, namespace).unwrap_or_default()
+    }
+
+    /// Like [`RouteSettings::from_metadata_bytes`], but `None` when the route carries no
+    /// `namespace` entry (no metadata, or only other filters' namespaces such as Istio's),
+    /// so the route table can apply. Metadata that cannot be decoded counts as present
+    /// and invalid: it is never mistaken for "not set".
+    pub fn from_route_metadata(bytes: Option<&[u8]>, namespace: &str) -> Option<Self> {
+        match Metadata::decode(bytes?) {
+            Ok(md) => md.filter_metadata.get(namespace).map(Self::from_struct),
+            Err(e) => Some(Self {
                 problems: vec![format!("route metadata is not decodable: {e}")],
                 ..Self::default()
-            },
+            }),
         }
     }
 

@@ -96,6 +96,13 @@ impl MockHost {
         self.0.borrow().local.clone()
     }
 
+    /// Replaces a request header as the client sent it (before the filter runs).
+    pub(crate) fn set_header(&self, name: &str, value: &str) {
+        let mut r = self.0.borrow_mut();
+        r.headers.retain(|(k, _)| k != name);
+        r.headers.push((name.into(), value.as_bytes().to_vec()));
+    }
+
     /// How often the request was resumed.
     pub(crate) fn resumed(&self) -> u32 {
         self.0.borrow().resumed
@@ -1283,4 +1290,116 @@ fn a_body_still_streaming_is_released_by_its_next_chunk_not_by_a_resume() {
         f.on_check_response(7, 0, 1);
         assert_eq!(host.0.borrow().resumed, 1, "{chunks:?}");
     }
+}
+
+/// Route metadata holding only another filter's namespace (what Istio and Envoy Gateway
+/// put on every route they generate).
+fn foreign_metadata() -> Vec<u8> {
+    let mut md = Metadata::default();
+    md.filter_metadata.insert(
+        "istio".into(),
+        prost_types::Struct {
+            fields: [(
+                "config".to_owned(),
+                prost_types::Value {
+                    kind: Some(Kind::StringValue("/apis/networking.istio.io/v1/x".into())),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        },
+    );
+    md.encode_to_vec()
+}
+
+const TABLE: &str = r#"{"policy_cluster":"p","timeout_ms":100,"routes":[
+    {"name":"chat","match":{"authority":"gw","path_prefix":"/v1/chat/","method":"POST"},
+     "settings":{"fail_mode":"open","timeout_ms":40,"context":{"classification":"regulated"}}},
+    {"name":"health","match":{"path_prefix":"/healthz"},"settings":{"disabled":true}},
+    {"name":"everything-else","settings":{"fail_mode":"closed","status_on_error":500}}]}"#;
+
+#[test]
+fn the_route_table_applies_to_routes_without_settings_metadata_and_names_the_route() {
+    let shared = shared_with(TABLE);
+    for md in [None, Some(foreign_metadata())] {
+        let (mut f, host) = request_with(
+            Rc::clone(&shared),
+            "httproute/default/llm/rule/0/match/0/gw",
+            md,
+            &[],
+        );
+        assert_eq!(f.on_request_headers(true), Flow::Pause);
+        let check = sent(&host);
+        let ctx = &check.attributes.as_ref().unwrap().context_extensions;
+        assert_eq!(ctx["route"], "chat", "policy sees the entry's name");
+        assert_eq!(ctx["classification"], "regulated");
+        assert_eq!(host.0.borrow().dispatched[0].2, Duration::from_millis(40));
+        assert_eq!(host.0.borrow().log_fields["arbiter_route"], "chat");
+        assert_eq!(f.on_check_response(7, 14, 0), Flow::Continue);
+        assert!(
+            header(&host, FAIL_OPEN_HEADER).is_some(),
+            "the entry is open"
+        );
+    }
+}
+
+#[test]
+fn route_metadata_wins_over_the_table_as_a_whole() {
+    let shared = shared_with(TABLE);
+    // The request matches `chat` (open, 40 ms), but the route's own settings say only
+    // `timeout_ms`: nothing is taken from the entry, so the route is closed (the default).
+    let md = metadata(&[("timeout_ms", Kind::NumberValue(70.0))]);
+    let (mut f, host) = request_with(Rc::clone(&shared), "chat-route", Some(md), &[]);
+    f.on_request_headers(true);
+    let check = sent(&host);
+    assert_eq!(
+        check.attributes.as_ref().unwrap().context_extensions["route"],
+        "chat-route"
+    );
+    assert_eq!(host.0.borrow().dispatched[0].2, Duration::from_millis(70));
+    assert_eq!(f.on_check_response(7, 14, 0), Flow::Pause);
+    assert_eq!(host.0.borrow().local.as_ref().unwrap().0, 503);
+
+    // Invalid metadata is not replaced by the (open) entry: closed, counted.
+    let md = metadata(&[("fail_mode", Kind::StringValue("sometimes".into()))]);
+    let (mut f, host) = request_with(Rc::clone(&shared), "chat-route", Some(md), &[]);
+    f.on_request_headers(true);
+    assert_eq!(metric(&host, Metric::InvalidRouteConfig), 1);
+    assert_eq!(f.on_check_response(7, 14, 0), Flow::Pause);
+    assert_eq!(host.0.borrow().local.as_ref().unwrap().0, 503);
+}
+
+#[test]
+fn table_entries_in_order_disabled_and_catch_all() {
+    let shared = shared_with(TABLE);
+    let (mut f, host) = request_with(Rc::clone(&shared), "", None, &[]);
+    host.set_header(":path", "/healthz/ready");
+    assert_eq!(f.on_request_headers(true), Flow::Continue);
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Disabled)), 1);
+    assert!(host.0.borrow().dispatched.is_empty());
+
+    // GET on the chat path misses `chat` (method) and lands on the catch-all.
+    let (mut f, host) = request_with(Rc::clone(&shared), "", None, &[]);
+    host.set_header(":method", "GET");
+    f.on_request_headers(true);
+    assert_eq!(
+        sent(&host).attributes.as_ref().unwrap().context_extensions["route"],
+        "everything-else"
+    );
+    assert_eq!(f.on_check_response(7, 14, 0), Flow::Pause);
+    assert_eq!(host.0.borrow().local.as_ref().unwrap().0, 500);
+}
+
+#[test]
+fn without_a_matching_entry_the_plugin_defaults_apply_under_the_envoy_route_name() {
+    let shared = shared_with(
+        r#"{"policy_cluster":"p","routes":[{"name":"chat","match":{"path_prefix":"/v2/"},"settings":{"fail_mode":"open"}}]}"#,
+    );
+    let (mut f, host) = request_with(shared, "envoy-name", None, &[]);
+    f.on_request_headers(true);
+    assert_eq!(
+        sent(&host).attributes.as_ref().unwrap().context_extensions["route"],
+        "envoy-name"
+    );
+    assert_eq!(f.on_check_response(7, 14, 0), Flow::Pause, "closed default");
 }

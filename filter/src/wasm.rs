@@ -58,7 +58,9 @@ impl RootContext for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        match FilterConfig::parse(&bytes) {
+        // Judged at Envoy's clock: a route table override more than 24 h ahead is refused.
+        let now = hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH);
+        match FilterConfig::parse_at(&bytes, now) {
             Ok(config) => {
                 self.metrics = Rc::new(Metrics::define());
                 self.shared = Some(Rc::new(Shared::new(config)));
