@@ -26,7 +26,7 @@ use arbiter_proto::google::rpc::Status;
 
 use crate::check::is_reserved_header;
 use crate::config::{FailMode, FilterConfig};
-use crate::filter::{Filter, Flow, Shared, FAIL_OPEN_HEADER};
+use crate::filter::{Filter, Flow, Shared, DRY_RUN_HEADER, FAIL_OPEN_HEADER};
 use crate::host::{Metric, Outcome};
 use crate::outcome::{decode_response, Verdict};
 use crate::route::{RouteSettings, MAX_OVERRIDE_AHEAD};
@@ -116,6 +116,7 @@ const ROUTE_FIELDS: &[&str] = &[
     "cache_ttl_ms",
     "disabled",
     "context",
+    "dry_run",
     "fail_mdoe",
 ];
 
@@ -436,7 +437,12 @@ fn prop_request_state_machine_has_one_outcome_and_never_leaks() {
             let outcome = outcomes[0];
             // Nothing forged or secret is left on the request that may go upstream.
             for (name, _) in host.request_headers_now() {
-                prop_assert!(!is_reserved_header(&name) || name == FAIL_OPEN_HEADER);
+                prop_assert!(
+                    !is_reserved_header(&name)
+                        || name == FAIL_OPEN_HEADER
+                        || (outcome == Outcome::DryRunDeny
+                            && (name == DRY_RUN_HEADER || name == "x-arbiter-audit-id"))
+                );
                 prop_assert!(name != "x-api-key");
             }
             let let_through = released || host.resumed() > 0;
@@ -447,12 +453,27 @@ fn prop_request_state_machine_has_one_outcome_and_never_leaks() {
                     prop_assert!(host.local_reply().is_some());
                     prop_assert!(host.resumed() == 0, "a refused request was resumed");
                 }
+                Outcome::DryRunDeny => {
+                    // Only a valid dry-run route lets a deny through, marked, with no reply.
+                    let settings = RouteSettings::from_metadata_bytes(
+                        Some(&route_metadata(&route)),
+                        "arbiter",
+                    );
+                    prop_assert!(settings.dry_run && settings.problems.is_empty());
+                    let marker = host.header_now(DRY_RUN_HEADER);
+                    prop_assert_eq!(marker.as_deref(), Some("deny"));
+                    prop_assert!(host.local_reply().is_none());
+                }
                 Outcome::Cancelled => prop_assert!(!let_through, "cancelled but let through"),
             }
             if let_through {
                 prop_assert!(matches!(
                     outcome,
-                    Outcome::Allow | Outcome::Cached | Outcome::Disabled | Outcome::FailOpen
+                    Outcome::Allow
+                        | Outcome::Cached
+                        | Outcome::Disabled
+                        | Outcome::FailOpen
+                        | Outcome::DryRunDeny
                 ));
             }
             prop_assert!(host.resumed() <= 1);

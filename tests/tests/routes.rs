@@ -311,3 +311,79 @@ fn envoy_refuses_an_invalid_route_table_naming_the_entry() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_lets_a_deny_through_marked_and_records_it() -> Result<()> {
+    let stack = Stack::builder()
+        .plugin_config(
+            json!({
+                "policy_cluster": "arbiter_policy",
+                "timeout_ms": 200,
+                "routes": [{"name": "rollout", "match": {"route_name": "chat.completions"},
+                            "settings": {"dry_run": true, "context": {"classification": "regulated"}}}]
+            })
+            .to_string(),
+        )
+        .start()
+        .await?;
+
+    // Route metadata `dry_run: true`: policy denies (anonymous on a regulated route), the
+    // request goes upstream marked, the client gets the provider's answer. A client's own
+    // marker never arrives.
+    let mut request = stack
+        .request(Method::POST, "/t/dry-run/v1/chat/completions")
+        .json(&chat_body());
+    request = request.header("x-arbiter-dry-run", "allow");
+    let reply = stack.send(request).await?;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.provider(), Some("primary"));
+    assert!(!reply.text().contains("policy_denied"), "{}", reply.text());
+    // Table entry `dry_run: true` on an Istio-named route.
+    let reply = post(&stack, "/mesh/istio/v1/chat/completions", None).await?;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let seen = stack.primary.requests();
+    assert_eq!(seen.len(), 2);
+    for upstream in &seen {
+        let markers: Vec<&str> = upstream
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "x-arbiter-dry-run")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(markers, ["deny"], "{upstream:?}");
+        assert!(!upstream.has_header("x-arbiter-fail-open"));
+    }
+
+    // The audit log has both decisions as denies, marked dry-run in the route context, and
+    // the upstream got each record's id.
+    let records = stack.policy.as_ref().unwrap().audit_records()?;
+    let denies: Vec<&Value> = records.iter().filter(|r| r["decision"] == "deny").collect();
+    assert_eq!(denies.len(), 2, "{records:?}");
+    for (record, upstream) in denies.iter().zip(&seen) {
+        assert_eq!(record["route_context"]["dry_run"], "true", "{record}");
+        assert_eq!(
+            upstream.header("x-arbiter-audit-id"),
+            record["id"].as_str(),
+            "{record}"
+        );
+    }
+    assert_eq!(denies[0]["route"], "t_dry_run");
+    assert_eq!(denies[1]["route"], "rollout");
+
+    let stats = stack.stats().await?;
+    assert_eq!(counter(&stats, "checks.dry_run_deny"), 2);
+    assert_eq!(counter(&stats, "checks.deny"), 0);
+    let lines = log_lines(&stack.envoy, 2).await?;
+    for line in &lines {
+        assert_eq!(line["arbiter_outcome"], "dry_run_deny", "{line}");
+        assert_eq!(line["response_code"], 200, "{line}");
+    }
+
+    // Nothing else changes: with no decision, the closed dry-run route still refuses.
+    stack.fault.set(arbiter_e2e::fault::Fault::Refuse).await?;
+    let reply = post(&stack, "/t/dry-run/v1/chat/completions", None).await?;
+    assert_closed(&reply, "t_dry_run");
+    assert_eq!(stack.upstream_requests(), 2);
+    Ok(())
+}
