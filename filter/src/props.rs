@@ -362,6 +362,27 @@ fn event() -> impl Strategy<Value = Event> {
             ])
         )
             .prop_map(|(status, body)| Event::Answer { status, body }),
+        // The server's own deny, with the audit id a dry-run route forwards.
+        ".{0,40}".prop_map(|audit_id| Event::Answer {
+            status: 0,
+            body: Some(
+                CheckResponse {
+                    status: Some(Status {
+                        code: 7,
+                        message: "denied".into(),
+                        details: vec![],
+                    }),
+                    http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                        status: None,
+                        headers: vec![],
+                        body: json!({"error": {"type": "policy_denied", "audit_id": audit_id}})
+                            .to_string(),
+                    })),
+                    dynamic_metadata: None,
+                }
+                .encode_to_vec()
+            ),
+        }),
         Just(Event::End),
     ]
 }
@@ -371,6 +392,7 @@ fn client_header() -> impl Strategy<Value = (String, Vec<u8>)> {
         prop_oneof![
             Just("x-arbiter-fail-open".to_owned()),
             Just("X-Arbiter-Audit-Id".to_owned()),
+            Just("x-arbiter-dry-run".to_owned()),
             Just("x-envoy-auth-partial-body".to_owned()),
             Just("x-api-key".to_owned()),
             Just("content-length".to_owned()),
@@ -386,7 +408,18 @@ fn prop_request_state_machine_has_one_outcome_and_never_leaks() {
     check(
         "prop_request_state_machine_has_one_outcome_and_never_leaks",
         (
-            object_with(ROUTE_FIELDS),
+            prop_oneof![
+                3 => object_with(ROUTE_FIELDS),
+                // Dry-run routes (with and without the body, and one invalid), so denies
+                // let through are exercised as often as refused ones.
+                1 => proptest::sample::select(vec![
+                    json!({"dry_run": true}),
+                    json!({"dry_run": true, "fail_mode": "open", "cache_ttl_ms": 1000}),
+                    json!({"dry_run": true, "include_body": true, "max_body_bytes": 64}),
+                    // Invalid: enforces, so its denies are refused.
+                    json!({"dry_run": true, "fail_mode": "sometimes"}),
+                ]),
+            ],
             vec(client_header(), 0..6),
             any::<bool>(),
             vec(event(), 0..6),
