@@ -387,3 +387,27 @@ async fn dry_run_lets_a_deny_through_marked_and_records_it() -> Result<()> {
     assert_eq!(stack.upstream_requests(), 2);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn envoy_does_not_start_with_an_invalid_route_table() -> Result<()> {
+    // Entry 1 is fine, entry 2 has an unknown setting: the whole table is refused, so the
+    // listener never comes up and no request can pass with partial settings.
+    let mut plugin = table();
+    plugin["routes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "typo", "settings": {"fial_mode": "open"}}));
+    let started = Stack::builder()
+        .policy_server(false)
+        .plugin_config(plugin.to_string())
+        .start()
+        .await;
+    let Err(e) = started else {
+        panic!("Envoy started with an invalid route table");
+    };
+    assert!(
+        format!("{e:#}").contains("exited during startup"),
+        "unexpected failure: {e:#}"
+    );
+    Ok(())
+}
