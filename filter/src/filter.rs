@@ -18,7 +18,7 @@ use crate::check::{build_check_request, content_length, is_reserved_header, Requ
 use crate::config::FilterConfig;
 use crate::host::{Host, Level, Metric, Outcome};
 use crate::outcome::{self, FailAction, HeaderOp, Reason, Verdict};
-use crate::route::{Resolved, RouteSettings};
+use crate::route::{Resolved, RouteSettings, DRY_RUN_CONTEXT_KEY};
 use crate::table::RequestKey;
 
 pub use crate::check::PARTIAL_BODY_HEADER;
@@ -26,7 +26,11 @@ pub use crate::check::PARTIAL_BODY_HEADER;
 /// Header that tells the upstream a request passed without a decision.
 pub const FAIL_OPEN_HEADER: &str = "x-arbiter-fail-open";
 
-/// Header the policy server sets on an allowed request: the audit id of its decision.
+/// Header that tells the upstream policy denied this request on a dry-run route.
+pub const DRY_RUN_HEADER: &str = "x-arbiter-dry-run";
+
+/// Header the policy server sets on an allowed request: the audit id of its decision (the
+/// filter sets it from the deny body on a dry-run deny).
 const AUDIT_ID_HEADER: &str = "x-arbiter-audit-id";
 
 /// How much longer than its route's timeout a breaker probe may hold its slot: the call's
@@ -524,6 +528,11 @@ impl<H: Host> Filter<H> {
         let mut request =
             build_check_request(&pending.info, &pending.settings.settings.context, now);
         if let Some(attrs) = request.attributes.as_mut() {
+            if pending.route.dry_run {
+                attrs
+                    .context_extensions
+                    .insert(DRY_RUN_CONTEXT_KEY.to_owned(), "true".to_owned());
+            }
             if let Some(md) = &pending.metadata {
                 attrs.metadata_context = Some(arbiter_proto::envoy::config::core::v3::Metadata {
                     filter_metadata: md
@@ -647,6 +656,23 @@ impl<H: Host> Filter<H> {
                 self.apply_allow(&headers, &remove);
                 self.response_headers = response_headers;
                 self.finish(Outcome::Allow, None);
+                Flow::Continue
+            }
+            Verdict::Deny {
+                body,
+                policy_version,
+                ..
+            } if pending.route.dry_run => {
+                // Advisory policy: the decision is made and in the audit log (the server
+                // saw `dry_run` in the context), the request goes on marked, and nothing of
+                // the deny (status, headers, body) reaches the client.
+                self.breaker_success();
+                self.remember_version(policy_version.as_deref());
+                self.host.set_request_header(DRY_RUN_HEADER, "deny");
+                if let Some(id) = deny_audit_id(&body) {
+                    self.host.set_request_header(AUDIT_ID_HEADER, &id);
+                }
+                self.finish(Outcome::DryRunDeny, None);
                 Flow::Continue
             }
             Verdict::Deny {
@@ -928,4 +954,13 @@ impl<H: Host> Filter<H> {
             .property(path)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
     }
+}
+
+/// The audit id in a deny body (`{"error":{"audit_id":…}}`), when it is a plain token
+/// that can travel in a header.
+fn deny_audit_id(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let id = v.get("error")?.get("audit_id")?.as_str()?;
+    (!id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| id.to_owned())
 }

@@ -24,6 +24,9 @@ pub enum Outcome {
     Allow,
     /// The policy server denied it.
     Deny,
+    /// The policy server denied it on a `dry_run` route: let through upstream, marked
+    /// `x-arbiter-dry-run: deny`.
+    DryRunDeny,
     /// No decision; passed upstream marked `x-arbiter-fail-open`.
     FailOpen,
     /// No decision; refused with `status_on_error`.
@@ -39,9 +42,10 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for metric definition.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Allow,
         Outcome::Deny,
+        Outcome::DryRunDeny,
         Outcome::FailOpen,
         Outcome::FailClosed,
         Outcome::Disabled,
@@ -54,6 +58,7 @@ impl Outcome {
         match self {
             Outcome::Allow => "allow",
             Outcome::Deny => "deny",
+            Outcome::DryRunDeny => "dry_run_deny",
             Outcome::FailOpen => "fail_open",
             Outcome::FailClosed => "fail_closed",
             Outcome::Disabled => "disabled",

@@ -558,6 +558,7 @@ mod tests {
             refuse_without_check: false,
             body_limit: None,
             cache_ttl: None,
+            dry_run: false,
         }
     }
 

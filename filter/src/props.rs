@@ -26,7 +26,7 @@ use arbiter_proto::google::rpc::Status;
 
 use crate::check::is_reserved_header;
 use crate::config::{FailMode, FilterConfig};
-use crate::filter::{Filter, Flow, Shared, FAIL_OPEN_HEADER};
+use crate::filter::{Filter, Flow, Shared, DRY_RUN_HEADER, FAIL_OPEN_HEADER};
 use crate::host::{Metric, Outcome};
 use crate::outcome::{decode_response, Verdict};
 use crate::route::{RouteSettings, MAX_OVERRIDE_AHEAD};
@@ -116,6 +116,7 @@ const ROUTE_FIELDS: &[&str] = &[
     "cache_ttl_ms",
     "disabled",
     "context",
+    "dry_run",
     "fail_mdoe",
 ];
 
@@ -361,6 +362,27 @@ fn event() -> impl Strategy<Value = Event> {
             ])
         )
             .prop_map(|(status, body)| Event::Answer { status, body }),
+        // The server's own deny, with the audit id a dry-run route forwards.
+        ".{0,40}".prop_map(|audit_id| Event::Answer {
+            status: 0,
+            body: Some(
+                CheckResponse {
+                    status: Some(Status {
+                        code: 7,
+                        message: "denied".into(),
+                        details: vec![],
+                    }),
+                    http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                        status: None,
+                        headers: vec![],
+                        body: json!({"error": {"type": "policy_denied", "audit_id": audit_id}})
+                            .to_string(),
+                    })),
+                    dynamic_metadata: None,
+                }
+                .encode_to_vec()
+            ),
+        }),
         Just(Event::End),
     ]
 }
@@ -370,6 +392,7 @@ fn client_header() -> impl Strategy<Value = (String, Vec<u8>)> {
         prop_oneof![
             Just("x-arbiter-fail-open".to_owned()),
             Just("X-Arbiter-Audit-Id".to_owned()),
+            Just("x-arbiter-dry-run".to_owned()),
             Just("x-envoy-auth-partial-body".to_owned()),
             Just("x-api-key".to_owned()),
             Just("content-length".to_owned()),
@@ -385,7 +408,18 @@ fn prop_request_state_machine_has_one_outcome_and_never_leaks() {
     check(
         "prop_request_state_machine_has_one_outcome_and_never_leaks",
         (
-            object_with(ROUTE_FIELDS),
+            prop_oneof![
+                3 => object_with(ROUTE_FIELDS),
+                // Dry-run routes (with and without the body, and one invalid), so denies
+                // let through are exercised as often as refused ones.
+                1 => proptest::sample::select(vec![
+                    json!({"dry_run": true}),
+                    json!({"dry_run": true, "fail_mode": "open", "cache_ttl_ms": 1000}),
+                    json!({"dry_run": true, "include_body": true, "max_body_bytes": 64}),
+                    // Invalid: enforces, so its denies are refused.
+                    json!({"dry_run": true, "fail_mode": "sometimes"}),
+                ]),
+            ],
             vec(client_header(), 0..6),
             any::<bool>(),
             vec(event(), 0..6),
@@ -436,7 +470,12 @@ fn prop_request_state_machine_has_one_outcome_and_never_leaks() {
             let outcome = outcomes[0];
             // Nothing forged or secret is left on the request that may go upstream.
             for (name, _) in host.request_headers_now() {
-                prop_assert!(!is_reserved_header(&name) || name == FAIL_OPEN_HEADER);
+                prop_assert!(
+                    !is_reserved_header(&name)
+                        || name == FAIL_OPEN_HEADER
+                        || (outcome == Outcome::DryRunDeny
+                            && (name == DRY_RUN_HEADER || name == "x-arbiter-audit-id"))
+                );
                 prop_assert!(name != "x-api-key");
             }
             let let_through = released || host.resumed() > 0;
@@ -447,12 +486,27 @@ fn prop_request_state_machine_has_one_outcome_and_never_leaks() {
                     prop_assert!(host.local_reply().is_some());
                     prop_assert!(host.resumed() == 0, "a refused request was resumed");
                 }
+                Outcome::DryRunDeny => {
+                    // Only a valid dry-run route lets a deny through, marked, with no reply.
+                    let settings = RouteSettings::from_metadata_bytes(
+                        Some(&route_metadata(&route)),
+                        "arbiter",
+                    );
+                    prop_assert!(settings.dry_run && settings.problems.is_empty());
+                    let marker = host.header_now(DRY_RUN_HEADER);
+                    prop_assert_eq!(marker.as_deref(), Some("deny"));
+                    prop_assert!(host.local_reply().is_none());
+                }
                 Outcome::Cancelled => prop_assert!(!let_through, "cancelled but let through"),
             }
             if let_through {
                 prop_assert!(matches!(
                     outcome,
-                    Outcome::Allow | Outcome::Cached | Outcome::Disabled | Outcome::FailOpen
+                    Outcome::Allow
+                        | Outcome::Cached
+                        | Outcome::Disabled
+                        | Outcome::FailOpen
+                        | Outcome::DryRunDeny
                 ));
             }
             prop_assert!(host.resumed() <= 1);

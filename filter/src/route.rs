@@ -27,8 +27,11 @@ pub const MAX_BODY_BYTES_LIMIT: u64 = 8 * 1024 * 1024;
 /// Longest allow-cache lifetime accepted.
 pub const MAX_CACHE_TTL_MS: u64 = 3_600_000;
 
-/// Context key the filter fills with the Envoy route name; routes may not set it.
+/// Context key the filter fills with the route name; routes may not set it.
 pub const ROUTE_CONTEXT_KEY: &str = "route";
+/// Context key the filter sets to `"true"` on dry-run routes (the server records it in the
+/// audit record's `route_context`); routes may not set it.
+pub const DRY_RUN_CONTEXT_KEY: &str = "dry_run";
 
 const KNOWN_FIELDS: &[&str] = &[
     "fail_mode",
@@ -40,6 +43,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "cache_ttl_ms",
     "disabled",
     "context",
+    "dry_run",
 ];
 
 /// The `arbiter` metadata of one route, parsed once per distinct metadata value.
@@ -63,6 +67,8 @@ pub struct RouteSettings {
     pub cache_ttl_ms: u64,
     /// `context`, sent as `context_extensions`.
     pub context: Vec<(String, String)>,
+    /// `dry_run: true`: policy is advisory, a deny is let through marked.
+    pub dry_run: bool,
     /// Every problem found; non-empty means the route is invalid.
     pub problems: Vec<String>,
     /// Whether the `context` itself was invalid (the request cannot be described to policy).
@@ -90,6 +96,9 @@ pub struct Resolved {
     pub body_limit: Option<u64>,
     /// Cache allow decisions this long (never on invalid routes).
     pub cache_ttl: Option<Duration>,
+    /// A policy deny is let through marked `x-arbiter-dry-run: deny` (never on invalid
+    /// routes: an invalid route enforces).
+    pub dry_run: bool,
 }
 
 impl RouteSettings {
@@ -165,6 +174,7 @@ impl RouteSettings {
         for (field, slot) in [
             ("disabled", &mut out.disabled),
             ("include_body", &mut out.include_body),
+            ("dry_run", &mut out.dry_run),
         ] {
             if let Some(v) = map.get(field) {
                 match v.as_bool() {
@@ -219,6 +229,7 @@ impl RouteSettings {
                 .include_body
                 .then(|| self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES)),
             cache_ttl: None,
+            dry_run: false,
         };
         if !self.problems.is_empty() {
             return secure;
@@ -250,6 +261,7 @@ impl RouteSettings {
                 .include_body
                 .then(|| self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES)),
             cache_ttl: (self.cache_ttl_ms > 0).then(|| Duration::from_millis(self.cache_ttl_ms)),
+            dry_run: self.dry_run,
         }
     }
 
@@ -294,6 +306,11 @@ fn context_entries(v: &Json) -> Result<Vec<(String, String)>, String> {
         if k == ROUTE_CONTEXT_KEY {
             return Err(format!(
                 "`context.{ROUTE_CONTEXT_KEY}` is reserved: the filter sets it to the route name"
+            ));
+        }
+        if k == DRY_RUN_CONTEXT_KEY {
+            return Err(format!(
+                "`context.{DRY_RUN_CONTEXT_KEY}` is reserved: set the route setting `dry_run` instead"
             ));
         }
         let s = match v {

@@ -1403,3 +1403,123 @@ fn without_a_matching_entry_the_plugin_defaults_apply_under_the_envoy_route_name
     );
     assert_eq!(f.on_check_response(7, 14, 0), Flow::Pause, "closed default");
 }
+
+fn deny_response(audit_id: &str) -> Vec<u8> {
+    use arbiter_proto::envoy::service::auth::v3::DeniedHttpResponse;
+    CheckResponse {
+        status: Some(Status {
+            code: 7,
+            message: "refused".into(),
+            details: vec![],
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: None,
+            headers: vec![],
+            body: serde_json::json!({"error": {"type": "policy_denied", "audit_id": audit_id}})
+                .to_string(),
+        })),
+        dynamic_metadata: None,
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn a_dry_run_deny_goes_upstream_marked_and_nothing_of_the_deny_reaches_the_client() {
+    let md = metadata(&[("dry_run", Kind::BoolValue(true))]);
+    let (mut f, host) = request("rollout", Some(md), &[("x-arbiter-dry-run", "allow")]);
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
+    assert_eq!(
+        header(&host, "x-arbiter-dry-run"),
+        None,
+        "client copy stripped"
+    );
+    let ctx = sent(&host).attributes.unwrap().context_extensions;
+    assert_eq!(ctx["dry_run"], "true", "the server is told, and records it");
+    host.set_answer(Some(deny_response("a-9")));
+    assert_eq!(f.on_check_response(7, 0, 0), Flow::Continue);
+    assert!(host.local_reply().is_none());
+    assert_eq!(host.resumed(), 1);
+    assert_eq!(header(&host, "x-arbiter-dry-run").as_deref(), Some("deny"));
+    assert_eq!(header(&host, "x-arbiter-audit-id").as_deref(), Some("a-9"));
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::DryRunDeny)), 1);
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Deny)), 0);
+    assert_eq!(
+        host.0.borrow().log_fields["arbiter_outcome"],
+        "dry_run_deny"
+    );
+
+    // An allow on a dry-run route is an ordinary allow, unmarked.
+    let md = metadata(&[("dry_run", Kind::BoolValue(true))]);
+    let (mut f, host) = request("rollout", Some(md), &[]);
+    f.on_request_headers(true);
+    host.set_answer(Some(ok_response()));
+    assert_eq!(f.on_check_response(7, 0, 0), Flow::Continue);
+    assert_eq!(header(&host, "x-arbiter-dry-run"), None);
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Allow)), 1);
+}
+
+#[test]
+fn dry_run_changes_nothing_else_and_an_invalid_dry_run_route_enforces() {
+    // No decision on a closed dry-run route: still refused.
+    let md = metadata(&[("dry_run", Kind::BoolValue(true))]);
+    let (mut f, host) = request("rollout", Some(md), &[]);
+    f.on_request_headers(true);
+    assert_eq!(f.on_check_response(7, 14, 0), Flow::Pause);
+    assert_eq!(host.local_reply().unwrap().0, 503);
+    assert_eq!(header(&host, "x-arbiter-dry-run"), None);
+
+    // Invalid settings: the route enforces (no dry run), and the server is not told.
+    let md = metadata(&[
+        ("dry_run", Kind::BoolValue(true)),
+        ("fail_mode", Kind::StringValue("sometimes".into())),
+    ]);
+    let (mut f, host) = request("rollout", Some(md), &[]);
+    f.on_request_headers(true);
+    assert!(!sent(&host)
+        .attributes
+        .unwrap()
+        .context_extensions
+        .contains_key("dry_run"));
+    host.set_answer(Some(deny_response("a-9")));
+    assert_eq!(f.on_check_response(7, 0, 0), Flow::Pause);
+    assert_eq!(host.local_reply().unwrap().0, 403);
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Deny)), 1);
+
+    // `dry_run` must be the setting, never a context entry, and must be a boolean.
+    for md in [
+        metadata(&[(
+            "context",
+            Kind::StructValue(prost_types::Struct {
+                fields: [(
+                    "dry_run".to_owned(),
+                    prost_types::Value {
+                        kind: Some(Kind::StringValue("true".into())),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            }),
+        )]),
+        metadata(&[("dry_run", Kind::StringValue("yes".into()))]),
+    ] {
+        let (mut f, host) = request("rollout", Some(md), &[]);
+        f.on_request_headers(true);
+        assert_eq!(metric(&host, Metric::InvalidRouteConfig), 1);
+    }
+}
+
+#[test]
+fn table_entries_can_be_dry_run() {
+    let shared = shared_with(
+        r#"{"policy_cluster":"p","routes":[{"name":"rollout","settings":{"dry_run":true}}]}"#,
+    );
+    let (mut f, host) = request_with(shared, "", None, &[]);
+    f.on_request_headers(true);
+    assert_eq!(
+        sent(&host).attributes.unwrap().context_extensions["dry_run"],
+        "true"
+    );
+    host.set_answer(Some(deny_response("a-1")));
+    assert_eq!(f.on_check_response(7, 0, 0), Flow::Continue);
+    assert_eq!(header(&host, "x-arbiter-dry-run").as_deref(), Some("deny"));
+}

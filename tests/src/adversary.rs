@@ -27,9 +27,10 @@ use crate::stack::{Reply, Stack, StackBuilder};
 use crate::util::eventually;
 
 /// The filter's outcome counters: every request that reaches the filter moves exactly one.
-pub const OUTCOMES: [&str; 7] = [
+pub const OUTCOMES: [&str; 8] = [
     "allow",
     "deny",
+    "dry_run_deny",
     "fail_open",
     "fail_closed",
     "disabled",
