@@ -65,6 +65,9 @@ pub const DEFAULT_CREDENTIAL_HEADERS: &[&str] = &["x-api-key"];
 pub struct FilterConfig {
     /// Envoy cluster (HTTP/2) that serves `envoy.service.auth.v3.Authorization`.
     pub policy_cluster: String,
+    /// What the filter passes to Envoy's gRPC client for that cluster: the name itself, or
+    /// an encoded `GrpcService` carrying a valid `:authority` ([`crate::upstream`]).
+    pub policy_upstream: String,
     /// Default bound on the policy call.
     pub timeout: Duration,
     /// Default fail mode for routes that do not set one.
@@ -121,6 +124,7 @@ pub enum ConfigError {
 
 const KNOWN_FIELDS: &[&str] = &[
     "policy_cluster",
+    "policy_authority",
     "timeout_ms",
     "fail_mode",
     "status_on_error",
@@ -179,6 +183,25 @@ impl FilterConfig {
                 problems.push("missing required field `policy_cluster`".to_owned());
                 String::new()
             }
+        };
+
+        let policy_authority = match map.get("policy_authority") {
+            None => None,
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(other) => {
+                problems.push(format!("`policy_authority` must be a string, got `{other}`"));
+                None
+            }
+        };
+        let policy_upstream = if policy_cluster.is_empty() {
+            String::new()
+        } else {
+            crate::upstream::policy_upstream(&policy_cluster, policy_authority).unwrap_or_else(
+                |e| {
+                    problems.push(e);
+                    String::new()
+                },
+            )
         };
 
         let timeout_ms = match map.get("timeout_ms") {
@@ -328,6 +351,7 @@ impl FilterConfig {
         }
         Ok(Self {
             policy_cluster,
+            policy_upstream,
             timeout: Duration::from_millis(timeout_ms),
             fail_mode,
             status_on_error,

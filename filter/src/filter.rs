@@ -461,7 +461,7 @@ impl<H: Host> Filter<H> {
         };
         let grpc_metadata: [(&str, &[u8]); 1] = [("x-request-id", pending.request_id.as_bytes())];
         match self.host.dispatch_check(
-            &self.shared.config.policy_cluster,
+            &self.shared.config.policy_upstream,
             if pending.request_id.is_empty() {
                 &[]
             } else {

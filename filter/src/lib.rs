@@ -16,6 +16,7 @@ pub mod host;
 pub mod outcome;
 pub mod route;
 pub mod table;
+pub mod upstream;
 
 #[cfg(test)]
 mod props;

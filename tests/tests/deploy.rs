@@ -833,7 +833,24 @@ fn every_file_under_deploy_is_checked() {
 /// valid in the call's `:authority`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_platform_reaches_the_policy_server_by_its_cluster_name() {
-    for (file, config, cluster) in plugin_configs() {
+    let mut cases = plugin_configs();
+    // Istio's own name for the Service's cluster, `outbound|PORT||HOST`: `|` is no valid
+    // :authority, so the filter sends Envoy a GrpcService with `HOST:PORT` as the authority
+    // (filter/src/upstream.rs). With the bare name every Check failed with an HTTP/2
+    // protocol error and each request got its route's fail mode.
+    let (file, mut config, mut cluster) = cases
+        .iter()
+        .find(|(file, _, _)| file.contains("istio"))
+        .expect("an Istio WasmPlugin")
+        .clone();
+    let istio_name = "outbound|50051||arbiter-policy.arbiter.svc.cluster.local";
+    config["policy_cluster"] = json!(istio_name);
+    cluster["name"] = json!(istio_name);
+    if cluster["load_assignment"].is_object() {
+        cluster["load_assignment"]["cluster_name"] = json!(istio_name);
+    }
+    cases.push((format!("{file} (cluster `{istio_name}`)"), config, cluster));
+    for (file, config, cluster) in cases {
         let chat = config["routes"]
             .as_array()
             .unwrap()
