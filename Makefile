@@ -54,9 +54,21 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # shared dependencies with other features). It also builds the policy server and harness
 # binaries the end-to-end tests start.
 .PHONY: test
-test: setup wasm ## Run every test tier (unit, server, end-to-end), then the benchmark smoke run
+test: setup wasm ## Run every test tier (unit, server, end-to-end), the example bundle's policy tests, then the benchmark smoke run
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+	$(POLICY_TESTS)
 	$(BENCH_QUICK)
+
+# The example bundle's own policy tests and format check, as a security team's CI runs them
+# (`cargo test --workspace` builds the `arbiter` binary).
+ARBITER_CLI  := $(or $(CARGO_TARGET_DIR),target)/debug/arbiter
+POLICY_TESTS := $(ARBITER_CLI) fmt --check examples/ai-gateway/policies && \
+	$(ARBITER_CLI) test examples/ai-gateway/tests --policies examples/ai-gateway/policies --require-coverage
+
+.PHONY: policy-test
+policy-test: ## The example bundle's policy tests (`arbiter test`) and format check (`arbiter fmt --check`)
+	$(CARGO) build -p arbiter-policy-server --bin arbiter
+	$(POLICY_TESTS)
 
 .PHONY: test-unit
 test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
