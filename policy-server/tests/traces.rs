@@ -148,23 +148,6 @@ fn audit_record(server: &Server, id: &str) -> serde_json::Value {
         .unwrap()
 }
 
-/// The metrics address the server logged.
-fn metrics_addr(server: &Server) -> SocketAddr {
-    server
-        .log()
-        .lines()
-        .find_map(|line| {
-            let event: serde_json::Value = serde_json::from_str(line).ok()?;
-            event["fields"]["message"]
-                .as_str()?
-                .strip_prefix("metrics on http://")?
-                .strip_suffix("/metrics")?
-                .parse()
-                .ok()
-        })
-        .unwrap()
-}
-
 fn terminate(server: &Server) {
     let status = std::process::Command::new("kill")
         .args(["-TERM", &server.pid().to_string()])
@@ -337,7 +320,7 @@ async fn a_collector_that_hangs_never_slows_decisions() {
     let addr = hung.local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut server = start_server(dir.path(), &format!("http://{addr}"), &[]).await;
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     let mut client = AuthorizationClient::new(server.channel().await);
     let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
     let started = Instant::now();
