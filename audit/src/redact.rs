@@ -456,6 +456,58 @@ pub fn trace_id_of(traceparent: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_allow_list_parses_and_keeps_iss_and_sub_always() {
+        let policy = ["tenant", "groups"];
+        let default = ClaimAllowList::parse(&[]).unwrap();
+        for (claim, kept) in [
+            ("iss", true),
+            ("sub", true),
+            ("tenant", true),
+            ("groups", true),
+            ("email", false),
+            ("name", false),
+        ] {
+            assert_eq!(default.keeps(claim, &policy), kept, "{claim}");
+        }
+        let listed = ClaimAllowList::parse(&["email".into()]).unwrap();
+        assert!(listed.keeps("email", &policy) && listed.keeps("sub", &policy));
+        assert!(!listed.keeps("tenant", &policy));
+        assert!(ClaimAllowList::parse(&["*".into()])
+            .unwrap()
+            .keeps("anything", &[]));
+        for bad in [
+            vec!["*".to_owned(), "email".to_owned()],
+            vec![String::new()],
+            vec!["a b".into()],
+            vec!["x\u{0}".into()],
+            vec!["c".repeat(257)],
+        ] {
+            assert!(ClaimAllowList::parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn masking_counts_what_it_withholds_and_leaves_other_identities_alone() {
+        let redactor = Redactor::default();
+        let mut identity = Some(serde_json::json!({
+            "source": "jwt",
+            "jwt": {"iss": "i", "sub": "s", "groups": ["g"], "email": "e@x", "phone": "1"},
+            "api_key_sha256": null,
+        }));
+        redactor.mask_identity(&mut identity, &["tenant", "groups"]);
+        let identity = identity.unwrap();
+        assert_eq!(
+            identity["jwt"],
+            serde_json::json!({"iss": "i", "sub": "s", "groups": ["g"]})
+        );
+        assert_eq!(identity["jwt_claims_withheld"], 2);
+        let mut none = Some(serde_json::json!({"source": "mtls", "jwt": null}));
+        let before = none.clone();
+        redactor.mask_identity(&mut none, &["tenant", "groups"]);
+        assert_eq!(none, before);
+    }
     use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 
     fn check(headers: &[(&str, &str)], body: &[u8], size: i64) -> CheckRequest {

@@ -514,3 +514,29 @@ fn respond(
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels_are_bounded_and_unknown_routes_fold_into_other() {
+        let metrics = Metrics::new();
+        metrics.set_configured_routes((0..MAX_ROUTE_LABELS + 10).map(|i| format!("r{i:04}")));
+        assert_eq!(metrics.route_labels().len(), MAX_ROUTE_LABELS);
+        metrics.route_decision("r0000", true);
+        metrics.route_decision(&format!("r{:04}", MAX_ROUTE_LABELS + 5), false);
+        metrics.route_decision("", false);
+        metrics.route_decision(OTHER_ROUTE, false);
+        let text = metrics.encode();
+        assert!(
+            text.contains("arbiter_route_decisions_total{route=\"r0000\",decision=\"allow\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("arbiter_route_decisions_total{route=\"_other\",decision=\"deny\"} 3"),
+            "{text}"
+        );
+        assert!(!text.contains(&format!("r{:04}", MAX_ROUTE_LABELS + 5)));
+    }
+}

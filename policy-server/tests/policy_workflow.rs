@@ -42,9 +42,12 @@ fn bundle_copy() -> tempfile::TempDir {
     dir
 }
 
+/// One `testcase`: classname, name, failure message if it failed.
+type JunitCase = (String, String, Option<String>);
+
 /// The JUnit report at `path`, parsed by roxmltree (a strict, independent XML parser), with
 /// the attributes JUnit consumers (Jenkins, GitLab, GitHub reporters) read checked.
-fn junit(path: &Path) -> (usize, usize, Vec<(String, String, Option<String>)>) {
+fn junit(path: &Path) -> (usize, usize, Vec<JunitCase>) {
     let xml = std::fs::read_to_string(path).unwrap();
     let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}\n{xml}"));
     let root = doc.root_element();
@@ -84,6 +87,31 @@ fn junit(path: &Path) -> (usize, usize, Vec<(String, String, Option<String>)>) {
     }
     assert_eq!(count(root, "tests"), cases.len());
     (count(root, "tests"), count(root, "failures"), cases)
+}
+
+/// The report at `path` as junitparser reads it (a JUnit consumer from PyPI that CI tools
+/// build on; `make setup` installs it into `.venv`): per case `[classname, name, passed,
+/// failure messages]`, and the totals.
+fn junitparser(path: &Path) -> serde_json::Value {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let script = r#"
+import json, sys
+from junitparser import JUnitXml
+xml = JUnitXml.fromfile(sys.argv[1])
+cases = [[c.classname, c.name, c.is_passed, [r.message for r in c.result]]
+         for suite in xml for c in suite]
+print(json.dumps({"tests": xml.tests, "failures": xml.failures, "cases": cases}))
+"#;
+    let output = Command::new(&python)
+        .args(["-c", script, s(path)])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run `make setup`)", python.display()));
+    assert!(
+        output.status.success(),
+        "junitparser failed (run `make setup`): {}",
+        text(&output)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 #[test]
@@ -153,7 +181,9 @@ fn a_failing_case_fails_the_run_names_what_differs_and_lists_unexercised_policie
     let out = text(&output);
     assert_eq!(output.status.code(), Some(1), "{out}");
     assert!(
-        out.contains("decision: expected allow, got deny (denied by policy `regulated-requires-approval`)"),
+        out.contains(
+            "decision: expected allow, got deny (denied by policy `regulated-requires-approval`)"
+        ),
         "{out}"
     );
     assert!(
@@ -168,9 +198,28 @@ fn a_failing_case_fails_the_run_names_what_differs_and_lists_unexercised_policie
 
     let (tests_count, failures, cases) = junit(&report);
     assert_eq!((tests_count, failures), (3, 2));
+    // A real consumer reads the same.
+    let read = junitparser(&report);
+    assert_eq!(
+        (read["tests"].as_u64(), read["failures"].as_u64()),
+        (Some(3), Some(2))
+    );
+    let read_cases = read["cases"].as_array().unwrap();
+    assert_eq!(read_cases.len(), 3);
+    for ((classname, name, failure), read) in cases.iter().zip(read_cases) {
+        assert_eq!(read[0], classname.as_str());
+        assert_eq!(read[1], name.as_str());
+        assert_eq!(read[2], failure.is_none(), "{read}");
+        if let Some(message) = failure {
+            assert_eq!(read[3][0], message.as_str());
+        }
+    }
     let (_, name, failure) = &cases[0];
     assert_eq!(name, "intern on a regulated route <b>&amp;</b>\u{FFFD}");
-    assert!(failure.as_deref().unwrap().contains("expected allow, got deny"));
+    assert!(failure
+        .as_deref()
+        .unwrap()
+        .contains("expected allow, got deny"));
     assert_eq!(cases[2].2, None);
 
     // --require-coverage fails a run whose cases all pass but leave policies untested.
@@ -221,12 +270,20 @@ fn unusable_input_exits_2_with_the_file_named() {
     .unwrap();
     let output = run(tests.path(), &bundle);
     assert_eq!(output.status.code(), Some(2), "{}", text(&output));
-    assert!(text(&output).contains("two cases are named `x`"), "{}", text(&output));
+    assert!(
+        text(&output).contains("two cases are named `x`"),
+        "{}",
+        text(&output)
+    );
 
     // An invalid bundle.
     let output = run(&example_tests(), tests.path());
     assert_eq!(output.status.code(), Some(2), "{}", text(&output));
-    assert!(text(&output).contains("is not a valid bundle"), "{}", text(&output));
+    assert!(
+        text(&output).contains("is not a valid bundle"),
+        "{}",
+        text(&output)
+    );
 }
 
 #[test]
@@ -248,7 +305,11 @@ fn fmt_check_names_unformatted_files_and_fmt_formats_them_without_changing_decis
         String::from_utf8_lossy(&output.stdout).trim(),
         file.to_str().unwrap()
     );
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), squashed, "--check wrote");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        squashed,
+        "--check wrote"
+    );
 
     let output = arbiter(&["fmt", s(bundle.path())]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
@@ -260,7 +321,10 @@ fn fmt_check_names_unformatted_files_and_fmt_formats_them_without_changing_decis
     );
     // Same policies, and the bundle still passes its tests.
     use arbiter_policy_server::cli::fmt::policy_json;
-    assert_eq!(policy_json(&formatted).unwrap(), policy_json(&original).unwrap());
+    assert_eq!(
+        policy_json(&formatted).unwrap(),
+        policy_json(&original).unwrap()
+    );
     let output = arbiter(&["test", s(&example_tests()), "--policies", s(bundle.path())]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output));
     // No temporary file left in the bundle.
@@ -277,14 +341,14 @@ fn fmt_never_touches_a_file_it_cannot_parse() {
     let broken = bundle.path().join("broken.cedar");
     let cedar = "permit (principal, action, resource) when { context.x ==  };\n";
     std::fs::write(&broken, cedar).unwrap();
-    for args in [
-        vec!["fmt", s(&broken)],
-        vec!["fmt", "--check", s(&broken)],
-    ] {
+    for args in [vec!["fmt", s(&broken)], vec!["fmt", "--check", s(&broken)]] {
         let output = arbiter(&args);
         assert_eq!(output.status.code(), Some(2), "{}", text(&output));
         let out = text(&output);
-        assert!(out.contains("broken.cedar` is not valid Cedar, left unchanged"), "{out}");
+        assert!(
+            out.contains("broken.cedar` is not valid Cedar, left unchanged"),
+            "{out}"
+        );
         assert_eq!(std::fs::read_to_string(&broken).unwrap(), cedar);
     }
     let output = arbiter(&["fmt", s(&bundle.path().join("missing.cedar"))]);

@@ -756,16 +756,58 @@ fn cedar_expr() -> impl Strategy<Value = Vec<String>> {
     leaf.prop_recursive(3, 16, 3, |inner| {
         let two = (inner.clone(), inner.clone());
         prop_oneof![
-            (inner.clone(), prop_oneof![Just("&&"), Just("||"), Just("=="), Just("<"), Just("+"), Just("in")], inner.clone())
+            (
+                inner.clone(),
+                prop_oneof![
+                    Just("&&"),
+                    Just("||"),
+                    Just("=="),
+                    Just("<"),
+                    Just("+"),
+                    Just("in")
+                ],
+                inner.clone()
+            )
                 .prop_map(|(a, op, b)| [a, vec![op.to_owned()], b].concat()),
-            inner.clone().prop_map(|a| [vec!["!".to_owned(), "(".to_owned()], a, vec![")".to_owned()]].concat()),
-            inner.clone().prop_map(|a| [vec!["(".to_owned()], a, vec![")".to_owned()]].concat()),
-            inner.clone().prop_map(|a| [a, vec!["has".to_owned(), "model".to_owned()]].concat()),
+            inner.clone().prop_map(|a| [
+                vec!["!".to_owned(), "(".to_owned()],
+                a,
+                vec![")".to_owned()]
+            ]
+            .concat()),
+            inner
+                .clone()
+                .prop_map(|a| [vec!["(".to_owned()], a, vec![")".to_owned()]].concat()),
+            inner
+                .clone()
+                .prop_map(|a| [a, vec!["has".to_owned(), "model".to_owned()]].concat()),
             (inner.clone(), two.clone()).prop_map(|(c, (a, b))| {
-                [vec!["if".to_owned()], c, vec!["then".to_owned()], a, vec!["else".to_owned()], b].concat()
+                [
+                    vec!["if".to_owned()],
+                    c,
+                    vec!["then".to_owned()],
+                    a,
+                    vec!["else".to_owned()],
+                    b,
+                ]
+                .concat()
             }),
             two.prop_map(|(a, b)| {
-                [vec!["[".to_owned()], a, vec![",".to_owned(), "\"x\"".to_owned(), "]".to_owned(), ".".to_owned(), "contains".to_owned(), "(".to_owned()], b, vec![")".to_owned()]].concat()
+                [
+                    vec!["[".to_owned()],
+                    a,
+                    vec![
+                        ",".to_owned(),
+                        "\"x\"".to_owned(),
+                        "]".to_owned(),
+                        ".".to_owned(),
+                        "contains".to_owned(),
+                        "(".to_owned(),
+                    ],
+                    b,
+                    vec![")".to_owned()],
+                ]
+                .concat()
             }),
         ]
     })
@@ -785,7 +827,10 @@ fn cedar_policies() -> impl Strategy<Value = Vec<String>> {
             Just("action == Arbiter::Action::\"chat.completions\""),
             Just("action in [Arbiter::Action::\"embeddings\", Arbiter::Action::\"models.list\"]"),
         ],
-        prop_oneof![Just("resource"), Just("resource == Arbiter::Route::\"chat\"")],
+        prop_oneof![
+            Just("resource"),
+            Just("resource == Arbiter::Route::\"chat\"")
+        ],
     );
     let policy = (
         proptest::option::of(0u8..50),
@@ -814,7 +859,16 @@ fn cedar_policies() -> impl Strategy<Value = Vec<String>> {
 /// `tokens` laid out with `layout` choosing each separator: spaces, tabs, newlines and
 /// comments, as people write them.
 fn lay_out(tokens: &[String], layout: &[u8]) -> String {
-    const SEPARATORS: &[&str] = &[" ", " ", "\n", "  ", "\t", " // a comment\n", "\n\n", "\n// line\n  "];
+    const SEPARATORS: &[&str] = &[
+        " ",
+        " ",
+        "\n",
+        "  ",
+        "\t",
+        " // a comment\n",
+        "\n\n",
+        "\n// line\n  ",
+    ];
     let mut text = String::from("// header\n");
     for (i, token) in tokens.iter().enumerate() {
         text.push_str(token);
@@ -830,7 +884,10 @@ fn prop_fmt_keeps_meaning() {
     on_big_stack(|| {
         check(
             "prop_fmt_keeps_meaning",
-            (cedar_policies(), proptest::collection::vec(any::<u8>(), 1..64)),
+            (
+                cedar_policies(),
+                proptest::collection::vec(any::<u8>(), 1..64),
+            ),
             |(tokens, layout)| {
                 let text = lay_out(&tokens, &layout);
                 let Ok(meaning) = policy_json(&text) else {
@@ -838,10 +895,14 @@ fn prop_fmt_keeps_meaning() {
                     // are `prop_fmt_never_touches_what_it_cannot_parse`'s business.
                     return Ok(());
                 };
-                let formatted = format_text(&text)
-                    .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+                let formatted =
+                    format_text(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
                 prop_assert_eq!(policy_json(&formatted).unwrap(), meaning, "{}", text);
-                prop_assert_eq!(format_text(&formatted).unwrap(), formatted.clone(), "not idempotent");
+                prop_assert_eq!(
+                    format_text(&formatted).unwrap(),
+                    formatted.clone(),
+                    "not idempotent"
+                );
                 // Comments survive.
                 prop_assert!(formatted.contains("// header"), "{}", formatted);
                 Ok(())
@@ -856,7 +917,12 @@ fn prop_fmt_never_touches_what_it_cannot_parse() {
     on_big_stack(|| {
         check(
             "prop_fmt_never_touches_what_it_cannot_parse",
-            (cedar_policies(), proptest::collection::vec(any::<u8>(), 1..64), any::<usize>(), ".{0,3}"),
+            (
+                cedar_policies(),
+                proptest::collection::vec(any::<u8>(), 1..64),
+                any::<usize>(),
+                ".{0,3}",
+            ),
             |(tokens, layout, at, junk)| {
                 // A valid-looking file with a few characters inserted anywhere.
                 let mut text = lay_out(&tokens, &layout);

@@ -435,7 +435,10 @@ async fn claims_off_the_allow_list_appear_in_no_record_log_line_or_span() {
 
     let audit = std::fs::read_to_string(&server.audit).unwrap();
     let log = server.log();
-    assert!(log.contains("req-masked"), "the decision was not logged:\n{log}");
+    assert!(
+        log.contains("req-masked"),
+        "the decision was not logged:\n{log}"
+    );
     let spans = format!("{:?}", collector.spans());
     for value in PERSONAL {
         assert!(!audit.contains(value), "{value} in the audit log:\n{audit}");
@@ -453,7 +456,13 @@ async fn claims_off_the_allow_list_appear_in_no_record_log_line_or_span() {
     )
     .await;
     let mut client = AuthorizationClient::new(server.channel().await);
-    let id = audit_id(&client.check(jwt_check("req-listed")).await.unwrap().into_inner());
+    let id = audit_id(
+        &client
+            .check(jwt_check("req-listed"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let record = audit_record(&server, &id);
     let jwt = record["identity"]["jwt"].as_object().unwrap();
     let kept: BTreeSet<&str> = jwt.keys().map(String::as_str).collect();

@@ -12,9 +12,8 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use prost::Message as _;
 use prost_types::FileDescriptorProto;
 use tonic_reflection::pb::v1::{
-    server_reflection_client::ServerReflectionClient,
-    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    ServerReflectionRequest,
+    server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+    server_reflection_response::MessageResponse, ServerReflectionRequest,
 };
 
 /// Asks one reflection question over the bidirectional stream, as grpcurl does.
@@ -115,7 +114,10 @@ async fn reflection_lists_and_describes_every_service_without_proto_files() {
         .unwrap();
     let numbers: BTreeSet<i32> = attribute_context.field.iter().map(|f| f.number()).collect();
     for number in [1, 2, 4, 10, 11, 12, 13] {
-        assert!(numbers.contains(&number), "AttributeContext field {number}: {numbers:?}");
+        assert!(
+            numbers.contains(&number),
+            "AttributeContext field {number}: {numbers:?}"
+        );
     }
 }
 
@@ -202,8 +204,14 @@ async fn decisions_are_counted_by_route_only_for_routes_the_bundle_or_config_nam
 async fn an_invalid_metrics_route_or_claim_list_refuses_to_start() {
     for (args, message) in [
         (&["--metrics-route", "two words"][..], "is not a route name"),
-        (&["--audit-jwt-claims", "*,email"][..], "`*` (every claim) cannot be combined"),
-        (&["--audit-jwt-claims", "bad\u{7}claim"][..], "is not a claim name"),
+        (
+            &["--audit-jwt-claims", "*,email"][..],
+            "`*` (every claim) cannot be combined",
+        ),
+        (
+            &["--audit-jwt-claims", "bad\u{7}claim"][..],
+            "is not a claim name",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter-policy-server"))

@@ -58,7 +58,8 @@ pub mod xds {
 /// The encoded `FileDescriptorSet` of the vendored protos (ext_authz and every file it
 /// imports), as protox compiled them: the policy server serves it over gRPC reflection.
 /// Unused by the filter, so it stays out of the wasm module.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));
 
 pub const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 /// Method name within [`CHECK_SERVICE`].

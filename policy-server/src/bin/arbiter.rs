@@ -210,18 +210,13 @@ fn run_test(args: &TestArgs) -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
         Err(e) => {
-            eprintln!(
-                "error: {}",
-                arbiter_policy_server::schema::error_chain(&e)
-            );
+            eprintln!("error: {}", arbiter_policy_server::schema::error_chain(&e));
             return ExitCode::from(EXIT_ERROR);
         }
     };
     print!("{}", report.to_text());
     if let Some(path) = &args.junit {
-        let written = report
-            .to_junit()
-            .and_then(|xml| std::fs::write(path, xml));
+        let written = report.to_junit().and_then(|xml| std::fs::write(path, xml));
         if let Err(e) = written {
             eprintln!("error: cannot write `{}`: {e}", path.display());
             return ExitCode::from(EXIT_ERROR);
@@ -257,17 +252,17 @@ fn run_fmt(paths: &[PathBuf], check: bool) -> ExitCode {
             }
             Err(e) => {
                 errors += 1;
-                eprintln!(
-                    "error: {}",
-                    arbiter_policy_server::schema::error_chain(&e)
-                );
+                eprintln!("error: {}", arbiter_policy_server::schema::error_chain(&e));
             }
         }
     }
     if errors > 0 {
         ExitCode::from(EXIT_ERROR)
     } else if check && changed > 0 {
-        eprintln!("{changed} of {} files are not formatted (run `arbiter fmt` on them)", files.len());
+        eprintln!(
+            "{changed} of {} files are not formatted (run `arbiter fmt` on them)",
+            files.len()
+        );
         ExitCode::from(EXIT_FOUND)
     } else {
         ExitCode::SUCCESS

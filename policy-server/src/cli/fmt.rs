@@ -117,10 +117,7 @@ pub fn cedar_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FmtError> {
         }
     }
     if files.is_empty() {
-        let names: Vec<String> = paths
-            .iter()
-            .map(|p| format!("`{}`", p.display()))
-            .collect();
+        let names: Vec<String> = paths.iter().map(|p| format!("`{}`", p.display())).collect();
         return Err(FmtError::NoFiles(names.join(", ")));
     }
     Ok(files)

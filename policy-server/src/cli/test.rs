@@ -215,9 +215,9 @@ impl TestReport {
                 failure.push_attribute(("message", message.as_str()));
                 failure.push_attribute(("type", "decision"));
                 writer.write_event(Event::Start(failure))?;
-                writer.write_event(Event::Text(BytesText::new(
-                    &xml_text(&case.problems.join("\n")),
-                )))?;
+                writer.write_event(Event::Text(BytesText::new(&xml_text(
+                    &case.problems.join("\n"),
+                ))))?;
                 writer.write_event(Event::End(BytesEnd::new("failure")))?;
                 writer.write_event(Event::End(BytesEnd::new("testcase")))?;
             }
@@ -385,10 +385,7 @@ pub fn run_with(bundle: &Bundle, suites: &[(String, SuiteFile)]) -> Result<TestR
                 Err(e) => CaseResult {
                     suite: suite.clone(),
                     name: case.name.clone(),
-                    problems: vec![format!(
-                        "not decided: {}",
-                        crate::schema::error_chain(&e)
-                    )],
+                    problems: vec![format!("not decided: {}", crate::schema::error_chain(&e))],
                     policy_ids: Vec::new(),
                     took,
                 },
