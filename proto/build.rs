@@ -11,6 +11,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=vendor");
     let files = protox::compile(roots, ["vendor"])?;
+    // The same descriptors, encoded, for the policy server's gRPC reflection: what `grpcurl`
+    // lists is compiled from exactly the protos the messages are.
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("file_descriptor_set.bin"),
+        prost::Message::encode_to_vec(&files),
+    )?;
     prost_build::Config::new()
         // Only messages: gRPC dispatch in the filter goes through the proxy-wasm host.
         .compile_fds(files)?;

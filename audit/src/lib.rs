@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 
 pub use metrics::AuditMetrics;
 pub use record::{AuditEvent, AuditRecord, Reason, Verdict};
-pub use redact::{Redactor, RequestFacts, TraceParent};
+pub use redact::{ClaimAllowList, Redactor, RequestFacts, TraceParent};
 pub use writer::{AuditError, AuditLog, Written};
 
 /// Default `--audit-max-bytes`: 128 MiB per file.

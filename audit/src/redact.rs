@@ -229,10 +229,72 @@ pub fn redact_authority(host: &str) -> String {
     }
 }
 
-/// Which headers never reach the audit log in clear.
+/// Claims every record keeps: the principal of a JWT caller is `<iss>#<sub>`, in the record
+/// anyway.
+pub const ALWAYS_RECORDED_CLAIMS: &[&str] = &["iss", "sub"];
+
+/// Which verified JWT claims an audit record keeps (`--audit-jwt-claims`). Claims can carry
+/// personal data (email, name, phone, addresses); a record keeps only what explains its
+/// decision unless the operator asks for more.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ClaimAllowList {
+    /// The default: `iss`, `sub` and the claims the bundle's policies decide on (its tenant
+    /// and groups claims), so the record explains the decision and `audit replay` re-decides
+    /// it exactly. Everything else a token carries is left out.
+    #[default]
+    PolicyInputs,
+    /// Exactly these claims, plus `iss` and `sub`.
+    Only(BTreeSet<String>),
+    /// Every claim (`*`): the records hold whatever the identity provider puts in tokens.
+    All,
+}
+
+impl ClaimAllowList {
+    /// From `--audit-jwt-claims` values: none for the default, `*` alone for every claim,
+    /// else claim names (1-256 characters, no whitespace or control characters).
+    pub fn parse(names: &[String]) -> Result<Self, String> {
+        if names.is_empty() {
+            return Ok(Self::PolicyInputs);
+        }
+        if names.iter().any(|n| n == "*") {
+            if names.len() > 1 {
+                return Err("`*` (every claim) cannot be combined with claim names".to_owned());
+            }
+            return Ok(Self::All);
+        }
+        let mut set = BTreeSet::new();
+        for name in names {
+            let valid = !name.is_empty()
+                && name.len() <= 256
+                && !name.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !valid {
+                return Err(format!(
+                    "`{}` is not a claim name (1-256 characters, no whitespace or control characters)",
+                    name.escape_debug()
+                ));
+            }
+            set.insert(name.clone());
+        }
+        Ok(Self::Only(set))
+    }
+
+    /// Whether `claim` is recorded, `policy_claims` being the bundle's tenant and groups
+    /// claims.
+    pub fn keeps(&self, claim: &str, policy_claims: &[&str]) -> bool {
+        ALWAYS_RECORDED_CLAIMS.contains(&claim)
+            || match self {
+                Self::PolicyInputs => policy_claims.contains(&claim),
+                Self::Only(names) => names.contains(claim),
+                Self::All => true,
+            }
+    }
+}
+
+/// Which headers never reach the audit log in clear, and which JWT claims do.
 #[derive(Debug, Clone, Default)]
 pub struct Redactor {
     extra: BTreeSet<String>,
+    claims: ClaimAllowList,
 }
 
 impl Redactor {
@@ -244,6 +306,32 @@ impl Redactor {
                 .map(|name| name.as_ref().trim().to_ascii_lowercase())
                 .filter(|name| !name.is_empty())
                 .collect(),
+            claims: ClaimAllowList::default(),
+        }
+    }
+
+    /// These rules, recording the JWT claims `claims` allows.
+    pub fn with_jwt_claims(mut self, claims: ClaimAllowList) -> Self {
+        self.claims = claims;
+        self
+    }
+
+    /// Removes the claims the allow-list does not keep from a record's `identity.jwt`
+    /// (`policy_claims`: the deciding bundle's tenant and groups claims), and says how many
+    /// were left out (`identity.jwt_claims_withheld`; their names are not recorded either,
+    /// as a claim name can say something about a person too).
+    pub fn mask_identity(&self, identity: &mut Option<serde_json::Value>, policy_claims: &[&str]) {
+        let Some(serde_json::Value::Object(identity)) = identity else {
+            return;
+        };
+        let Some(serde_json::Value::Object(claims)) = identity.get_mut("jwt") else {
+            return;
+        };
+        let before = claims.len();
+        claims.retain(|name, _| self.claims.keeps(name, policy_claims));
+        let withheld = before - claims.len();
+        if withheld > 0 {
+            identity.insert("jwt_claims_withheld".to_owned(), withheld.into());
         }
     }
 
@@ -368,6 +456,58 @@ pub fn trace_id_of(traceparent: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_allow_list_parses_and_keeps_iss_and_sub_always() {
+        let policy = ["tenant", "groups"];
+        let default = ClaimAllowList::parse(&[]).unwrap();
+        for (claim, kept) in [
+            ("iss", true),
+            ("sub", true),
+            ("tenant", true),
+            ("groups", true),
+            ("email", false),
+            ("name", false),
+        ] {
+            assert_eq!(default.keeps(claim, &policy), kept, "{claim}");
+        }
+        let listed = ClaimAllowList::parse(&["email".into()]).unwrap();
+        assert!(listed.keeps("email", &policy) && listed.keeps("sub", &policy));
+        assert!(!listed.keeps("tenant", &policy));
+        assert!(ClaimAllowList::parse(&["*".into()])
+            .unwrap()
+            .keeps("anything", &[]));
+        for bad in [
+            vec!["*".to_owned(), "email".to_owned()],
+            vec![String::new()],
+            vec!["a b".into()],
+            vec!["x\u{0}".into()],
+            vec!["c".repeat(257)],
+        ] {
+            assert!(ClaimAllowList::parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn masking_counts_what_it_withholds_and_leaves_other_identities_alone() {
+        let redactor = Redactor::default();
+        let mut identity = Some(serde_json::json!({
+            "source": "jwt",
+            "jwt": {"iss": "i", "sub": "s", "groups": ["g"], "email": "e@x", "phone": "1"},
+            "api_key_sha256": null,
+        }));
+        redactor.mask_identity(&mut identity, &["tenant", "groups"]);
+        let identity = identity.unwrap();
+        assert_eq!(
+            identity["jwt"],
+            serde_json::json!({"iss": "i", "sub": "s", "groups": ["g"]})
+        );
+        assert_eq!(identity["jwt_claims_withheld"], 2);
+        let mut none = Some(serde_json::json!({"source": "mtls", "jwt": null}));
+        let before = none.clone();
+        redactor.mask_identity(&mut none, &["tenant", "groups"]);
+        assert_eq!(none, before);
+    }
     use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 
     fn check(headers: &[(&str, &str)], body: &[u8], size: i64) -> CheckRequest {

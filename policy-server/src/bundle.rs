@@ -412,6 +412,35 @@ impl Bundle {
     pub fn index_buckets(&self) -> usize {
         self.index.buckets()
     }
+
+    /// Every policy id, sorted (`arbiter test` coverage).
+    pub fn policy_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .policies
+            .policies()
+            .map(|p| p.id().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Route names the bundle knows: `Arbiter::Route` entities in `entities.json` and
+    /// routes named literally in policies (per-route metric labels).
+    pub fn route_names(&self) -> std::collections::BTreeSet<String> {
+        let route = &self.types.route;
+        let from_entities = self.entities.iter().map(Entity::uid);
+        let from_policies = self.policies.policies().flat_map(|p| p.entity_literals());
+        from_entities
+            .chain(from_policies)
+            .filter(|uid| uid.type_name() == route)
+            .map(|uid| uid.id().unescaped().to_owned())
+            .collect()
+    }
+
+    /// Which JWT claims carry tenant and groups (`bundle.toml` `[jwt]`).
+    pub fn jwt_config(&self) -> &crate::identity::JwtConfig {
+        &self.config.jwt
+    }
 }
 
 fn read_bundle_files(dir: &Path) -> Result<Vec<File>, BundleError> {

@@ -72,6 +72,27 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub redact_headers: Vec<String>,
+    /// JWT claims recorded in audit records (repeatable; comma-separated in the environment
+    /// variable). Default: `iss`, `sub` and the bundle's tenant and groups claims, the ones
+    /// policy decides on; `*` records every claim. `iss` and `sub` are always recorded.
+    #[arg(
+        long = "audit-jwt-claims",
+        env = "ARBITER_AUDIT_JWT_CLAIMS",
+        value_delimiter = ',',
+        value_name = "CLAIM"
+    )]
+    pub audit_jwt_claims: Vec<String>,
+    /// Route name that gets its own `route` label in metrics, beside the routes the bundle
+    /// names (repeatable; comma-separated in the environment variable). Other routes are
+    /// counted as `_other`.
+    #[arg(
+        long = "metrics-route",
+        env = "ARBITER_METRICS_ROUTES",
+        value_delimiter = ',',
+        value_name = "ROUTE",
+        value_parser = route_name
+    )]
+    pub metrics_routes: Vec<String>,
     /// OTLP/gRPC logs receiver to ship audit records to, e.g. `http://127.0.0.1:4317`.
     #[arg(long, env = "ARBITER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -89,6 +110,22 @@ pub struct Config {
     /// Requests with a `traceparent` follow its sampled flag.
     #[arg(long, env = "ARBITER_OTLP_TRACES_SAMPLE_RATIO", default_value_t = 1.0, value_parser = sample_ratio)]
     pub otlp_traces_sample_ratio: f64,
+}
+
+/// A route name for `--metrics-route`: 1-256 characters, no whitespace or control
+/// characters (as Envoy route names are written).
+fn route_name(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    if name.is_empty()
+        || name.len() > 256
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "`{}` is not a route name (1-256 characters, no whitespace or control characters)",
+            text.escape_debug()
+        ));
+    }
+    Ok(name.to_owned())
 }
 
 impl Config {
@@ -113,12 +150,19 @@ impl Config {
             audit_checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             audit_checkpoint_interval_secs: DEFAULT_CHECKPOINT_INTERVAL.as_secs(),
             redact_headers: Vec::new(),
+            audit_jwt_claims: Vec::new(),
+            metrics_routes: Vec::new(),
             otlp_endpoint: None,
             health_interval: health::DEFAULT_INTERVAL,
             health_decision_timeout: health::DEFAULT_DECISION_TIMEOUT,
             otlp_traces_endpoint: None,
             otlp_traces_sample_ratio: 1.0,
         }
+    }
+
+    /// The audit record's JWT claims allow-list.
+    pub fn audit_claims(&self) -> Result<crate::audit::ClaimAllowList, String> {
+        crate::audit::ClaimAllowList::parse(&self.audit_jwt_claims)
     }
 
     /// The health monitor's part of the configuration.

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod probe;
+pub mod reflection;
 pub mod reload;
 pub mod request;
 pub mod schema;
@@ -79,6 +80,12 @@ pub enum ServerError {
     /// The OTLP exporter is misconfigured.
     #[error(transparent)]
     Export(#[from] audit::export::ExportError),
+    /// `--audit-jwt-claims` is not valid.
+    #[error("invalid `--audit-jwt-claims`: {0}")]
+    AuditClaims(String),
+    /// The reflection descriptors do not load (a build defect).
+    #[error("grpc reflection: {0:?}")]
+    Reflection(tonic_reflection::server::Error),
 }
 
 /// What runs beside the gRPC services: bundle watchers, the metrics listener and the health
@@ -114,9 +121,11 @@ pub async fn run(
         status.loaded(role, dir, &bundle);
         Ok::<_, ServerError>((watch, bundle))
     };
+    let claims = config.audit_claims().map_err(ServerError::AuditClaims)?;
     let (watch, bundle) = load(BundleRole::Active, &config.policies)?;
     let audit_metrics = AuditMetrics::default();
     let mut metrics = Metrics::new();
+    metrics.set_configured_routes(config.metrics_routes.iter().cloned());
     audit_metrics.register(metrics.registry_mut());
     trace::metrics().register(metrics.registry_mut());
     let engine = Arc::new(PolicyEngine::with_metrics(bundle, Arc::new(metrics)));
@@ -134,7 +143,7 @@ pub async fn run(
         )?;
         tokio::spawn(exporter.run(audit.written()));
     }
-    let redactor = Redactor::new(&config.redact_headers);
+    let redactor = Redactor::new(&config.redact_headers).with_jwt_claims(claims);
     let listener = bind(config.listen).await?;
     let metrics_listener = match config.metrics_listen {
         Some(addr) => Some(bind(addr).await?),
@@ -191,6 +200,8 @@ pub async fn serve_with(
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
     })?;
+    let (reflection_v1, reflection_v1alpha) =
+        reflection::services().map_err(ServerError::Reflection)?;
     // The bundle on disk is the one in use: `arbiter.PolicyBundle` starts SERVING.
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -247,6 +258,8 @@ pub async fn serve_with(
     drop(bundle);
     let served = Server::builder()
         .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service::authorization_server(AuthorizationService::new(
             engine, audit, redactor,
         )))

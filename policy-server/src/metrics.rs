@@ -5,7 +5,7 @@
 //! Other modules register their own metrics with [`Metrics::register`] (or
 //! [`Metrics::registry_mut`] before the metrics are shared).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -63,6 +63,45 @@ struct DecisionLabels {
     decision: &'static str,
 }
 
+/// A route label value: a route name the bundle or configuration knows, or [`OTHER_ROUTE`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct RouteLabel(Arc<str>);
+
+impl EncodeLabelValue for RouteLabel {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteDecisionLabels {
+    route: RouteLabel,
+    decision: &'static str,
+}
+
+/// The `route` label value of every route the bundle and `--metrics-route` do not name
+/// (and of requests without a route name): one series however many names clients reach.
+/// A leading `_` keeps it apart from Envoy route names people write.
+pub const OTHER_ROUTE: &str = "_other";
+
+/// At most this many routes get their own label value (the first, in name order); the rest
+/// are counted as [`OTHER_ROUTE`], so a bundle with thousands of routes cannot blow up the
+/// metrics.
+pub const MAX_ROUTE_LABELS: usize = 500;
+
+/// Which routes get their own label value.
+#[derive(Debug, Default)]
+struct KnownRoutes {
+    /// Named in the configuration (`--metrics-route`).
+    configured: BTreeSet<String>,
+    /// Configured plus named by the active bundle, as label values.
+    labels: HashMap<Arc<str>, RouteLabel>,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BundleLabels {
     bundle: BundleRole,
@@ -102,6 +141,9 @@ pub struct Metrics {
     shadow_errors: Counter,
     disagreements: Family<DirectionLabels, Counter>,
     versions: Mutex<HashMap<BundleRole, String>>,
+    route_decisions: Family<RouteDecisionLabels, Counter>,
+    routes: std::sync::RwLock<KnownRoutes>,
+    other_route: RouteLabel,
 }
 
 impl Default for Metrics {
@@ -195,6 +237,12 @@ impl Metrics {
         for decision in ["allow", "deny"] {
             let _ = decisions.get_or_create(&DecisionLabels { decision });
         }
+        let route_decisions = Family::<RouteDecisionLabels, Counter>::default();
+        registry.register(
+            "route_decisions",
+            "Decisions by route and outcome (allow, deny); routes the bundle and --metrics-route do not name are counted as route=\"_other\"",
+            route_decisions.clone(),
+        );
         // Export the active bundle's reload series from the start, so alerts on them see a
         // 0 rather than no series at all.
         let _ = rejected.get_or_create(&BundleLabels {
@@ -221,7 +269,43 @@ impl Metrics {
             shadow_errors,
             disagreements,
             versions: Mutex::new(HashMap::new()),
+            route_decisions,
+            routes: std::sync::RwLock::new(KnownRoutes::default()),
+            other_route: RouteLabel(Arc::from(OTHER_ROUTE)),
         }
+    }
+
+    /// Routes named in the configuration (`--metrics-route`) get their own label value
+    /// whatever the bundle says. Call before the first bundle is loaded.
+    pub fn set_configured_routes(&self, routes: impl IntoIterator<Item = String>) {
+        let mut known = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        known.configured = routes.into_iter().collect();
+        let configured = known.configured.clone();
+        known.labels = labels(configured);
+    }
+
+    /// One decision on `route` (an answered Check: counted once the audit record is written).
+    pub fn route_decision(&self, route: &str, allowed: bool) {
+        let route = {
+            let known = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+            known
+                .labels
+                .get(route)
+                .cloned()
+                .unwrap_or_else(|| self.other_route.clone())
+        };
+        let decision = if allowed { "allow" } else { "deny" };
+        self.route_decisions
+            .get_or_create(&RouteDecisionLabels { route, decision })
+            .inc();
+    }
+
+    /// The routes that get their own label value, sorted.
+    pub fn route_labels(&self) -> Vec<String> {
+        let known = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        let mut names: Vec<String> = known.labels.keys().map(|k| k.to_string()).collect();
+        names.sort();
+        names
     }
 
     /// The registry, to register more metrics before the metrics are shared.
@@ -299,6 +383,20 @@ impl Metrics {
                 .set(1);
         }
         drop(versions);
+        if role == BundleRole::Active {
+            let mut known = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+            let names = known.configured.iter().cloned().chain(bundle.route_names());
+            known.labels = labels(names);
+            // Every known route's series from the start, so a first deny is an increase.
+            for route in known.labels.values() {
+                for decision in ["allow", "deny"] {
+                    let _ = self.route_decisions.get_or_create(&RouteDecisionLabels {
+                        route: route.clone(),
+                        decision,
+                    });
+                }
+            }
+        }
         let labels = BundleLabels { bundle: role };
         self.policies
             .get_or_create(&labels)
@@ -324,6 +422,29 @@ impl Metrics {
             .get_or_create(&BundleLabels { bundle: role })
             .set(i64::from(!accepted));
     }
+}
+
+/// The label values of `names`: the first [`MAX_ROUTE_LABELS`] distinct non-empty names in
+/// name order (the empty name is a request without a route name: [`OTHER_ROUTE`]).
+fn labels(names: impl IntoIterator<Item = String>) -> HashMap<Arc<str>, RouteLabel> {
+    let names: BTreeSet<String> = names
+        .into_iter()
+        .filter(|n| !n.is_empty() && n != OTHER_ROUTE)
+        .collect();
+    if names.len() > MAX_ROUTE_LABELS {
+        tracing::warn!(
+            routes = names.len(),
+            "more than {MAX_ROUTE_LABELS} route names: the rest are counted as route=\"{OTHER_ROUTE}\""
+        );
+    }
+    names
+        .into_iter()
+        .take(MAX_ROUTE_LABELS)
+        .map(|name| {
+            let name: Arc<str> = Arc::from(name);
+            (Arc::clone(&name), RouteLabel(name))
+        })
+        .collect()
 }
 
 /// Serves `GET /metrics` and `GET /status` on `listener` until `shutdown` completes.
@@ -392,4 +513,30 @@ fn respond(
         response.headers_mut().insert(header::CONTENT_TYPE, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels_are_bounded_and_unknown_routes_fold_into_other() {
+        let metrics = Metrics::new();
+        metrics.set_configured_routes((0..MAX_ROUTE_LABELS + 10).map(|i| format!("r{i:04}")));
+        assert_eq!(metrics.route_labels().len(), MAX_ROUTE_LABELS);
+        metrics.route_decision("r0000", true);
+        metrics.route_decision(&format!("r{:04}", MAX_ROUTE_LABELS + 5), false);
+        metrics.route_decision("", false);
+        metrics.route_decision(OTHER_ROUTE, false);
+        let text = metrics.encode();
+        assert!(
+            text.contains("arbiter_route_decisions_total{route=\"r0000\",decision=\"allow\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("arbiter_route_decisions_total{route=\"_other\",decision=\"deny\"} 3"),
+            "{text}"
+        );
+        assert!(!text.contains(&format!("r{:04}", MAX_ROUTE_LABELS + 5)));
+    }
 }

@@ -126,7 +126,17 @@ impl AuthorizationService {
         }
         span.record("arbiter.audit.id", audit_id.as_str());
         let latency = started.elapsed();
-        let event = audit::event(audit_id.clone(), &req, &decision, facts, latency);
+        let mut event = audit::event(audit_id.clone(), &req, &decision, facts, latency);
+        if req.identity.jwt.is_some() {
+            // Claims not on the allow-list never reach the record. The bundle that decided may
+            // have been swapped since; its tenant and groups claim names rarely change.
+            let bundle = self.engine.bundle();
+            let jwt = bundle.jwt_config();
+            self.redactor.mask_identity(
+                &mut event.identity,
+                &[jwt.tenant_claim.as_str(), jwt.groups_claim.as_str()],
+            );
+        }
         // No decision without a record: if the record cannot be written (disk full, I/O
         // error), answer UNAVAILABLE, which is "no decision" to the filter, so the route's
         // fail mode applies (closed: 503; open: let through and recorded on the Envoy side).
@@ -141,6 +151,9 @@ impl AuthorizationService {
                 Status::unavailable(format!("no decision: {e}"))
             })?;
         span.record("arbiter.audit.seq", written.seq);
+        self.engine
+            .metrics()
+            .route_decision(&req.route, decision.allowed);
 
         for error in &decision.errors {
             tracing::debug!(target: DECISION_TARGET, id = %audit_id, %error, "policy skipped");

@@ -27,7 +27,7 @@ fn validate_accepts_the_example_and_names_each_problem() {
     let output = arbiter(&["validate", example.to_str().unwrap()]);
     assert!(output.status.success(), "{}", text(&output));
     assert!(
-        text(&output).contains("9 policies, 6 entities, version ai-gateway@sha256:"),
+        text(&output).contains("9 policies, 11 entities, version ai-gateway@sha256:"),
         "{}",
         text(&output)
     );

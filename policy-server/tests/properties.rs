@@ -734,3 +734,216 @@ fn prop_any_complete_request_is_decided() {
         );
     });
 }
+
+// --- `arbiter fmt` ---------------------------------------------------------------------------
+
+/// A Cedar expression, as tokens (never split by the layout below).
+fn cedar_expr() -> impl Strategy<Value = Vec<String>> {
+    let leaf = prop_oneof![
+        Just("true"),
+        Just("false"),
+        Just("1"),
+        Just("-7"),
+        Just("\"acme\""),
+        Just("\"http://a // not a comment\""),
+        Just("context.model"),
+        Just("context.route_context.classification"),
+        Just("principal.tenant"),
+        Just("Arbiter::Group::\"premium-models\""),
+        Just("ip(\"10.0.0.1\")"),
+    ]
+    .prop_map(|t| vec![t.to_owned()]);
+    leaf.prop_recursive(3, 16, 3, |inner| {
+        let two = (inner.clone(), inner.clone());
+        prop_oneof![
+            (
+                inner.clone(),
+                prop_oneof![
+                    Just("&&"),
+                    Just("||"),
+                    Just("=="),
+                    Just("<"),
+                    Just("+"),
+                    Just("in")
+                ],
+                inner.clone()
+            )
+                .prop_map(|(a, op, b)| [a, vec![op.to_owned()], b].concat()),
+            inner.clone().prop_map(|a| [
+                vec!["!".to_owned(), "(".to_owned()],
+                a,
+                vec![")".to_owned()]
+            ]
+            .concat()),
+            inner
+                .clone()
+                .prop_map(|a| [vec!["(".to_owned()], a, vec![")".to_owned()]].concat()),
+            inner
+                .clone()
+                .prop_map(|a| [a, vec!["has".to_owned(), "model".to_owned()]].concat()),
+            (inner.clone(), two.clone()).prop_map(|(c, (a, b))| {
+                [
+                    vec!["if".to_owned()],
+                    c,
+                    vec!["then".to_owned()],
+                    a,
+                    vec!["else".to_owned()],
+                    b,
+                ]
+                .concat()
+            }),
+            two.prop_map(|(a, b)| {
+                [
+                    vec!["[".to_owned()],
+                    a,
+                    vec![
+                        ",".to_owned(),
+                        "\"x\"".to_owned(),
+                        "]".to_owned(),
+                        ".".to_owned(),
+                        "contains".to_owned(),
+                        "(".to_owned(),
+                    ],
+                    b,
+                    vec![")".to_owned()],
+                ]
+                .concat()
+            }),
+        ]
+    })
+}
+
+/// A policy file: policies of any scope and conditions, as tokens.
+fn cedar_policies() -> impl Strategy<Value = Vec<String>> {
+    let scope = (
+        prop_oneof![
+            Just("principal"),
+            Just("principal == Arbiter::Caller::\"acme-batch\""),
+            Just("principal in Arbiter::Group::\"regulated-approved\""),
+            Just("principal is Arbiter::Anonymous"),
+        ],
+        prop_oneof![
+            Just("action"),
+            Just("action == Arbiter::Action::\"chat.completions\""),
+            Just("action in [Arbiter::Action::\"embeddings\", Arbiter::Action::\"models.list\"]"),
+        ],
+        prop_oneof![
+            Just("resource"),
+            Just("resource == Arbiter::Route::\"chat\"")
+        ],
+    );
+    let policy = (
+        proptest::option::of(0u8..50),
+        prop_oneof![Just("permit"), Just("forbid")],
+        scope,
+        proptest::collection::vec((any::<bool>(), cedar_expr()), 0..3),
+    )
+        .prop_map(|(id, effect, (p, a, r), conditions)| {
+            let mut tokens = Vec::new();
+            if let Some(id) = id {
+                tokens.push(format!("@id(\"p{id}\")"));
+            }
+            tokens.extend([effect, "(", p, ",", a, ",", r, ")"].map(str::to_owned));
+            for (when, expr) in conditions {
+                tokens.push(if when { "when" } else { "unless" }.to_owned());
+                tokens.push("{".to_owned());
+                tokens.extend(expr);
+                tokens.push("}".to_owned());
+            }
+            tokens.push(";".to_owned());
+            tokens
+        });
+    proptest::collection::vec(policy, 1..4).prop_map(|policies| policies.concat())
+}
+
+/// `tokens` laid out with `layout` choosing each separator: spaces, tabs, newlines and
+/// comments, as people write them.
+fn lay_out(tokens: &[String], layout: &[u8]) -> String {
+    const SEPARATORS: &[&str] = &[
+        " ",
+        " ",
+        "\n",
+        "  ",
+        "\t",
+        " // a comment\n",
+        "\n\n",
+        "\n// line\n  ",
+    ];
+    let mut text = String::from("// header\n");
+    for (i, token) in tokens.iter().enumerate() {
+        text.push_str(token);
+        let choice = layout.get(i % layout.len().max(1)).copied().unwrap_or(0);
+        text.push_str(SEPARATORS[usize::from(choice) % SEPARATORS.len()]);
+    }
+    text
+}
+
+#[test]
+fn prop_fmt_keeps_meaning() {
+    use arbiter_policy_server::cli::fmt::{format_text, policy_json};
+    on_big_stack(|| {
+        check(
+            "prop_fmt_keeps_meaning",
+            (
+                cedar_policies(),
+                proptest::collection::vec(any::<u8>(), 1..64),
+            ),
+            |(tokens, layout)| {
+                let text = lay_out(&tokens, &layout);
+                let Ok(meaning) = policy_json(&text) else {
+                    // Not every generated expression parses (e.g. `1 in 2 in 3` does); those
+                    // are `prop_fmt_never_touches_what_it_cannot_parse`'s business.
+                    return Ok(());
+                };
+                let formatted =
+                    format_text(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+                prop_assert_eq!(policy_json(&formatted).unwrap(), meaning, "{}", text);
+                prop_assert_eq!(
+                    format_text(&formatted).unwrap(),
+                    formatted.clone(),
+                    "not idempotent"
+                );
+                // Comments survive.
+                prop_assert!(formatted.contains("// header"), "{}", formatted);
+                Ok(())
+            },
+        );
+    });
+}
+
+#[test]
+fn prop_fmt_never_touches_what_it_cannot_parse() {
+    use arbiter_policy_server::cli::fmt::{format_text, policy_json};
+    on_big_stack(|| {
+        check(
+            "prop_fmt_never_touches_what_it_cannot_parse",
+            (
+                cedar_policies(),
+                proptest::collection::vec(any::<u8>(), 1..64),
+                any::<usize>(),
+                ".{0,3}",
+            ),
+            |(tokens, layout, at, junk)| {
+                // A valid-looking file with a few characters inserted anywhere.
+                let mut text = lay_out(&tokens, &layout);
+                let mut at = at % (text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text.insert_str(at, &junk);
+                match (policy_json(&text), format_text(&text)) {
+                    (Ok(meaning), Ok(formatted)) => {
+                        prop_assert_eq!(policy_json(&formatted).unwrap(), meaning);
+                    }
+                    (Err(_), Ok(formatted)) => {
+                        return Err(TestCaseError::fail(format!(
+                            "formatted text Cedar does not parse:\n{text}\n->\n{formatted}"
+                        )));
+                    }
+                    (_, Err(_)) => {}
+                }
+                Ok(())
+            },
+        );
+    });
+}

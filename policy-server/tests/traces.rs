@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -145,23 +145,6 @@ fn audit_record(server: &Server, id: &str) -> serde_json::Value {
     audit_lines(&server.audit)
         .into_iter()
         .find(|r| r["id"] == id)
-        .unwrap()
-}
-
-/// The metrics address the server logged.
-fn metrics_addr(server: &Server) -> SocketAddr {
-    server
-        .log()
-        .lines()
-        .find_map(|line| {
-            let event: serde_json::Value = serde_json::from_str(line).ok()?;
-            event["fields"]["message"]
-                .as_str()?
-                .strip_prefix("metrics on http://")?
-                .strip_suffix("/metrics")?
-                .parse()
-                .ok()
-        })
         .unwrap()
 }
 
@@ -337,7 +320,7 @@ async fn a_collector_that_hangs_never_slows_decisions() {
     let addr = hung.local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut server = start_server(dir.path(), &format!("http://{addr}"), &[]).await;
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     let mut client = AuthorizationClient::new(server.channel().await);
     let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
     let started = Instant::now();
@@ -386,4 +369,106 @@ async fn a_collector_that_hangs_never_slows_decisions() {
         stopping.elapsed()
     );
     drop(hung);
+}
+
+/// A Check from a JWT caller whose token carries personal data beside what policy uses.
+fn jwt_check(request_id: &str) -> CheckRequest {
+    let claims = serde_json::json!({
+        "iss": "https://idp.arbiter.test",
+        "sub": "alice",
+        "tenant": "acme",
+        "groups": ["regulated-approved"],
+        "email": "alice.private@corp.example",
+        "name": "Alice Privatename",
+        "address": { "street": "1 Hidden Lane" },
+    });
+    let mut check = arbiter_policy_server::cli::policy::RequestSpec {
+        method: Some("GET".into()),
+        path: "/v1/models".into(),
+        route: Some("models".into()),
+        jwt_claims: Some(claims.as_object().unwrap().clone()),
+        ..Default::default()
+    }
+    .to_check_request()
+    .unwrap();
+    check
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .unwrap()
+        .id = request_id.to_owned();
+    check
+}
+
+const PERSONAL: &[&str] = &["alice.private", "Privatename", "Hidden Lane"];
+
+#[tokio::test]
+async fn claims_off_the_allow_list_appear_in_no_record_log_line_or_span() {
+    let (collector, addr) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Debug logging: not even a debug line may carry a masked claim.
+    let server = start_server(dir.path(), &format!("http://{addr}"), &["--log", "debug"]).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let mut check = jwt_check("req-masked");
+    check
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .unwrap()
+        .headers
+        .insert("traceparent".into(), traceparent);
+    let response = client.check(check).await.unwrap().into_inner();
+    let id = audit_id(&response);
+    collector.check_span(&id).await;
+
+    // The default keeps what policy decides on: iss, sub and the bundle's tenant and groups
+    // claims (so the record explains the decision and replays it).
+    let record = audit_record(&server, &id);
+    assert_eq!(record["principal"], "https://idp.arbiter.test#alice");
+    let jwt = record["identity"]["jwt"].as_object().unwrap();
+    let kept: BTreeSet<&str> = jwt.keys().map(String::as_str).collect();
+    assert_eq!(kept, BTreeSet::from(["groups", "iss", "sub", "tenant"]));
+    assert_eq!(record["identity"]["jwt_claims_withheld"], 3);
+
+    let audit = std::fs::read_to_string(&server.audit).unwrap();
+    let log = server.log();
+    assert!(
+        log.contains("req-masked"),
+        "the decision was not logged:\n{log}"
+    );
+    let spans = format!("{:?}", collector.spans());
+    for value in PERSONAL {
+        assert!(!audit.contains(value), "{value} in the audit log:\n{audit}");
+        assert!(!log.contains(value), "{value} in the server log:\n{log}");
+        assert!(!spans.contains(value), "{value} in a span:\n{spans}");
+    }
+    terminate(&server);
+
+    // An explicit list: exactly those claims, plus iss and sub.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(
+        dir.path(),
+        &format!("http://{addr}"),
+        &["--audit-jwt-claims", "email,groups"],
+    )
+    .await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let id = audit_id(
+        &client
+            .check(jwt_check("req-listed"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let record = audit_record(&server, &id);
+    let jwt = record["identity"]["jwt"].as_object().unwrap();
+    let kept: BTreeSet<&str> = jwt.keys().map(String::as_str).collect();
+    assert_eq!(kept, BTreeSet::from(["email", "groups", "iss", "sub"]));
+    assert_eq!(record["identity"]["jwt_claims_withheld"], 3);
+    let audit = std::fs::read_to_string(&server.audit).unwrap();
+    assert!(!audit.contains("Privatename") && !audit.contains("Hidden Lane"));
+    terminate(&server);
 }

@@ -55,6 +55,12 @@ pub mod xds {
 }
 
 /// Fully qualified gRPC method the filter calls.
+/// The encoded `FileDescriptorSet` of the vendored protos (ext_authz and every file it
+/// imports), as protox compiled them: the policy server serves it over gRPC reflection.
+/// Unused by the filter, so it stays out of the wasm module.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/file_descriptor_set.bin"));
+
 pub const CHECK_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 /// Method name within [`CHECK_SERVICE`].
 pub const CHECK_METHOD: &str = "Check";

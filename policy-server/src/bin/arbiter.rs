@@ -1,5 +1,5 @@
-//! `arbiter`: the operator command line (`validate`, `check`, `schema`, `audit verify`,
-//! `audit replay`, `probe`). Flags are parsed here; the work is in
+//! `arbiter`: the operator command line (`validate`, `check`, `test`, `fmt`, `schema`,
+//! `audit verify`, `audit replay`, `probe`). Flags are parsed here; the work is in
 //! `arbiter_policy_server::cli` and `arbiter_policy_server::probe`.
 
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use arbiter_policy_server::cli::audit::{self, AuditCommand};
 use arbiter_policy_server::cli::policy::{self, key_value, RequestSpec};
+use arbiter_policy_server::cli::{EXIT_ERROR, EXIT_FOUND};
 use arbiter_policy_server::probe::{probe, ProbeOptions};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -32,6 +33,21 @@ enum Command {
     /// Decide one request with a bundle and print the decision, the determining policies
     /// and why. Exit 0 once decided (1 if `--expect` does not match, 2 on errors).
     Check(Box<CheckArgs>),
+    /// Run a directory of policy test cases against a bundle; print each case, a summary and
+    /// the policies no case exercised. Exit 0 when every case passed, 1 when one failed (or,
+    /// with `--require-coverage`, a policy was not exercised), 2 on unusable input.
+    Test(TestArgs),
+    /// Format Cedar policy files (a bundle directory or files) with Cedar's formatter. With
+    /// `--check`, change nothing: list the files that are not formatted and exit 1. Exit 2
+    /// when a file is not valid Cedar (it is never touched).
+    Fmt {
+        /// Bundle directories or `.cedar` files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Only check: exit 1 and name each file that formatting would change.
+        #[arg(long)]
+        check: bool,
+    },
     /// Print the built-in Arbiter Cedar schema that bundles are validated against.
     Schema,
     /// Audit log tools: verify the hash chain, replay records against a bundle.
@@ -41,6 +57,21 @@ enum Command {
     /// and what a synthetic request gets, through Envoy and/or straight from the server.
     /// Exit 0 when the probe ran (whatever it found), 2 when it could not.
     Probe(ProbeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TestArgs {
+    /// Directory of test case files (`*.json`; see the README).
+    dir: PathBuf,
+    /// Bundle directory the cases run against.
+    #[arg(long)]
+    policies: PathBuf,
+    /// Also write the results as JUnit XML to this file.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// Exit 1 when a policy of the bundle is exercised by no case.
+    #[arg(long)]
+    require_coverage: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,6 +185,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Check(args) => check(*args),
+        Command::Test(args) => run_test(&args),
+        Command::Fmt { paths, check } => run_fmt(&paths, check),
         Command::Schema => {
             print!("{}", arbiter_policy_server::schema::BASE_SCHEMA);
             ExitCode::SUCCESS
@@ -162,6 +195,77 @@ fn main() -> ExitCode {
             ExitCode::from(audit::run(command, &mut std::io::stdout().lock()))
         }
         Command::Probe(args) => run_probe(&args),
+    }
+}
+
+fn run_test(args: &TestArgs) -> ExitCode {
+    use arbiter_policy_server::cli::test::{self, TestError};
+    let report = match test::run(&args.dir, &args.policies) {
+        Ok(report) => report,
+        Err(TestError::Cli(policy::CliError::Bundle(error))) => {
+            for problem in error.problems() {
+                eprintln!("{problem}");
+            }
+            eprintln!("error: `{}` is not a valid bundle", args.policies.display());
+            return ExitCode::from(EXIT_ERROR);
+        }
+        Err(e) => {
+            eprintln!("error: {}", arbiter_policy_server::schema::error_chain(&e));
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    print!("{}", report.to_text());
+    if let Some(path) = &args.junit {
+        let written = report.to_junit().and_then(|xml| std::fs::write(path, xml));
+        if let Err(e) = written {
+            eprintln!("error: cannot write `{}`: {e}", path.display());
+            return ExitCode::from(EXIT_ERROR);
+        }
+    }
+    if report.failed() > 0 || (args.require_coverage && !report.unexercised.is_empty()) {
+        ExitCode::from(EXIT_FOUND)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn run_fmt(paths: &[PathBuf], check: bool) -> ExitCode {
+    use arbiter_policy_server::cli::fmt::{self, Outcome};
+    let files = match fmt::cedar_files(paths) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let (mut changed, mut errors) = (0, 0);
+    for file in &files {
+        match fmt::format_file(file, check) {
+            Ok(Outcome::Unchanged) => {}
+            Ok(Outcome::Reformatted) => {
+                changed += 1;
+                if check {
+                    println!("{}", file.display());
+                } else {
+                    eprintln!("formatted {}", file.display());
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                eprintln!("error: {}", arbiter_policy_server::schema::error_chain(&e));
+            }
+        }
+    }
+    if errors > 0 {
+        ExitCode::from(EXIT_ERROR)
+    } else if check && changed > 0 {
+        eprintln!(
+            "{changed} of {} files are not formatted (run `arbiter fmt` on them)",
+            files.len()
+        );
+        ExitCode::from(EXIT_FOUND)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

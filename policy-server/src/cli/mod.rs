@@ -2,7 +2,9 @@
 //! flags and dispatches).
 
 pub mod audit;
+pub mod fmt;
 pub mod policy;
+pub mod test;
 
 /// Exit code: success (chain intact, no difference).
 pub const EXIT_OK: u8 = 0;

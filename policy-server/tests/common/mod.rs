@@ -269,6 +269,15 @@ pub struct Server {
 impl Server {
     /// Starts the server with `args` added; waits until it listens (30 s at most).
     pub async fn start(dir: &std::path::Path, args: &[&str]) -> Server {
+        Self::start_with(dir, &example_bundle(), args).await
+    }
+
+    /// [`Server::start`] with the bundle `policies`.
+    pub async fn start_with(
+        dir: &std::path::Path,
+        policies: &std::path::Path,
+        args: &[&str],
+    ) -> Server {
         let audit = dir.join("audit.jsonl");
         let log = dir.join("server.log");
         let before = std::fs::read_to_string(&log).unwrap_or_default().len();
@@ -291,7 +300,7 @@ impl Server {
                 "json",
                 "--policies",
             ])
-            .arg(example_bundle())
+            .arg(policies)
             .arg("--audit-log")
             .arg(&audit)
             .args(args)
@@ -337,6 +346,22 @@ impl Server {
             .unwrap()
             .connect()
             .await
+            .unwrap()
+    }
+
+    /// The metrics address the server logged (started with `--metrics-listen`).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.log()
+            .lines()
+            .find_map(|line| {
+                let event: serde_json::Value = serde_json::from_str(line).ok()?;
+                event["fields"]["message"]
+                    .as_str()?
+                    .strip_prefix("metrics on http://")?
+                    .strip_suffix("/metrics")?
+                    .parse()
+                    .ok()
+            })
             .unwrap()
     }
 
