@@ -2,6 +2,7 @@
 //! flags and dispatches).
 
 pub mod audit;
+pub mod bundle;
 pub mod policy;
 
 /// Exit code: success (chain intact, no difference).
