@@ -70,9 +70,9 @@ pub enum UnpackError {
 /// A file of the bundle: name and content.
 pub type File = (String, Vec<u8>);
 
-/// The artifact of the bundle in `dir`: its regular files (symlinks followed, names
-/// starting with `.` and sub-directories left out), reproducibly.
-pub fn build(dir: &Path) -> io::Result<Vec<u8>> {
+/// The artifact of the bundle in `dir`: its regular files (symlinks followed) for which
+/// `keep` holds (the server passes the files a bundle is made of), reproducibly.
+pub fn build(dir: &Path, keep: impl Fn(&Path) -> bool) -> io::Result<Vec<u8>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -82,7 +82,7 @@ pub fn build(dir: &Path) -> io::Result<Vec<u8>> {
                 format!("file name {:?} is not UTF-8", entry.file_name()),
             ));
         };
-        if name.starts_with('.') || !entry.path().metadata()?.is_file() {
+        if !keep(&entry.path()) || !entry.path().metadata()?.is_file() {
             continue;
         }
         files.push((name, std::fs::read(entry.path())?));
@@ -99,7 +99,9 @@ pub fn build(dir: &Path) -> io::Result<Vec<u8>> {
 /// The artifact of `files` (sorted by name here).
 pub fn build_from(mut files: Vec<File>) -> io::Result<Vec<u8>> {
     files.sort();
-    let gz: GzEncoder<Vec<u8>> = GzBuilder::new().mtime(0).write(Vec::new(), Compression::best());
+    let gz: GzEncoder<Vec<u8>> = GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), Compression::best());
     let mut tar = tar::Builder::new(gz);
     tar.mode(tar::HeaderMode::Deterministic);
     for (name, data) in &files {
@@ -279,8 +281,14 @@ mod tests {
 
     fn files() -> Vec<File> {
         vec![
-            ("b.cedar".into(), b"permit(principal, action, resource);".to_vec()),
-            ("a.cedar".into(), b"forbid(principal, action, resource);".to_vec()),
+            (
+                "b.cedar".into(),
+                b"permit(principal, action, resource);".to_vec(),
+            ),
+            (
+                "a.cedar".into(),
+                b"forbid(principal, action, resource);".to_vec(),
+            ),
             ("entities.json".into(), b"[]".to_vec()),
         ]
     }
@@ -337,7 +345,10 @@ mod tests {
             let e = one(b"p.cedar", kind, b"/etc/passwd").unwrap_err();
             assert!(matches!(e, UnpackError::Entry { .. }), "{kind}: {e}");
         }
-        assert!(matches!(one(b"sub/", b'5', b""), Err(UnpackError::Entry { .. })));
+        assert!(matches!(
+            one(b"sub/", b'5', b""),
+            Err(UnpackError::Entry { .. })
+        ));
         assert_eq!(one(b"./p.cedar", b'0', b"").unwrap()[0].0, "p.cedar");
     }
 
@@ -363,8 +374,14 @@ mod tests {
         raw_entry(&mut tar, b"p.cedar", b'0', b"", b"a");
         raw_entry(&mut tar, b"./p.cedar", b'0', b"", b"b");
         tar.extend_from_slice(&[0; 1024]);
-        assert!(matches!(read(&tar, DEFAULT_LIMITS), Err(UnpackError::Entry { .. })));
-        assert!(matches!(read(&[0; 1024], DEFAULT_LIMITS), Err(UnpackError::Empty)));
+        assert!(matches!(
+            read(&tar, DEFAULT_LIMITS),
+            Err(UnpackError::Entry { .. })
+        ));
+        assert!(matches!(
+            read(&[0; 1024], DEFAULT_LIMITS),
+            Err(UnpackError::Empty)
+        ));
         assert!(read(b"\x1f\x8bnot gzip", DEFAULT_LIMITS).is_err());
     }
 

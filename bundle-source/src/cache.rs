@@ -66,7 +66,8 @@ impl Cache {
         let keep = [self.artifact(&digest), self.signature(&digest)];
         for entry in std::fs::read_dir(&self.dir)?.flatten() {
             let name = entry.file_name();
-            let old = name.to_string_lossy().starts_with("sha256-") && !keep.contains(&entry.path());
+            let old =
+                name.to_string_lossy().starts_with("sha256-") && !keep.contains(&entry.path());
             if old {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -132,9 +133,17 @@ mod tests {
         cache.store(b"one", Some(b"sig1")).unwrap();
         let two = cache.store(b"two", None).unwrap();
         let loaded = cache.load().unwrap().unwrap();
-        assert_eq!((loaded.bytes.as_slice(), loaded.digest, loaded.signature), (&b"two"[..], two, None));
+        assert_eq!(
+            (loaded.bytes.as_slice(), loaded.digest, loaded.signature),
+            (&b"two"[..], two, None)
+        );
         // Only the current artifact is kept.
-        let names: Vec<_> = std::fs::read_dir(cache.dir()).unwrap().count().to_string().chars().collect();
+        let names: Vec<_> = std::fs::read_dir(cache.dir())
+            .unwrap()
+            .count()
+            .to_string()
+            .chars()
+            .collect();
         assert_eq!(names, ['2']);
         std::fs::write(cache.artifact(&two), b"tampered").unwrap();
         assert!(cache.load().is_err());

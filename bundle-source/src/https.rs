@@ -54,7 +54,14 @@ pub(crate) async fn fetch(
                 response.status()
             )));
         }
-        Some(read_limited(response, MAX_SIGNATURE_BYTES as u64, &format!("GET {sig_url}")).await?)
+        Some(
+            read_limited(
+                response,
+                MAX_SIGNATURE_BYTES as u64,
+                &format!("GET {sig_url}"),
+            )
+            .await?,
+        )
     } else {
         None
     };

@@ -54,9 +54,7 @@ impl FromStr for Reference {
             return Err(bad("invalid registry"));
         }
         let (repository, reference) = if let Some((repo, digest)) = rest.split_once('@') {
-            digest
-                .parse::<Digest>()
-                .map_err(|e| bad(&e.to_string()))?;
+            digest.parse::<Digest>().map_err(|e| bad(&e.to_string()))?;
             (repo, digest.to_owned())
         } else {
             match rest.rsplit_once(':') {
@@ -70,7 +68,9 @@ impl FromStr for Reference {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
         };
         if !repository.split('/').all(component_ok) {
-            return Err(bad("invalid repository name (lowercase letters, digits, `._-/`)"));
+            return Err(bad(
+                "invalid repository name (lowercase letters, digits, `._-/`)",
+            ));
         }
         let tag_ok = |t: &str| {
             !t.is_empty()
@@ -91,8 +91,16 @@ impl FromStr for Reference {
 
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sep = if self.reference.starts_with("sha256:") { '@' } else { ':' };
-        write!(f, "{}/{}{sep}{}", self.registry, self.repository, self.reference)
+        let sep = if self.reference.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
+        write!(
+            f,
+            "{}/{}{sep}{}",
+            self.registry, self.repository, self.reference
+        )
     }
 }
 
@@ -174,7 +182,10 @@ async fn pull_layer(
     }
     let manifest: Manifest = serde_json::from_slice(&body)
         .map_err(|e| SourceError(format!("GET {url}: not an OCI image manifest: {e}")))?;
-    let mut layers = manifest.layers.iter().filter(|l| l.media_type == layer_type);
+    let mut layers = manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type == layer_type);
     let (Some(layer), None) = (layers.next(), layers.next()) else {
         return Err(SourceError(format!(
             "GET {url}: the manifest does not have exactly one `{layer_type}` layer"
@@ -197,7 +208,10 @@ async fn pull_layer(
         .await
         .map_err(|e| SourceError::http(&format!("GET {blob_url}"), &e))?;
     if !response.status().is_success() {
-        return Err(SourceError(format!("GET {blob_url}: {}", response.status())));
+        return Err(SourceError(format!(
+            "GET {blob_url}: {}",
+            response.status()
+        )));
     }
     let bytes = read_limited(response, layer.size, &format!("GET {blob_url}")).await?;
     if Digest::of(&bytes) != layer_digest {
@@ -215,8 +229,15 @@ pub(crate) async fn pull(
     signed: bool,
     max_bytes: u64,
 ) -> Result<Fetch, SourceError> {
-    let Some((bytes, digest, manifest)) =
-        pull_layer(client, at, &at.reference, token, LAYER_MEDIA_TYPE, max_bytes).await?
+    let Some((bytes, digest, manifest)) = pull_layer(
+        client,
+        at,
+        &at.reference,
+        token,
+        LAYER_MEDIA_TYPE,
+        max_bytes,
+    )
+    .await?
     else {
         return Ok(Fetch::Unchanged);
     };
@@ -256,7 +277,10 @@ async fn push_blob(
             return Ok(());
         }
     }
-    let start = format!("https://{}/v2/{}/blobs/uploads/", at.registry, at.repository);
+    let start = format!(
+        "https://{}/v2/{}/blobs/uploads/",
+        at.registry, at.repository
+    );
     let response = client
         .post(&start)
         .send()
@@ -383,7 +407,15 @@ mod tests {
         let r: Reference = format!("reg.example/p@{d}").parse().unwrap();
         assert_eq!(r.reference, d);
         assert_eq!(r.to_string(), format!("reg.example/p@{d}"));
-        for bad in ["reg", "reg/", "reg/P", "reg/p:", "reg/p@sha256:00", "/p", "reg/p:a b"] {
+        for bad in [
+            "reg",
+            "reg/",
+            "reg/P",
+            "reg/p:",
+            "reg/p@sha256:00",
+            "/p",
+            "reg/p:a b",
+        ] {
             assert!(bad.parse::<Reference>().is_err(), "{bad}");
         }
     }

@@ -82,10 +82,14 @@ impl Transport {
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("arbiter/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = ca_pem {
-            let pem = std::fs::read(path)
-                .map_err(|e| SourceError(format!("cannot read CA file `{}`: {e}", path.display())))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                SourceError(format!("cannot read CA file `{}`: {e}", path.display()))
+            })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                SourceError(format!("`{}` holds no PEM certificate: {e}", path.display()))
+                SourceError(format!(
+                    "`{}` holds no PEM certificate: {e}",
+                    path.display()
+                ))
             })?;
             if certs.is_empty() {
                 return Err(SourceError(format!(

@@ -79,7 +79,10 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 fn prop_unpacker_takes_any_bytes() {
     check(
         "prop_unpacker_takes_any_bytes",
-        (proptest::collection::vec(any::<u8>(), 0..4096), any::<bool>()),
+        (
+            proptest::collection::vec(any::<u8>(), 0..4096),
+            any::<bool>(),
+        ),
         |(bytes, compress)| {
             let bytes = if compress { gzip(&bytes) } else { bytes };
             if let Ok(files) = artifact::read(&bytes, LIMITS) {
@@ -176,7 +179,11 @@ fn archive(entries: &[Entry]) -> Vec<u8> {
 fn prop_unpacker_refuses_hostile_archives() {
     check(
         "prop_unpacker_refuses_hostile_archives",
-        (proptest::collection::vec(entry(), 0..8), any::<bool>(), any::<u16>()),
+        (
+            proptest::collection::vec(entry(), 0..8),
+            any::<bool>(),
+            any::<u16>(),
+        ),
         |(entries, compress, cut)| {
             let mut bytes = archive(&entries);
             // Sometimes cut short.
@@ -216,7 +223,10 @@ fn prop_unpacker_refuses_hostile_archives() {
 
 #[test]
 fn prop_unpacker_round_trips_built_bundles() {
-    let file = ("[a-z][a-z0-9_.-]{0,20}", proptest::collection::vec(any::<u8>(), 0..300));
+    let file = (
+        "[a-z][a-z0-9_.-]{0,20}",
+        proptest::collection::vec(any::<u8>(), 0..300),
+    );
     check(
         "prop_unpacker_round_trips_built_bundles",
         proptest::collection::btree_map(file.0, file.1, 1..6),

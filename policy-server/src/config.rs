@@ -33,7 +33,12 @@ pub struct Config {
     /// Policy bundle directory (`*.cedar`, optional `*.cedarschema`, `entities.json` and
     /// `bundle.toml`). Reloaded when it changes; an invalid change is rejected and the last
     /// good bundle keeps deciding. Either this or `--bundle-url`.
-    #[arg(long, env = "ARBITER_POLICIES", required_unless_present = "bundle_url", conflicts_with = "bundle_url")]
+    #[arg(
+        long,
+        env = "ARBITER_POLICIES",
+        required_unless_present = "bundle_url",
+        conflicts_with = "bundle_url"
+    )]
     pub policies: Option<PathBuf>,
     /// Pull the policy bundle from a remote source instead of a directory:
     /// `oci://REGISTRY/REPOSITORY[:TAG|@sha256:DIGEST]` (an OCI artifact pushed by `arbiter
@@ -47,15 +52,30 @@ pub struct Config {
     pub bundle_digest: Option<Digest>,
     /// PEM P-256 public key (`openssl pkey -pubout`): a bundle from `--bundle-url` is
     /// accepted only with a valid signature by its private key (`arbiter bundle sign`).
-    #[arg(long, env = "ARBITER_BUNDLE_PUBLIC_KEY", value_name = "PATH", requires = "bundle_url")]
+    #[arg(
+        long,
+        env = "ARBITER_BUNDLE_PUBLIC_KEY",
+        value_name = "PATH",
+        requires = "bundle_url"
+    )]
     pub bundle_public_key: Option<PathBuf>,
     /// Directory where the last verified bundle from `--bundle-url` is kept (with its
     /// signature), so a restart during an outage of the source starts with it.
-    #[arg(long, env = "ARBITER_BUNDLE_CACHE", value_name = "DIR", requires = "bundle_url")]
+    #[arg(
+        long,
+        env = "ARBITER_BUNDLE_CACHE",
+        value_name = "DIR",
+        requires = "bundle_url"
+    )]
     pub bundle_cache: Option<PathBuf>,
     /// PEM file of CA certificates trusted for `--bundle-url`, besides the built-in web PKI
     /// roots (a private registry's CA).
-    #[arg(long, env = "ARBITER_BUNDLE_CA_CERT", value_name = "PATH", requires = "bundle_url")]
+    #[arg(
+        long,
+        env = "ARBITER_BUNDLE_CA_CERT",
+        value_name = "PATH",
+        requires = "bundle_url"
+    )]
     pub bundle_ca_cert: Option<PathBuf>,
     /// How often `--bundle-url` is polled for a change (ETag / manifest digest).
     #[arg(long, env = "ARBITER_BUNDLE_POLL_INTERVAL", default_value = "30s", value_parser = health::parse_duration)]
@@ -188,8 +208,12 @@ impl Config {
             .bundle_cache
             .as_ref()
             .ok_or("`--bundle-url` needs `--bundle-cache`")?;
-        let cache = Cache::open(cache_dir)
-            .map_err(|e| format!("cannot open the bundle cache `{}`: {e}", cache_dir.display()))?;
+        let cache = Cache::open(cache_dir).map_err(|e| {
+            format!(
+                "cannot open the bundle cache `{}`: {e}",
+                cache_dir.display()
+            )
+        })?;
         let transport = Transport::new(self.bundle_ca_cert.as_deref(), self.bundle_timeout)
             .map_err(|e| e.to_string())?;
         Ok(Some(RemoteConfig {
@@ -353,15 +377,45 @@ mod tests {
         let cache = cache.to_str().unwrap();
         let url = "oci://registry.example/team/policies:prod";
         let pin = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        let config = remote(&["--bundle-url", url, "--bundle-cache", cache, "--bundle-digest", pin]).unwrap();
+        let config = remote(&[
+            "--bundle-url",
+            url,
+            "--bundle-cache",
+            cache,
+            "--bundle-digest",
+            pin,
+        ])
+        .unwrap();
         assert_eq!(config.policies, None);
         let remote_config = config.remote().unwrap().unwrap();
         assert_eq!(remote_config.source.to_string(), url);
         assert!(!remote_config.verifier.needs_signature());
-        assert!(remote(&["--bundle-url", url, "--bundle-cache", cache, "--policies", "p"]).is_err());
+        assert!(remote(&[
+            "--bundle-url",
+            url,
+            "--bundle-cache",
+            cache,
+            "--policies",
+            "p"
+        ])
+        .is_err());
         assert!(remote(&["--bundle-url", url]).is_err());
-        assert!(remote(&["--bundle-url", "http://insecure.example/b.tar.gz", "--bundle-cache", cache]).is_err());
-        assert!(remote(&["--bundle-url", url, "--bundle-cache", cache, "--bundle-digest", "sha256:00"]).is_err());
+        assert!(remote(&[
+            "--bundle-url",
+            "http://insecure.example/b.tar.gz",
+            "--bundle-cache",
+            cache
+        ])
+        .is_err());
+        assert!(remote(&[
+            "--bundle-url",
+            url,
+            "--bundle-cache",
+            cache,
+            "--bundle-digest",
+            "sha256:00"
+        ])
+        .is_err());
         // Neither a pin nor a key: refused (clear error at start).
         let unverified = remote(&["--bundle-url", url, "--bundle-cache", cache]).unwrap();
         assert!(unverified.remote().unwrap_err().contains("unverified"));

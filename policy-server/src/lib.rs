@@ -123,7 +123,10 @@ pub async fn run(
     };
     let mut watches = Vec::new();
     let mut remote = None;
-    let bundle = match (config.remote().map_err(ServerError::Remote)?, &config.policies) {
+    let bundle = match (
+        config.remote().map_err(ServerError::Remote)?,
+        &config.policies,
+    ) {
         (Some(remote_config), _) => {
             let (bundle, puller) = pull::Puller::start(remote_config)
                 .await

@@ -146,7 +146,9 @@ impl Puller {
                 }
                 Err(e) => e,
             },
-            Ok(Fetch::Unchanged) => "the source answered `not modified` to a first fetch".to_owned(),
+            Ok(Fetch::Unchanged) => {
+                "the source answered `not modified` to a first fetch".to_owned()
+            }
             Err(e) => e.to_string(),
         };
         tracing::warn!(
@@ -159,7 +161,12 @@ impl Puller {
                     let config = config.clone();
                     let cached = cached.clone();
                     tokio::task::spawn_blocking(move || {
-                        open(&config, &cached.bytes, &cached.digest, cached.signature.as_deref())
+                        open(
+                            &config,
+                            &cached.bytes,
+                            &cached.digest,
+                            cached.signature.as_deref(),
+                        )
                     })
                     .await
                     .unwrap_or_else(|join| Err(format!("bundle load failed: {join}")))
@@ -251,7 +258,11 @@ impl Puller {
                 },
                 Err(e) => Err(format!("cannot fetch the policy bundle: {e}")),
             };
-            failures = if loaded.is_ok() { 0 } else { failures.saturating_add(1) };
+            failures = if loaded.is_ok() {
+                0
+            } else {
+                failures.saturating_add(1)
+            };
             reload::apply(
                 BundleRole::Active,
                 &self.origin,

@@ -14,12 +14,15 @@ use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::google::protobuf::value::Kind;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-use common::supply::{arbiter, openssl, openssl_key_pair, HttpsServer, Registry, StallProxy, TestPki};
+use common::supply::{
+    arbiter, openssl, openssl_key_pair, HttpsServer, Registry, StallProxy, TestPki,
+};
 use common::{check_request, eventually, http_get, metric, Server};
 
 const ALLOW_CHAT: &str = "@id(\"chat\")\npermit(principal, action == Arbiter::Action::\"chat.completions\", resource);\n";
 const DENY_ALL: &str = "@id(\"nothing\")\nforbid(principal, action, resource);\npermit(principal, action, resource);\n";
-const INVALID: &str = "permit(principal, action == Arbiter::Action::\"no such action\", resource);\n";
+const INVALID: &str =
+    "permit(principal, action == Arbiter::Action::\"no such action\", resource);\n";
 const REJECTED: &str = "arbiter_bundle_reloads_total{bundle=\"active\",result=\"rejected\"}";
 const SUCCEEDED: &str = "arbiter_bundle_reloads_total{bundle=\"active\",result=\"success\"}";
 /// Bound on anything that needs a few polls, on a loaded machine.
@@ -81,7 +84,15 @@ impl Kit {
     /// `arbiter bundle sign` with `key`: the signature's path.
     fn sign(&self, artifact: &Path, key: &Path) -> PathBuf {
         let sig = PathBuf::from(format!("{}.sig", artifact.display()));
-        arbiter(&["bundle", "sign", s(artifact), "--key", s(key), "-o", s(&sig)]);
+        arbiter(&[
+            "bundle",
+            "sign",
+            s(artifact),
+            "--key",
+            s(key),
+            "-o",
+            s(&sig),
+        ]);
         sig
     }
 }
@@ -98,7 +109,14 @@ fn s(path: &Path) -> &str {
 }
 
 fn push(pki: &TestPki, artifact: &Path, destination: &str, sig: Option<&Path>) {
-    let mut args = vec!["bundle", "push", s(artifact), destination, "--ca-cert", s(&pki.ca)];
+    let mut args = vec![
+        "bundle",
+        "push",
+        s(artifact),
+        destination,
+        "--ca-cert",
+        s(&pki.ca),
+    ];
     if let Some(sig) = sig {
         args.extend(["--signature", s(sig)]);
     }
@@ -106,7 +124,12 @@ fn push(pki: &TestPki, artifact: &Path, destination: &str, sig: Option<&Path>) {
 }
 
 /// Server flags for a remote source, polled fast, backing off to 1 s at most.
-fn remote_args<'a>(url: &'a str, cache: &'a Path, pki: &'a TestPki, verify: &[&'a str]) -> Vec<&'a str> {
+fn remote_args<'a>(
+    url: &'a str,
+    cache: &'a Path,
+    pki: &'a TestPki,
+    verify: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "--bundle-url",
         url,
@@ -133,7 +156,12 @@ async fn chat(server: &Server) -> CheckResponse {
     let mut client = AuthorizationClient::new(server.channel().await);
     tokio::time::timeout(
         Duration::from_secs(10),
-        client.check(check_request("", "POST", "/v1/chat/completions", &[("route", "chat")])),
+        client.check(check_request(
+            "",
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "chat")],
+        )),
     )
     .await
     .expect("a decision within 10 s")
@@ -159,7 +187,9 @@ async fn rejected(server: &Server) -> f64 {
 async fn status_error(server: &Server) -> Option<String> {
     let status: serde_json::Value =
         serde_json::from_str(&http_get(server.metrics_addr(), "/status").await).unwrap();
-    status["active"]["rejected"]["error"].as_str().map(str::to_owned)
+    status["active"]["rejected"]["error"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 async fn bundle_health(server: &Server) -> i32 {
@@ -177,7 +207,10 @@ async fn bundle_health(server: &Server) -> i32 {
 /// server keeps deciding with the last-known-good (chat stays allowed).
 async fn expect_rejection(server: &Server, before: f64, needle: &str) {
     let error = eventually(WAIT, &format!("a rejection naming `{needle}`"), || async {
-        assert!(allowed(&chat(server).await), "the last-known-good keeps deciding");
+        assert!(
+            allowed(&chat(server).await),
+            "the last-known-good keeps deciding"
+        );
         if rejected(server).await <= before {
             return None;
         }
@@ -187,11 +220,16 @@ async fn expect_rejection(server: &Server, before: f64, needle: &str) {
     assert!(allowed(&chat(server).await), "after: {error}");
     // NOT_SERVING (2) while the source's bundle is rejected, exactly like a bad local push.
     assert_eq!(bundle_health(server).await, 2);
-    assert!(server.log().contains("policy bundle rejected, keeping the last good one"));
+    assert!(server
+        .log()
+        .contains("policy bundle rejected, keeping the last good one"));
 }
 
 fn cached_digest(cache: &Path) -> String {
-    std::fs::read_to_string(cache.join("current")).unwrap().trim().to_owned()
+    std::fs::read_to_string(cache.join("current"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// A raw tar with one hostile entry, gzip-compressed.
@@ -237,7 +275,15 @@ async fn oci_signed_bundles_are_verified_unpacked_validated_and_persisted() {
     let (allow, allow_digest) = kit.build("allow", ALLOW_CHAT);
     let sig = kit.sign(&allow, &kit.key);
     // The signature is the openssl one: `openssl dgst -sha256 -verify` accepts it.
-    openssl(&["dgst", "-sha256", "-verify", s(&kit.public), "-signature", s(&sig), s(&allow)]);
+    openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        s(&kit.public),
+        "-signature",
+        s(&sig),
+        s(&allow),
+    ]);
     push(&pki, &allow, &url, Some(&sig));
 
     let cache = dir.path().join("cache");
@@ -272,7 +318,10 @@ async fn oci_signed_bundles_are_verified_unpacked_validated_and_persisted() {
     // already exists from the steps above)
 
     // Signed with the right key but hostile: a path traversal, a symlink.
-    for (name, kind, link) in [("../../p.cedar", b'0', ""), ("p.cedar", b'2', "/etc/passwd")] {
+    for (name, kind, link) in [
+        ("../../p.cedar", b'0', ""),
+        ("p.cedar", b'2', "/etc/passwd"),
+    ] {
         let hostile = dir.path().join(format!("hostile-{}.tar.gz", kind as char));
         std::fs::write(&hostile, hostile_artifact(name, kind, link)).unwrap();
         let hostile_sig = kit.sign(&hostile, &kit.key);
@@ -292,7 +341,10 @@ async fn oci_signed_bundles_are_verified_unpacked_validated_and_persisted() {
 
     // A good signed push takes effect, and becomes the persisted last-known-good.
     let deny_sig = kit.sign(&deny, &kit.key);
-    let succeeded = metric(&http_get(server.metrics_addr(), "/metrics").await, SUCCEEDED);
+    let succeeded = metric(
+        &http_get(server.metrics_addr(), "/metrics").await,
+        SUCCEEDED,
+    );
     push(&pki, &deny, &url, Some(&deny_sig));
     let denied = eventually(WAIT, "the new bundle deciding", || async {
         let response = chat(&server).await;
@@ -301,7 +353,12 @@ async fn oci_signed_bundles_are_verified_unpacked_validated_and_persisted() {
     .await;
     assert_ne!(version(&denied), version(&first));
     assert_eq!(cached_digest(&cache), deny_digest);
-    assert!(metric(&http_get(server.metrics_addr(), "/metrics").await, SUCCEEDED) > succeeded);
+    assert!(
+        metric(
+            &http_get(server.metrics_addr(), "/metrics").await,
+            SUCCEEDED
+        ) > succeeded
+    );
     eventually(WAIT, "bundle health SERVING", || async {
         (bundle_health(&server).await == 1).then_some(())
     })
@@ -310,23 +367,55 @@ async fn oci_signed_bundles_are_verified_unpacked_validated_and_persisted() {
 
     // An unsigned bundle with a key configured: never started with.
     let fresh = dir.path().join("fresh-cache");
-    let args = remote_args(&unsigned_ref, &fresh, &pki, &["--bundle-public-key", s(&kit.public)]);
-    let error = Server::launch(&sub(dir.path(), "s1"), &args).await.err().unwrap();
-    assert!(error.contains("signature") && error.contains("no policy bundle to start with"), "{error}");
+    let args = remote_args(
+        &unsigned_ref,
+        &fresh,
+        &pki,
+        &["--bundle-public-key", s(&kit.public)],
+    );
+    let error = Server::launch(&sub(dir.path(), "s1"), &args)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        error.contains("signature") && error.contains("no policy bundle to start with"),
+        "{error}"
+    );
     // Pinned by digest instead of signed: the pin is the artifact digest `build` printed.
-    let args = remote_args(&unsigned_ref, &fresh, &pki, &["--bundle-digest", &deny_digest]);
+    let args = remote_args(
+        &unsigned_ref,
+        &fresh,
+        &pki,
+        &["--bundle-digest", &deny_digest],
+    );
     let server = Server::launch(&sub(dir.path(), "s2"), &args).await.unwrap();
     assert!(!allowed(&chat(&server).await));
     // A pin that does not match: refused at start (nothing persisted for it either).
     let other = dir.path().join("other-cache");
-    let args = remote_args(&unsigned_ref, &other, &pki, &["--bundle-digest", &allow_digest]);
-    let error = Server::launch(&sub(dir.path(), "s3"), &args).await.err().unwrap();
+    let args = remote_args(
+        &unsigned_ref,
+        &other,
+        &pki,
+        &["--bundle-digest", &allow_digest],
+    );
+    let error = Server::launch(&sub(dir.path(), "s3"), &args)
+        .await
+        .err()
+        .unwrap();
     assert!(error.contains("is not the pinned"), "{error}");
     // The other key does not verify the persisted signature either: refused at start even
     // though the cache holds a bundle.
     drop(registry);
-    let args = remote_args(&url, &cache, &pki, &["--bundle-public-key", s(&kit.other_public)]);
-    let error = Server::launch(&sub(dir.path(), "s4"), &args).await.err().unwrap();
+    let args = remote_args(
+        &url,
+        &cache,
+        &pki,
+        &["--bundle-public-key", s(&kit.other_public)],
+    );
+    let error = Server::launch(&sub(dir.path(), "s4"), &args)
+        .await
+        .err()
+        .unwrap();
     assert!(error.contains("does not verify"), "{error}");
     drop(server);
 }
@@ -347,7 +436,10 @@ async fn registry_outages_and_restarts_keep_the_last_known_good() {
     registry.stop();
     let args = remote_args(&url, &cache, &pki, &verify);
     let started = Instant::now();
-    let error = Server::launch(&sub(dir.path(), "s0"), &args).await.err().unwrap();
+    let error = Server::launch(&sub(dir.path(), "s0"), &args)
+        .await
+        .err()
+        .unwrap();
     assert!(
         error.contains("no policy bundle to start with") && error.contains("none persisted yet"),
         "{error}"
@@ -369,7 +461,9 @@ async fn registry_outages_and_restarts_keep_the_last_known_good() {
     // A restart during the outage starts with the persisted bundle (verified again).
     let server = Server::launch(&sub(dir.path(), "s2"), &args).await.unwrap();
     assert!(allowed(&chat(&server).await));
-    assert!(server.log().contains("starting with the persisted last-known-good"));
+    assert!(server
+        .log()
+        .contains("starting with the persisted last-known-good"));
 
     // The registry comes back with a new bundle: it is taken.
     registry.resume().await;
@@ -387,12 +481,18 @@ async fn registry_outages_and_restarts_keep_the_last_known_good() {
 
     // A damaged persisted bundle is not used: with the registry down, no start.
     registry.stop();
-    let artifact = cache.join(format!("sha256-{}.tar.gz", deny_digest.trim_start_matches("sha256:")));
+    let artifact = cache.join(format!(
+        "sha256-{}.tar.gz",
+        deny_digest.trim_start_matches("sha256:")
+    ));
     let mut bytes = std::fs::read(&artifact).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&artifact, bytes).unwrap();
-    let error = Server::launch(&sub(dir.path(), "s3"), &args).await.err().unwrap();
+    let error = Server::launch(&sub(dir.path(), "s3"), &args)
+        .await
+        .err()
+        .unwrap();
     assert!(error.contains("does not match its digest"), "{error}");
 }
 
@@ -414,8 +514,14 @@ async fn a_hanging_registry_is_bounded_and_decisions_keep_flowing() {
     let empty = dir.path().join("empty");
     let args = remote_args(&slow, &empty, &pki, &verify);
     let started = Instant::now();
-    let error = Server::launch(&sub(dir.path(), "s0"), &args).await.err().unwrap();
-    assert!(error.contains("timed out") || error.contains("timeout"), "{error}");
+    let error = Server::launch(&sub(dir.path(), "s0"), &args)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        error.contains("timed out") || error.contains("timeout"),
+        "{error}"
+    );
     assert!(started.elapsed() < WAIT);
 
     proxy.stall(false);
@@ -463,7 +569,10 @@ async fn https_source_polls_with_etag_and_trusts_only_the_configured_ca() {
     let mut args = remote_args(&url, &cache, &pki, &verify);
     let ca = args.iter().position(|a| *a == "--bundle-ca-cert").unwrap();
     args.drain(ca..ca + 2);
-    let error = Server::launch(&sub(dir.path(), "s0"), &args).await.err().unwrap();
+    let error = Server::launch(&sub(dir.path(), "s0"), &args)
+        .await
+        .err()
+        .unwrap();
     assert!(error.to_lowercase().contains("certificate"), "{error}");
 
     let args = remote_args(&url, &cache, &pki, &verify);

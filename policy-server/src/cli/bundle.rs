@@ -12,8 +12,9 @@ use crate::bundle::Bundle;
 /// A `arbiter bundle` subcommand.
 #[derive(Debug, clap::Subcommand)]
 pub enum BundleCommand {
-    /// Validate a bundle directory and pack it into a reproducible artifact (tar+gzip);
-    /// prints its digest.
+    /// Validate a bundle directory and pack the files the server reads (`*.cedar`,
+    /// `*.cedarschema`, `entities.json`, `bundle.toml`) into a reproducible artifact
+    /// (tar+gzip); prints its digest.
     Build {
         /// Bundle directory.
         dir: PathBuf,
@@ -88,7 +89,7 @@ pub fn run(command: BundleCommand) -> Result<String, String> {
                 text.push_str(&format!("\n`{}` is not a valid bundle", dir.display()));
                 text
             })?;
-            let bytes = artifact::build(&dir)
+            let bytes = artifact::build(&dir, crate::bundle::is_bundle_file)
                 .map_err(|e| format!("cannot pack `{}`: {e}", dir.display()))?;
             write(&output, &bytes)?;
             Ok(format!(
@@ -120,9 +121,7 @@ pub fn run(command: BundleCommand) -> Result<String, String> {
             let bytes = read(&artifact)?;
             let digest = Digest::of(&bytes);
             let key = match &public_key {
-                Some(path) => {
-                    Some(signature::load_verifying_key(path).map_err(|e| e.to_string())?)
-                }
+                Some(path) => Some(signature::load_verifying_key(path).map_err(|e| e.to_string())?),
                 None => None,
             };
             let sig = match (&key, sig) {
@@ -142,9 +141,7 @@ pub fn run(command: BundleCommand) -> Result<String, String> {
             let _ = std::fs::remove_dir_all(&scratch);
             let loaded = artifact::unpack(&bytes, &scratch, DEFAULT_LIMITS)
                 .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    Bundle::load(&scratch).map_err(|e| e.problems().join("\n"))
-                });
+                .and_then(|_| Bundle::load(&scratch).map_err(|e| e.problems().join("\n")));
             let _ = std::fs::remove_dir_all(&scratch);
             let bundle = loaded?;
             Ok(format!(
@@ -178,7 +175,11 @@ pub fn run(command: BundleCommand) -> Result<String, String> {
             Ok(format!(
                 "pushed {} to oci://{reference} (manifest {manifest}){}",
                 Digest::of(&bytes),
-                if sig.is_some() { " with its signature" } else { "" }
+                if sig.is_some() {
+                    " with its signature"
+                } else {
+                    ""
+                }
             ))
         }
     }

@@ -302,42 +302,49 @@ impl HttpsServer {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                        let (files, stall) = (Arc::clone(&files), Arc::clone(&stall));
-                        async move {
-                            if stall.load(Ordering::SeqCst) {
-                                std::future::pending::<()>().await;
-                            }
-                            let path = request.uri().path().to_owned();
-                            let since = request
-                                .headers()
-                                .get("if-none-match")
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_owned);
-                            let mut state = files.lock().unwrap();
-                            let response = match state.files.get(&path) {
-                                None => hyper::Response::builder()
-                                    .status(404)
-                                    .body(Full::new(Bytes::new())),
-                                Some(body) => {
-                                    let etag = format!("\"{}\"", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body)));
-                                    if since.as_deref() == Some(etag.as_str()) {
-                                        hyper::Response::builder()
-                                            .status(304)
-                                            .header("etag", etag)
-                                            .body(Full::new(Bytes::new()))
-                                    } else {
-                                        hyper::Response::builder()
-                                            .header("etag", etag)
-                                            .body(Full::new(Bytes::from(body.clone())))
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let (files, stall) = (Arc::clone(&files), Arc::clone(&stall));
+                            async move {
+                                if stall.load(Ordering::SeqCst) {
+                                    std::future::pending::<()>().await;
+                                }
+                                let path = request.uri().path().to_owned();
+                                let since = request
+                                    .headers()
+                                    .get("if-none-match")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_owned);
+                                let mut state = files.lock().unwrap();
+                                let response = match state.files.get(&path) {
+                                    None => hyper::Response::builder()
+                                        .status(404)
+                                        .body(Full::new(Bytes::new())),
+                                    Some(body) => {
+                                        let etag = format!(
+                                            "\"{}\"",
+                                            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                                                body
+                                            ))
+                                        );
+                                        if since.as_deref() == Some(etag.as_str()) {
+                                            hyper::Response::builder()
+                                                .status(304)
+                                                .header("etag", etag)
+                                                .body(Full::new(Bytes::new()))
+                                        } else {
+                                            hyper::Response::builder()
+                                                .header("etag", etag)
+                                                .body(Full::new(Bytes::from(body.clone())))
+                                        }
                                     }
                                 }
+                                .unwrap();
+                                state.hits.push((path, since, response.status().as_u16()));
+                                Ok::<_, std::convert::Infallible>(response)
                             }
-                            .unwrap();
-                            state.hits.push((path, since, response.status().as_u16()));
-                            Ok::<_, std::convert::Infallible>(response)
-                        }
-                    });
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                         .await;
@@ -381,7 +388,11 @@ impl Drop for HttpsServer {
 /// `openssl` with `args` (the commands the README documents); panics on failure.
 pub fn openssl(args: &[&str]) {
     let out = Command::new("openssl").args(args).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A P-256 key pair made with openssl as the README says: `(private, public)` in `dir`.
