@@ -35,6 +35,18 @@ $(JUNITPARSER): $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "junitparser==$(JUNITPARSER_VERSION)"
 	@touch $@
 
+# Debian's docker-registry (the CNCF distribution registry): the real OCI registry the
+# supply-chain tests push to and pull from (policy-server/tests/supply.rs); openssl makes
+# their keys.
+REGISTRY := /usr/bin/docker-registry
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: registry
+registry: ## Install Debian's docker-registry and openssl (the supply-chain tests' real registry and key tool)
+	@test -x $(REGISTRY) && command -v openssl >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends docker-registry openssl; }
+
 .PHONY: rust-target
 rust-target:
 	@rustup target list --installed | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
@@ -83,7 +95,7 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # shared dependencies with other features). It also builds the policy server and harness
 # binaries the end-to-end tests start.
 .PHONY: test
-test: setup wasm deploy-tools ## Run every test tier (unit, server, end-to-end, deploy/ manifests), the example bundle's policy tests, then the benchmark smoke run
+test: setup wasm deploy-tools registry ## Run every test tier (unit, server, end-to-end, deploy/ manifests), the example bundle's policy tests, then the benchmark smoke run
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 	$(POLICY_TESTS)
 	$(BENCH_QUICK)
@@ -104,8 +116,8 @@ test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
 	$(CARGO) test -p arbiter-proto -p arbiter-filter
 
 .PHONY: test-server
-test-server: ## Policy server and audit trail tests (service calls and real gRPC on loopback)
-	$(CARGO) test -p arbiter-audit -p arbiter-policy-server
+test-server: registry ## Policy server, audit trail and supply-chain tests (service calls and real gRPC on loopback)
+	$(CARGO) test -p arbiter-audit -p arbiter-bundle-source -p arbiter-policy-server
 
 .PHONY: test-e2e
 test-e2e: setup wasm deploy-tools ## End-to-end: real Envoy + real wasm + real policy server
@@ -123,7 +135,7 @@ FUZZ_LOG   := $(or $(CARGO_TARGET_DIR),target)/fuzz.log
 .PHONY: fuzz
 fuzz: ## Property tests of every untrusted-input parser, 1,000,000 cases each (release; long; FUZZ_CASES=N), then their counts
 	@mkdir -p $(dir $(FUZZ_LOG))
-	@set -o pipefail; PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p arbiter-filter -p arbiter-policy-server \
+	@set -o pipefail; PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p arbiter-filter -p arbiter-bundle-source -p arbiter-policy-server \
 		-- prop_ --nocapture 2>&1 | tee $(FUZZ_LOG); status=$$?; \
 	echo "--- property tests ($(FUZZ_CASES) cases each requested):"; \
 	grep -E '^property [^ ]+: [0-9]+ cases passed$$' $(FUZZ_LOG) || echo "no property test passed"; \

@@ -9,7 +9,18 @@ use crate::audit::{
     AuditConfig, AuditSync, Checkpointing, DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_MAX_BYTES,
 };
+use arbiter_bundle_source::cache::Cache;
+use arbiter_bundle_source::{signature, Digest, Source, Transport, Verifier};
+
 use crate::health::{self, HealthConfig};
+use crate::pull::RemoteConfig;
+
+/// Default `--bundle-poll-interval`.
+pub const DEFAULT_BUNDLE_POLL_INTERVAL: Duration = Duration::from_secs(30);
+/// Default `--bundle-max-backoff`.
+pub const DEFAULT_BUNDLE_MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Default `--bundle-timeout`.
+pub const DEFAULT_BUNDLE_TIMEOUT: Duration = Duration::from_secs(30);
 use crate::trace::TraceConfig;
 
 /// Server configuration.
@@ -21,9 +32,60 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Policy bundle directory (`*.cedar`, optional `*.cedarschema`, `entities.json` and
     /// `bundle.toml`). Reloaded when it changes; an invalid change is rejected and the last
-    /// good bundle keeps deciding.
-    #[arg(long, env = "ARBITER_POLICIES")]
-    pub policies: PathBuf,
+    /// good bundle keeps deciding. Either this or `--bundle-url`.
+    #[arg(
+        long,
+        env = "ARBITER_POLICIES",
+        required_unless_present = "bundle_url",
+        conflicts_with = "bundle_url"
+    )]
+    pub policies: Option<PathBuf>,
+    /// Pull the policy bundle from a remote source instead of a directory:
+    /// `oci://REGISTRY/REPOSITORY[:TAG|@sha256:DIGEST]` (an OCI artifact pushed by `arbiter
+    /// bundle push`) or an `https://` URL of a bundle artifact (signature at URL`.sig`).
+    /// Needs `--bundle-cache` and `--bundle-public-key` and/or `--bundle-digest`.
+    #[arg(long, env = "ARBITER_BUNDLE_URL", value_parser = clap::value_parser!(Source), requires = "bundle_cache")]
+    pub bundle_url: Option<Source>,
+    /// Only the bundle artifact of this digest (`sha256:…`, printed by `arbiter bundle
+    /// build`) is accepted from `--bundle-url`.
+    #[arg(long, env = "ARBITER_BUNDLE_DIGEST", value_parser = clap::value_parser!(Digest), requires = "bundle_url")]
+    pub bundle_digest: Option<Digest>,
+    /// PEM P-256 public key (`openssl pkey -pubout`): a bundle from `--bundle-url` is
+    /// accepted only with a valid signature by its private key (`arbiter bundle sign`).
+    #[arg(
+        long,
+        env = "ARBITER_BUNDLE_PUBLIC_KEY",
+        value_name = "PATH",
+        requires = "bundle_url"
+    )]
+    pub bundle_public_key: Option<PathBuf>,
+    /// Directory where the last verified bundle from `--bundle-url` is kept (with its
+    /// signature), so a restart during an outage of the source starts with it.
+    #[arg(
+        long,
+        env = "ARBITER_BUNDLE_CACHE",
+        value_name = "DIR",
+        requires = "bundle_url"
+    )]
+    pub bundle_cache: Option<PathBuf>,
+    /// PEM file of CA certificates trusted for `--bundle-url`, besides the built-in web PKI
+    /// roots (a private registry's CA).
+    #[arg(
+        long,
+        env = "ARBITER_BUNDLE_CA_CERT",
+        value_name = "PATH",
+        requires = "bundle_url"
+    )]
+    pub bundle_ca_cert: Option<PathBuf>,
+    /// How often `--bundle-url` is polled for a change (ETag / manifest digest).
+    #[arg(long, env = "ARBITER_BUNDLE_POLL_INTERVAL", default_value = "30s", value_parser = health::parse_duration)]
+    pub bundle_poll_interval: Duration,
+    /// Longest wait between polls after consecutive failures (the wait doubles per failure).
+    #[arg(long, env = "ARBITER_BUNDLE_MAX_BACKOFF", default_value = "300s", value_parser = health::parse_duration)]
+    pub bundle_max_backoff: Duration,
+    /// Bound on each request to `--bundle-url` (connect, download).
+    #[arg(long, env = "ARBITER_BUNDLE_TIMEOUT", default_value = "30s", value_parser = health::parse_duration)]
+    pub bundle_timeout: Duration,
     /// Candidate bundle evaluated beside the active one on every request, in shadow: it never
     /// changes the answer; disagreements are counted and recorded on the decision.
     #[arg(long, env = "ARBITER_SHADOW_POLICIES")]
@@ -137,7 +199,15 @@ impl Config {
     ) -> Self {
         Self {
             listen,
-            policies: policies.into(),
+            policies: Some(policies.into()),
+            bundle_url: None,
+            bundle_digest: None,
+            bundle_public_key: None,
+            bundle_cache: None,
+            bundle_ca_cert: None,
+            bundle_poll_interval: DEFAULT_BUNDLE_POLL_INTERVAL,
+            bundle_max_backoff: DEFAULT_BUNDLE_MAX_BACKOFF,
+            bundle_timeout: DEFAULT_BUNDLE_TIMEOUT,
             shadow_policies: None,
             metrics_listen: None,
             reload_interval_ms: 250,
@@ -163,6 +233,41 @@ impl Config {
     /// The audit record's JWT claims allow-list.
     pub fn audit_claims(&self) -> Result<crate::audit::ClaimAllowList, String> {
         crate::audit::ClaimAllowList::parse(&self.audit_jwt_claims)
+    }
+
+    /// The remote bundle source's part of the configuration (keys and CA loaded), if
+    /// `--bundle-url` is set.
+    pub fn remote(&self) -> Result<Option<RemoteConfig>, String> {
+        let Some(source) = &self.bundle_url else {
+            return Ok(None);
+        };
+        let key = match &self.bundle_public_key {
+            Some(path) => Some(signature::load_verifying_key(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let verifier = Verifier::new(self.bundle_digest, key).ok_or_else(|| {
+            format!("`--bundle-url {source}` needs `--bundle-public-key` or `--bundle-digest`: an unverified bundle is never used")
+        })?;
+        let cache_dir = self
+            .bundle_cache
+            .as_ref()
+            .ok_or("`--bundle-url` needs `--bundle-cache`")?;
+        let cache = Cache::open(cache_dir).map_err(|e| {
+            format!(
+                "cannot open the bundle cache `{}`: {e}",
+                cache_dir.display()
+            )
+        })?;
+        let transport = Transport::new(self.bundle_ca_cert.as_deref(), self.bundle_timeout)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(RemoteConfig {
+            source: source.clone(),
+            verifier,
+            transport,
+            cache,
+            interval: self.bundle_poll_interval,
+            max_backoff: self.bundle_max_backoff,
+        }))
     }
 
     /// The health monitor's part of the configuration.
@@ -239,7 +344,11 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(config.audit_sync, AuditSync::Fsync);
         assert_eq!(config.audit_max_bytes, DEFAULT_MAX_BYTES);
-        assert_eq!(config.policies, PathBuf::from("p"));
+        assert_eq!(config.policies, Some(PathBuf::from("p")));
+        assert_eq!(config.bundle_poll_interval, DEFAULT_BUNDLE_POLL_INTERVAL);
+        assert_eq!(config.bundle_max_backoff, DEFAULT_BUNDLE_MAX_BACKOFF);
+        assert_eq!(config.bundle_timeout, DEFAULT_BUNDLE_TIMEOUT);
+        assert!(config.remote().unwrap().is_none());
         assert_eq!(config.log_format, LogFormat::Plain);
         assert_eq!(config.shadow_policies, None);
         assert_eq!(config.metrics_listen, None);
@@ -302,6 +411,58 @@ mod tests {
         assert!(traced(&["--otlp-traces-sample-ratio", "1.5"]).is_err());
         assert!(traced(&["--otlp-traces-sample-ratio", "-0.1"]).is_err());
         assert!(Config::try_parse_from(["arbiter-policy-server"]).is_err());
+        // A remote source instead of a directory, never both, and never without a cache.
+        let remote = |extra: &[&str]| {
+            let base = ["arbiter-policy-server", "--audit-log", "a"];
+            Config::try_parse_from(base.iter().chain(extra))
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let cache = cache.to_str().unwrap();
+        let url = "oci://registry.example/team/policies:prod";
+        let pin = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let config = remote(&[
+            "--bundle-url",
+            url,
+            "--bundle-cache",
+            cache,
+            "--bundle-digest",
+            pin,
+        ])
+        .unwrap();
+        assert_eq!(config.policies, None);
+        let remote_config = config.remote().unwrap().unwrap();
+        assert_eq!(remote_config.source.to_string(), url);
+        assert!(!remote_config.verifier.needs_signature());
+        assert!(remote(&[
+            "--bundle-url",
+            url,
+            "--bundle-cache",
+            cache,
+            "--policies",
+            "p"
+        ])
+        .is_err());
+        assert!(remote(&["--bundle-url", url]).is_err());
+        assert!(remote(&[
+            "--bundle-url",
+            "http://insecure.example/b.tar.gz",
+            "--bundle-cache",
+            cache
+        ])
+        .is_err());
+        assert!(remote(&[
+            "--bundle-url",
+            url,
+            "--bundle-cache",
+            cache,
+            "--bundle-digest",
+            "sha256:00"
+        ])
+        .is_err());
+        // Neither a pin nor a key: refused (clear error at start).
+        let unverified = remote(&["--bundle-url", url, "--bundle-cache", cache]).unwrap();
+        assert!(unverified.remote().unwrap_err().contains("unverified"));
         // Every decision is recorded: there is no running without an audit log.
         assert!(Config::try_parse_from(["arbiter-policy-server", "--policies", "p"]).is_err());
     }

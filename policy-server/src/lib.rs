@@ -22,6 +22,7 @@ pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod probe;
+pub mod pull;
 pub mod reflection;
 pub mod reload;
 pub mod request;
@@ -77,6 +78,10 @@ pub enum ServerError {
     /// The audit signing key cannot be loaded.
     #[error(transparent)]
     SigningKey(#[from] audit::checkpoint::CheckpointError),
+    /// The remote bundle source is misconfigured, or has no usable bundle at start (nor a
+    /// persisted last-known-good).
+    #[error("{0}")]
+    Remote(String),
     /// The OTLP exporter is misconfigured.
     #[error(transparent)]
     Export(#[from] audit::export::ExportError),
@@ -102,6 +107,8 @@ pub struct Extras {
     pub status: Arc<StatusBoard>,
     /// How often and how strictly health decides its synthetic request.
     pub health: HealthConfig,
+    /// The remote bundle source's poller, when the active bundle comes from `--bundle-url`.
+    pub remote: Option<pull::Puller>,
 }
 
 /// Loads the bundles, binds `config.listen` (and `config.metrics_listen`) and serves until
@@ -122,14 +129,37 @@ pub async fn run(
         Ok::<_, ServerError>((watch, bundle))
     };
     let claims = config.audit_claims().map_err(ServerError::AuditClaims)?;
-    let (watch, bundle) = load(BundleRole::Active, &config.policies)?;
+    let mut watches = Vec::new();
+    let mut remote = None;
+    let bundle = match (
+        config.remote().map_err(ServerError::Remote)?,
+        &config.policies,
+    ) {
+        (Some(remote_config), _) => {
+            let (bundle, puller) = pull::Puller::start(remote_config)
+                .await
+                .map_err(ServerError::Remote)?;
+            status.loaded(BundleRole::Active, puller.origin(), &bundle);
+            remote = Some(puller);
+            bundle
+        }
+        (None, Some(dir)) => {
+            let (watch, bundle) = load(BundleRole::Active, dir)?;
+            watches.push(watch);
+            bundle
+        }
+        (None, None) => {
+            return Err(ServerError::Remote(
+                "neither `--policies` nor `--bundle-url` is set".to_owned(),
+            ))
+        }
+    };
     let audit_metrics = AuditMetrics::default();
     let mut metrics = Metrics::new();
     metrics.set_configured_routes(config.metrics_routes.iter().cloned());
     audit_metrics.register(metrics.registry_mut());
     trace::metrics().register(metrics.registry_mut());
     let engine = Arc::new(PolicyEngine::with_metrics(bundle, Arc::new(metrics)));
-    let mut watches = vec![watch];
     if let Some(dir) = &config.shadow_policies {
         let (watch, bundle) = load(BundleRole::Shadow, dir)?;
         engine.set_shadow(Some(Arc::new(bundle)));
@@ -155,6 +185,7 @@ pub async fn run(
         metrics_listener,
         status,
         health: config.health(),
+        remote,
     };
     serve_with(listener, engine, audit, redactor, extras, shutdown).await
 }
@@ -235,6 +266,13 @@ pub async fn serve_with(
                 Some(health.clone()),
             )));
         }
+    }
+    if let Some(puller) = extras.remote {
+        tasks.push(tokio::spawn(puller.run(
+            Arc::clone(&engine),
+            Arc::clone(&extras.status),
+            Some(health.clone()),
+        )));
     }
     if let Some(metrics_listener) = extras.metrics_listener {
         if let Ok(metrics_addr) = metrics_listener.local_addr() {

@@ -230,59 +230,68 @@ impl Watch {
         health: Option<&HealthReporter>,
     ) {
         let dir = self.dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || Bundle::load(&dir)).await;
-        let role = self.role;
-        let metrics = engine.metrics();
-        let current = match role {
-            BundleRole::Active => Some(engine.bundle()),
-            BundleRole::Shadow => engine.shadow(),
-        };
-        match loaded {
-            Ok(Ok(bundle)) => {
-                if current.is_some_and(|c| c.version() == bundle.version()) {
-                    // Same content (a touch, or a change reverted): nothing to swap.
-                    status.current(role);
-                } else {
-                    let bundle = Arc::new(bundle);
-                    status.loaded(role, &self.dir, &bundle);
-                    tracing::info!(
-                        bundle = role.as_str(),
-                        policy_version = bundle.version(),
-                        policies = bundle.policy_count(),
-                        dir = %self.dir.display(),
-                        "policy bundle reloaded"
-                    );
-                    match role {
-                        BundleRole::Active => {
-                            engine.replace(bundle);
-                        }
-                        BundleRole::Shadow => engine.set_shadow(Some(bundle)),
-                    }
-                }
-                metrics.reload(role, true);
-                set_health(health, role, ServingStatus::Serving).await;
-            }
-            Ok(Err(error)) => {
-                let message = crate::schema::error_chain(&error);
-                let kept = current.map(|c| c.version().to_owned()).unwrap_or_default();
-                tracing::error!(
-                    bundle = role.as_str(),
-                    dir = %self.dir.display(),
-                    kept_version = %kept,
-                    "policy bundle rejected, keeping the last good one: {message}"
-                );
-                status.rejected(role, &message);
-                metrics.reload(role, false);
-                set_health(health, role, ServingStatus::NotServing).await;
-            }
+        let loaded = match tokio::task::spawn_blocking(move || Bundle::load(&dir)).await {
+            Ok(Ok(bundle)) => Ok(bundle),
+            Ok(Err(error)) => Err(crate::schema::error_chain(&error)),
             // The load task panicked (a bug in a dependency): same as a rejection.
-            Err(join) => {
-                let message = format!("bundle load failed: {join}");
-                tracing::error!(bundle = role.as_str(), "{message}");
-                status.rejected(role, &message);
-                metrics.reload(role, false);
-                set_health(health, role, ServingStatus::NotServing).await;
+            Err(join) => Err(format!("bundle load failed: {join}")),
+        };
+        apply(self.role, &self.dir, loaded, engine, status, health).await;
+    }
+}
+
+/// Swaps a newly loaded bundle of `role` from `origin` (a directory, or a remote source)
+/// into the engine, or, for a rejection (`Err` with the exact error), keeps the
+/// last-known-good; either way logged, counted, shown in `/status` and in health.
+pub async fn apply(
+    role: BundleRole,
+    origin: &Path,
+    loaded: Result<Bundle, String>,
+    engine: &PolicyEngine,
+    status: &StatusBoard,
+    health: Option<&HealthReporter>,
+) {
+    let metrics = engine.metrics();
+    let current = match role {
+        BundleRole::Active => Some(engine.bundle()),
+        BundleRole::Shadow => engine.shadow(),
+    };
+    match loaded {
+        Ok(bundle) => {
+            if current.is_some_and(|c| c.version() == bundle.version()) {
+                // Same content (a touch, or a change reverted): nothing to swap.
+                status.current(role);
+            } else {
+                let bundle = Arc::new(bundle);
+                status.loaded(role, origin, &bundle);
+                tracing::info!(
+                    bundle = role.as_str(),
+                    policy_version = bundle.version(),
+                    policies = bundle.policy_count(),
+                    dir = %origin.display(),
+                    "policy bundle reloaded"
+                );
+                match role {
+                    BundleRole::Active => {
+                        engine.replace(bundle);
+                    }
+                    BundleRole::Shadow => engine.set_shadow(Some(bundle)),
+                }
             }
+            metrics.reload(role, true);
+            set_health(health, role, ServingStatus::Serving).await;
+        }
+        Err(message) => {
+            let kept = current.map(|c| c.version().to_owned()).unwrap_or_default();
+            tracing::error!(
+                bundle = role.as_str(),
+                dir = %origin.display(),
+                kept_version = %kept,
+                "policy bundle rejected, keeping the last good one: {message}"
+            );
+            status.rejected(role, &message);
+            metrics.reload(role, false);
+            set_health(health, role, ServingStatus::NotServing).await;
         }
     }
 }

@@ -1,11 +1,12 @@
 //! `arbiter`: the operator command line (`validate`, `check`, `test`, `fmt`, `schema`,
-//! `audit verify`, `audit replay`, `probe`). Flags are parsed here; the work is in
+//! `audit verify`, `audit replay`, `probe`, `bundle build|sign|verify|push`). Flags are parsed here; the work is in
 //! `arbiter_policy_server::cli` and `arbiter_policy_server::probe`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use arbiter_policy_server::cli::audit::{self, AuditCommand};
+use arbiter_policy_server::cli::bundle::{self, BundleCommand};
 use arbiter_policy_server::cli::policy::{self, key_value, RequestSpec};
 use arbiter_policy_server::cli::{EXIT_ERROR, EXIT_FOUND};
 use arbiter_policy_server::probe::{probe, ProbeOptions};
@@ -57,6 +58,10 @@ enum Command {
     /// and what a synthetic request gets, through Envoy and/or straight from the server.
     /// Exit 0 when the probe ran (whatever it found), 2 when it could not.
     Probe(ProbeArgs),
+    /// Policy supply chain: build a bundle artifact, sign it, verify it, push it to an OCI
+    /// registry. Exit 0 on success, 2 on any error.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -195,6 +200,16 @@ fn main() -> ExitCode {
             ExitCode::from(audit::run(command, &mut std::io::stdout().lock()))
         }
         Command::Probe(args) => run_probe(&args),
+        Command::Bundle(command) => match bundle::run(command) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

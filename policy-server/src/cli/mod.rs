@@ -2,6 +2,7 @@
 //! flags and dispatches).
 
 pub mod audit;
+pub mod bundle;
 pub mod fmt;
 pub mod policy;
 pub mod test;

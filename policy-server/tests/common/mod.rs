@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod supply;
+
 use std::path::PathBuf;
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -278,6 +280,18 @@ impl Server {
         policies: &std::path::Path,
         args: &[&str],
     ) -> Server {
+        let policies = policies.to_str().unwrap();
+        let mut all = vec!["--policies", policies];
+        all.extend_from_slice(args);
+        match Self::launch(dir, &all).await {
+            Ok(server) => server,
+            Err(log) => panic!("{log}"),
+        }
+    }
+
+    /// Starts the server with only `args` (no `--policies`): the server, or, if it exits
+    /// before it listens, its exit status and log.
+    pub async fn launch(dir: &std::path::Path, args: &[&str]) -> Result<Server, String> {
         let audit = dir.join("audit.jsonl");
         let log = dir.join("server.log");
         let before = std::fs::read_to_string(&log).unwrap_or_default().len();
@@ -293,14 +307,7 @@ impl Server {
             }
         }
         let mut child = command
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--policies",
-            ])
-            .arg(policies)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .arg("--audit-log")
             .arg(&audit)
             .args(args)
@@ -309,7 +316,7 @@ impl Server {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let addr = loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let found = text[before..].lines().find_map(|line| {
@@ -324,7 +331,7 @@ impl Server {
                 break addr;
             }
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("server exited ({status}):\n{}", &text[before..]);
+                return Err(format!("server exited ({status}):\n{}", &text[before..]));
             }
             assert!(
                 std::time::Instant::now() < deadline,
@@ -332,24 +339,15 @@ impl Server {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         };
-        Server {
+        Ok(Server {
             child,
             addr,
             audit,
             log,
-        }
+        })
     }
 
-    /// A connected channel.
-    pub async fn channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    /// The metrics address the server logged (started with `--metrics-listen`).
+    /// The metrics address the server logged (`--metrics-listen`).
     pub fn metrics_addr(&self) -> std::net::SocketAddr {
         self.log()
             .lines()
@@ -362,6 +360,15 @@ impl Server {
                     .parse()
                     .ok()
             })
+            .expect("no metrics address in the log")
+    }
+
+    /// A connected channel.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
             .unwrap()
     }
 
