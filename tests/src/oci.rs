@@ -193,6 +193,34 @@ impl RunConfig {
     }
 }
 
+/// Creates the character devices every OCI runtime puts in a container's `/dev`
+/// (runtime-spec "Default Devices": null, zero, full, random, urandom) in `rootfs`, as a
+/// runtime would before starting the image. The static server needs `/dev/urandom`: its
+/// random numbers come from there, because `getrandom` finds glibc's getrandom(2) wrapper
+/// through dlsym, which a static binary does not have. Needs root (mknod).
+pub fn add_default_devices(rootfs: &Path) -> Result<()> {
+    let dev = rootfs.join("dev");
+    std::fs::create_dir_all(&dev)?;
+    for (name, minor) in [
+        ("null", 3),
+        ("zero", 5),
+        ("full", 7),
+        ("random", 8),
+        ("urandom", 9),
+    ] {
+        let status = Command::new("mknod")
+            .args(["-m", "0666"])
+            .arg(dev.join(name))
+            .args(["c", "1", &minor.to_string()])
+            .status()
+            .context("running mknod")?;
+        if !status.success() {
+            bail!("mknod {name} failed ({status})");
+        }
+    }
+    Ok(())
+}
+
 /// The full path of `program` on this process' PATH.
 fn on_path(program: &str) -> Result<PathBuf> {
     std::env::var_os("PATH")

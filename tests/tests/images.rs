@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use arbiter_e2e::oci::{Contained, Registry, RunConfig};
+use arbiter_e2e::oci::{add_default_devices, Contained, Registry, RunConfig};
 use arbiter_e2e::stack::wasm_path;
 use arbiter_e2e::util::{eventually, free_port, loopback, target_dir, workspace_root};
 use envoy_types::pb::envoy::config::core::v3::{
@@ -542,7 +542,7 @@ async fn images_round_trip_through_a_local_registry_and_the_server_image_runs() 
         .collect();
     assert_eq!(
         top,
-        ["etc", "usr", "var"].map(String::from).into(),
+        BTreeSet::from(["etc", "usr", "var"].map(String::from)),
         "no /bin, no /lib"
     );
     for bin in ["arbiter-policy-server", "arbiter"] {
@@ -552,6 +552,8 @@ async fn images_round_trip_through_a_local_registry_and_the_server_image_runs() 
             "{bin} in the image is not the built one"
         );
     }
+    // What a runtime adds before it starts the image.
+    add_default_devices(&rootfs).unwrap();
     let state = std::fs::metadata(rootfs.join("var/lib/arbiter")).unwrap();
     assert_eq!((state.uid(), state.gid()), (UID, UID));
     assert_eq!(state.permissions().mode() & 0o7777, 0o700);
@@ -650,6 +652,7 @@ async fn images_round_trip_through_a_local_registry_and_the_server_image_runs() 
     // The base image has no bundle: the server refuses to start, naming the directory.
     let bare = unpack(&server, VERSION, &temp.path().join("bare"));
     assert!(!bare.join("etc/arbiter/policies").exists());
+    add_default_devices(&bare).unwrap();
     let mut refused = Contained::spawn(
         "policy-server-bare",
         config
