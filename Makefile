@@ -10,6 +10,9 @@ ENVOY         := $(VENV)/bin/envoy
 WASM_TARGET   := wasm32-wasip1
 WASM          := target/$(WASM_TARGET)/wasm-release/arbiter_filter.wasm
 CARGO         ?= cargo
+VERSION       := $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
+# Debian packages are installed with apt-get, as root (CI) or through sudo.
+APT_GET       := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: help
 help: ## Show this help
@@ -71,12 +74,44 @@ $(DEPLOY_SCHEMAS): tests/deploy/package.json tests/deploy/package-lock.json
 	cd tests/deploy && npm ci --no-audit --no-fund --ignore-scripts
 	@touch $@
 
+# What `make images` and its test use: skopeo (copy to and from registries and archives),
+# umoci (unpack an image's rootfs), oci-image-tool (the OCI schemas), Docker's registry
+# (the local registry the test starts), jq (the build script writes JSON with it).
+IMAGE_TOOLS := skopeo umoci oci-image-tool docker-registry jq
+
+.PHONY: image-tools
+image-tools: ## Install the OCI image tools (Debian packages: skopeo, umoci, oci-image-tool, docker-registry, jq)
+	@missing=; for tool in $(IMAGE_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(APT_GET) update -q && $(APT_GET) install -y -q --no-install-recommends $(IMAGE_TOOLS); \
+	fi
+
 # --- build ------------------------------------------------------------------------------
 
 .PHONY: wasm
 wasm: rust-target ## Build the filter (wasm32-wasip1, size-optimized)
 	$(CARGO) build -p arbiter-filter --target $(WASM_TARGET) --profile wasm-release
 	@ls -l $(WASM) | awk '{print "wasm: " $$NF " (" $$5 " bytes)"}'
+
+# The policy server for its image: glibc linked statically (no loader or libraries in the
+# image; glibc's `files` and `dns` name services are built in). A build of its own, once:
+# `--target` keeps it apart from target/release, and the flag from build scripts.
+IMAGE_TARGET := x86_64-unknown-linux-gnu
+STATIC_BIN   := $(or $(CARGO_TARGET_DIR),target)/$(IMAGE_TARGET)/release
+
+.PHONY: server-static
+server-static: ## Build the policy server and the arbiter CLI as static binaries (release)
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(IMAGE_TARGET) \
+		-p arbiter-policy-server --bins
+
+# Reproducible: file times and `created` are SOURCE_DATE_EPOCH (default 0), so an image's
+# digest changes only when its content does.
+.PHONY: images
+images: image-tools wasm server-static ## OCI images arbiter-filter and arbiter-policy-server (layouts and archives in target/images), digests printed
+	images/build.sh --out $(or $(CARGO_TARGET_DIR),target)/images \
+		--version $(VERSION) --wasm $(WASM) --server $(STATIC_BIN)/arbiter-policy-server \
+		--cli $(STATIC_BIN)/arbiter --policies examples/ai-gateway/policies
 
 .PHONY: build
 build: wasm ## Build the filter, the policy server, the test harness and benchmark binaries
@@ -95,7 +130,7 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # shared dependencies with other features). It also builds the policy server and harness
 # binaries the end-to-end tests start.
 .PHONY: test
-test: setup wasm deploy-tools registry ## Run every test tier (unit, server, end-to-end, deploy/ manifests), the example bundle's policy tests, then the benchmark smoke run
+test: setup wasm deploy-tools registry image-tools server-static ## Run every test tier (unit, server, end-to-end, deploy/ manifests, images), the example bundle's policy tests, then the benchmark smoke run
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 	$(POLICY_TESTS)
 	$(BENCH_QUICK)

@@ -28,6 +28,7 @@ pub mod fault;
 pub mod grpc_misbehaving;
 pub mod mock_llm;
 mod net;
+pub mod oci;
 mod process;
 pub mod stack;
 pub mod util;
