@@ -1000,7 +1000,11 @@ mod tests {
             let written = task.await.unwrap().unwrap();
             // Answered only once its record is in the file.
             let lines = std::fs::read_to_string(&path).unwrap().lines().count() as u64;
-            assert!(lines >= written.seq, "seq {} answered with {lines} lines", written.seq);
+            assert!(
+                lines >= written.seq,
+                "seq {} answered with {lines} lines",
+                written.seq
+            );
             seqs.push(written.seq);
         }
         seqs.sort_unstable();
@@ -1020,7 +1024,10 @@ mod tests {
         // Polled once (the event joins the pending list), then dropped before it is handed
         // over: the log, not the caller, owns the pending list.
         let gave_up = tokio::time::timeout(Duration::ZERO, log.append(event(0))).await;
-        assert!(gave_up.is_err(), "the append cannot have finished without yielding");
+        assert!(
+            gave_up.is_err(),
+            "the append cannot have finished without yielding"
+        );
         let mut written = log.written();
         tokio::time::timeout(Duration::from_secs(30), written.wait_for(|seq| *seq >= 1))
             .await
