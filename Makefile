@@ -130,7 +130,7 @@ run: setup build ## Start policy server, two mock LLM providers and Envoy; print
 # shared dependencies with other features). It also builds the policy server and harness
 # binaries the end-to-end tests start.
 .PHONY: test
-test: setup wasm deploy-tools registry image-tools server-static ## Run every test tier (unit, server, end-to-end, deploy/ manifests, images), the example bundle's policy tests, then the benchmark smoke run
+test: setup wasm deploy-tools registry image-tools server-static bench-tools ## Run every test tier (unit, server, end-to-end, deploy/ manifests, images), the example bundle's policy tests, then the benchmark smoke run
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 	$(POLICY_TESTS)
 	$(BENCH_QUICK)
@@ -185,13 +185,20 @@ RELEASE_BIN := ARBITER_POLICY_SERVER_BIN=$(abspath $(TARGET_DIR))/release/arbite
 # `cargo test --workspace` (make test) builds this binary too (bench/tests/cli.rs uses it).
 BENCH_QUICK := $(TARGET_DIR)/debug/arbiter-bench run --kind quick --out $(TARGET_DIR)/bench-quick
 
+# h2load (Debian nghttp2-client) cross-checks the server-alone figure next to arbiter-bench's
+# own gRPC client.
+.PHONY: bench-tools
+bench-tools: ## Install the benchmark's Debian tools (h2load from nghttp2-client)
+	@command -v h2load >/dev/null || apt-get install -y nghttp2-client || { apt-get update && apt-get install -y nghttp2-client; }
+
 .PHONY: bench
-bench: setup wasm ## Benchmarks, minutes: arbiter vs no-auth vs native ext_authz, server alone, policy scaling -> bench/results/<date>.{json,md,svg}
+bench: setup wasm bench-tools ## Benchmarks, minutes: arbiter vs no-auth vs native ext_authz, server alone (+ h2load), policy scaling -> bench/results/<date>.{json,md,svg}, README tables
 	$(CARGO) build --release -p arbiter-policy-server -p arbiter-bench
 	$(RELEASE_BIN) $(TARGET_DIR)/release/arbiter-bench run --kind full --out $(BENCH_OUT)
+	$(TARGET_DIR)/release/arbiter-bench readme --results $(BENCH_OUT) --readme bench/README.md
 
 .PHONY: bench-quick
-bench-quick: setup wasm ## Benchmark smoke test (< 60 s, debug build): every scenario runs and yields numbers; asserts nothing about speed
+bench-quick: setup wasm bench-tools ## Benchmark smoke test (< 60 s, debug build): every scenario runs and yields numbers; asserts nothing about speed
 	$(CARGO) build --workspace --bins
 	$(BENCH_QUICK)
 

@@ -6,6 +6,12 @@
 //! rolls the file back to the last complete record; while the log is not writable the
 //! thread probes it and reports when writing works again.
 //!
+//! The hand-off is batched on the async side too: events appended while the runtime still
+//! has other tasks to run collect in a pending list, and one task passes the whole list to
+//! the thread once the runtime has run out of ready work (see [`AuditLog::append`]). On one
+//! core that is one wake-up of the writer per round of decisions instead of one per
+//! decision; nothing is answered before its record is written, as before.
+//!
 //! One writer per log: [`AuditLog::open`] takes an exclusive advisory lock (`flock`) on
 //! `.<name>.lock` beside the log before reading anything, and holds it until the writer
 //! thread has finished, so a second server on the same log refuses to start instead of
@@ -18,7 +24,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,7 +35,7 @@ use super::metrics::AuditMetrics;
 use super::record::{self, AuditEvent, RecordError, GENESIS_HASH};
 use super::{AuditConfig, AuditSync};
 
-/// At most this many records per write.
+/// The writer stops taking more hand-offs once a batch holds this many records.
 const MAX_BATCH: usize = 4096;
 /// How often an unwritable log is probed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
@@ -204,6 +210,8 @@ impl AuditLog {
             thread: Arc::new(WriterThread {
                 tx: Some(tx),
                 handle: Some(handle),
+                pending: Mutex::new(Vec::new()),
+                metrics: metrics.clone(),
             }),
             writable,
             written,
@@ -214,16 +222,35 @@ impl AuditLog {
 
     /// Writes `event` as the next record; returns once it is written (and fsynced in
     /// `fsync` mode). If the caller stops waiting the record is still written.
+    ///
+    /// Inside a tokio runtime the event first joins a pending list; the append that finds
+    /// the list empty spawns one task that yields until the runtime has no other ready task
+    /// and then hands the whole list to the writer thread. The other decisions of the same
+    /// round join the list meanwhile, so they share one hand-off (and one group commit).
+    /// The pending list is owned by the log, not by the caller: a caller that stops waiting
+    /// does not take its record (or anyone else's) with it.
     pub async fn append(&self, event: AuditEvent) -> Result<Written, AuditError> {
         let (done, result) = oneshot::channel();
         self.metrics.queue_depth.inc();
-        let sent = match &self.thread.tx {
-            Some(tx) => tx.send(Job { event, done }).is_ok(),
-            None => false,
-        };
-        if !sent {
-            self.metrics.queue_depth.dec();
-            return Err(AuditError::Stopped);
+        let job = Job { event, done };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                if self.thread.pend(job) {
+                    let thread = Arc::clone(&self.thread);
+                    runtime.spawn(async move {
+                        // Deferred until the scheduler has run every task that is ready (and
+                        // polled I/O once): the rest of this round's decisions.
+                        tokio::task::yield_now().await;
+                        thread.hand_off();
+                    });
+                }
+            }
+            // No runtime to defer to: hand it over at once.
+            Err(_) => {
+                if !self.thread.send(vec![job]) {
+                    return Err(AuditError::Stopped);
+                }
+            }
         }
         result.await.unwrap_or(Err(AuditError::Stopped))
     }
@@ -249,15 +276,71 @@ impl AuditLog {
     }
 }
 
-/// The writer thread and the only sender of its queue.
-#[derive(Debug)]
+/// The writer thread, the only sender of its queue, and the events waiting to be handed to it.
 struct WriterThread {
-    tx: Option<mpsc::Sender<Job>>,
+    tx: Option<mpsc::Sender<Vec<Job>>>,
     handle: Option<JoinHandle<()>>,
+    /// Appended, not yet handed to the thread (see [`AuditLog::append`]).
+    pending: Mutex<Vec<Job>>,
+    metrics: AuditMetrics,
+}
+
+impl std::fmt::Debug for WriterThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        f.debug_struct("WriterThread")
+            .field("running", &self.tx.is_some())
+            .field("pending", &pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WriterThread {
+    /// Adds `job` to the pending list; `true` if the list was empty, so the caller must see
+    /// to its hand-off.
+    fn pend(&self, job: Job) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.push(job);
+        pending.len() == 1
+    }
+
+    /// Hands every pending job to the thread.
+    fn hand_off(&self) {
+        let jobs =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        if !jobs.is_empty() {
+            self.send(jobs);
+        }
+    }
+
+    /// Sends `jobs` to the thread; if it is gone, answers them `Stopped`. `false` then.
+    fn send(&self, jobs: Vec<Job>) -> bool {
+        let jobs = match &self.tx {
+            Some(tx) => match tx.send(jobs) {
+                Ok(()) => return true,
+                Err(mpsc::SendError(jobs)) => jobs,
+            },
+            None => jobs,
+        };
+        self.metrics
+            .queue_depth
+            .dec_by(i64::try_from(jobs.len()).unwrap_or(i64::MAX));
+        for job in jobs {
+            let _ = job.done.send(Err(AuditError::Stopped));
+        }
+        false
+    }
 }
 
 impl Drop for WriterThread {
     fn drop(&mut self) {
+        // What is still pending goes to the thread first: a record appended is written even
+        // if every caller stopped waiting.
+        self.hand_off();
         // Closing the queue ends the thread once it has written what was queued; waiting
         // for it makes "the last handle is gone" mean "the file is synced and unlocked".
         self.tx = None;
@@ -295,7 +378,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: &mpsc::Receiver<Job>) {
+    fn run(mut self, rx: &mpsc::Receiver<Vec<Job>>) {
         let mut batch = Vec::new();
         loop {
             let first = match (self.writable, self.checkpoint_due_in()) {
@@ -304,11 +387,11 @@ impl Writer {
                 (true, None) => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match first {
-                Ok(job) => {
-                    batch.push(job);
+                Ok(jobs) => {
+                    batch.extend(jobs);
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
-                            Ok(job) => batch.push(job),
+                            Ok(jobs) => batch.extend(jobs),
                             Err(_) => break,
                         }
                     }
@@ -843,6 +926,132 @@ fn recover(path: &Path, metrics: &AuditMetrics) -> Result<Chain, AuditError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::{Reason, Verdict};
+
+    fn event(i: usize) -> AuditEvent {
+        AuditEvent {
+            ts: "2026-11-30T10:00:00.000001Z".into(),
+            request_time: None,
+            id: format!("id-{i}"),
+            request_id: format!("r-{i}"),
+            decision: Verdict::Allow,
+            reason: Reason::Permit,
+            policy_version: "sha256:0".into(),
+            policy_ids: vec!["p".into()],
+            shadow_decision: None,
+            principal: "anonymous".into(),
+            action: "chat.completions".into(),
+            route: "chat".into(),
+            route_context: Default::default(),
+            method: "POST".into(),
+            scheme: "http".into(),
+            host: "gw".into(),
+            path: "/v1/chat/completions".into(),
+            source: None,
+            identity: None,
+            headers: Default::default(),
+            model: None,
+            body_bytes: None,
+            body_size_known: None,
+            body_truncated: None,
+            body_parse_error: None,
+            stream: None,
+            max_tokens: None,
+            message_count: None,
+            prompt_sha256: None,
+            trace_id: None,
+            latency_us: 1,
+        }
+    }
+
+    /// `(batches, records)` the writer has written, from its metrics.
+    fn batches(metrics: &AuditMetrics) -> (u64, u64) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{text}")) as u64
+        };
+        (
+            value("audit_batch_records_count"),
+            value("audit_records_written_total"),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_round_of_appends_is_handed_over_once_and_each_waits_for_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let metrics = AuditMetrics::default();
+        let log = AuditLog::open(&AuditConfig::new(&path), metrics.clone()).unwrap();
+        // Sixteen decisions ready in the same scheduler round (as sixteen streams of one
+        // connection are): one hand-off, one group commit (one write, one fdatasync).
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(event(i)).await })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for task in tasks {
+            let written = task.await.unwrap().unwrap();
+            // Answered only once its record is in the file.
+            let lines = std::fs::read_to_string(&path).unwrap().lines().count() as u64;
+            assert!(
+                lines >= written.seq,
+                "seq {} answered with {lines} lines",
+                written.seq
+            );
+            seqs.push(written.seq);
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=16).collect::<Vec<u64>>());
+        assert_eq!(batches(&metrics), (1, 16));
+        // The next round is a batch of its own.
+        log.append(event(16)).await.unwrap();
+        assert_eq!(batches(&metrics), (2, 17));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_stops_waiting_still_gets_its_record_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let metrics = AuditMetrics::default();
+        let log = AuditLog::open(&AuditConfig::new(&path), metrics.clone()).unwrap();
+        // Polled once (the event joins the pending list), then dropped before it is handed
+        // over: the log, not the caller, owns the pending list.
+        let gave_up = tokio::time::timeout(Duration::ZERO, log.append(event(0))).await;
+        assert!(
+            gave_up.is_err(),
+            "the append cannot have finished without yielding"
+        );
+        let mut written = log.written();
+        tokio::time::timeout(Duration::from_secs(30), written.wait_for(|seq| *seq >= 1))
+            .await
+            .expect("the abandoned record is written")
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        // And a log dropped while an event is pending writes it on the way out.
+        let _ = tokio::time::timeout(Duration::ZERO, log.append(event(1))).await;
+        drop(log);
+        drop(written);
+        // The spawned hand-off task may hold the last handle; let it run, then reopen.
+        tokio::task::yield_now().await;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if std::fs::read_to_string(&path).unwrap().lines().count() == 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the pending record is written when the log goes away");
+        assert_eq!(metrics.queue_depth.get(), 0);
+    }
 
     #[tokio::test]
     async fn one_writer_per_log_and_the_lock_goes_with_the_last_handle() {

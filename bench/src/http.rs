@@ -67,3 +67,25 @@ impl Target for HttpTarget {
         })
     }
 }
+
+/// GETs `url` and returns its body as text; anything but `200` is an error.
+pub async fn get_text(url: &str) -> Result<String> {
+    let uri: Uri = url.parse().with_context(|| format!("bad url `{url}`"))?;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let response = client
+        .get(uri)
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("reading {url}"))?
+        .to_bytes();
+    if status != http::StatusCode::OK {
+        anyhow::bail!("GET {url}: status {status}");
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}

@@ -14,12 +14,14 @@
 //! `anyhow` and go to the operator running it.
 
 pub mod grpc;
+pub mod h2load;
 pub mod http;
 pub mod latency;
 pub mod load;
 pub mod policies;
 pub mod procfs;
 pub mod profile;
+pub mod readme;
 pub mod report;
 pub mod runner;
 pub mod soak;

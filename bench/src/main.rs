@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use arbiter_bench::runner::{self, Kind, Plan};
+use arbiter_bench::runner::{self, Kind, Plan, Section};
 use arbiter_bench::soak::{self, SoakPlan};
-use arbiter_bench::{procfs, profile, svg};
+use arbiter_bench::{procfs, profile, readme, svg};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -47,6 +47,9 @@ enum Command {
         /// Override the seconds per open-loop run.
         #[arg(long)]
         duration_s: Option<f64>,
+        /// Run only these parts (comma-separated; default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<Section>,
     },
     /// The arbiter scenario at a steady rate; writes `<out>/soak-<date>.json` and `.md`.
     Soak {
@@ -62,6 +65,15 @@ enum Command {
     },
     /// The filter's per-request host calls and native cost.
     Profile,
+    /// Regenerates the results section of the README from the newest results files.
+    Readme {
+        /// Directory holding `<date>.json` (and `soak-<date>.json`).
+        #[arg(long, default_value = "bench/results")]
+        results: PathBuf,
+        /// The README whose generated section is rewritten.
+        #[arg(long, default_value = "bench/README.md")]
+        readme: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +88,10 @@ fn main() -> ExitCode {
 }
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
+    if let Command::Readme { results, readme } = &cli.command {
+        readme::regenerate(readme, results)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let (client_cpus, server_cpus, pin_note) = pinning(&cli);
     if let Some(cpus) = &client_cpus {
         // Before the runtime exists, so every thread of this process inherits it.
@@ -121,6 +137,7 @@ async fn command(
             out,
             repeats,
             duration_s,
+            only,
         } => {
             let mut plan = match kind {
                 Kind::Full => Plan::full(),
@@ -131,6 +148,9 @@ async fn command(
             }
             if let Some(d) = duration_s {
                 plan.duration = Duration::from_secs_f64(d.max(0.1));
+            }
+            if !only.is_empty() {
+                plan.sections = only;
             }
             plan.client_cpus = client_cpus;
             plan.server_cpus = server_cpus;
@@ -148,7 +168,7 @@ async fn command(
             )?;
             write(&out, &format!("{stem}.md"), &md)?;
             write(&out, &format!("{stem}.svg"), &svg::render(&report))?;
-            let problems = runner::problems(&report);
+            let problems = runner::problems(&report, &plan.sections);
             if problems.is_empty() {
                 println!(
                     "bench: every scenario ran and produced numbers ({:.0} s)",
@@ -187,6 +207,10 @@ async fn command(
         Command::Profile => {
             let profile = profile::run().await?;
             println!("{}", profile.markdown());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Readme { results, readme } => {
+            readme::regenerate(&readme, &results)?;
             Ok(ExitCode::SUCCESS)
         }
     }

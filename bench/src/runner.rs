@@ -26,7 +26,7 @@ use crate::load::{closed_loop, open_loop, OpenLoop, RunResult, Target};
 use crate::policies::write_bundle;
 use crate::procfs;
 use crate::report::{
-    ids, AuditSupport, Machine, Measured, Method, RateResult, Report, ScalingResult,
+    ids, AuditSupport, EngineTiming, Machine, Measured, Method, RateResult, Report, ScalingResult,
     ScenarioResult, ServerResult, Skipped,
 };
 use crate::CHAT_BODY;
@@ -45,8 +45,9 @@ pub enum Kind {
 pub struct Plan {
     /// Full or quick.
     pub kind: Kind,
-    /// Open-loop rates through Envoy.
-    pub rates: Vec<f64>,
+    /// Open-loop loads through Envoy, as shares of native ext_authz's maximum rate measured
+    /// in the same run (every scenario gets the same absolute rate at each share).
+    pub load_shares: Vec<f64>,
     /// Measured time per open-loop run.
     pub duration: Duration,
     /// Warm-up before each run.
@@ -61,6 +62,10 @@ pub struct Plan {
     pub closed_duration: Duration,
     /// Open-loop rates of the server-alone scenario.
     pub server_rates: Vec<f64>,
+    /// Cross-check each server-alone closed loop with `h2load` (when installed).
+    pub h2load: bool,
+    /// Engine decisions timed one by one per bundle size (in-process, no gRPC).
+    pub engine_decisions: usize,
     /// Bundle sizes of the scaling scenario.
     pub scaling_sizes: Vec<usize>,
     /// Open-loop rate of the scaling scenario.
@@ -71,6 +76,8 @@ pub struct Plan {
     pub timeout: Duration,
     /// Open-loop in-flight bound.
     pub max_in_flight: usize,
+    /// Which parts of the benchmark run (all by default).
+    pub sections: Vec<Section>,
     /// CPUs of this process (load generator, mock upstream), if pinned.
     pub client_cpus: Option<String>,
     /// CPUs of Envoy and the policy server, if pinned.
@@ -82,7 +89,7 @@ impl Plan {
     pub fn full() -> Plan {
         Plan {
             kind: Kind::Full,
-            rates: vec![500.0, 1000.0],
+            load_shares: vec![0.25, 0.5],
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(1),
             initial_warmup: Duration::from_secs(3),
@@ -90,12 +97,15 @@ impl Plan {
             closed_concurrency: 16,
             closed_duration: Duration::from_secs(5),
             server_rates: vec![1000.0, 5000.0],
+            h2load: true,
+            engine_decisions: 20_000,
             scaling_sizes: vec![10, 1_000, 10_000],
             scaling_rate: 500.0,
             // The server has one worker thread: two in flight keep it busy without a queue.
             scaling_concurrency: 2,
             timeout: Duration::from_secs(2),
             max_in_flight: 2000,
+            sections: Section::ALL.to_vec(),
             client_cpus: None,
             server_cpus: None,
         }
@@ -105,7 +115,7 @@ impl Plan {
     pub fn quick() -> Plan {
         Plan {
             kind: Kind::Quick,
-            rates: vec![200.0],
+            load_shares: vec![0.25, 0.5],
             duration: Duration::from_millis(1000),
             warmup: Duration::from_millis(200),
             initial_warmup: Duration::from_millis(300),
@@ -113,6 +123,8 @@ impl Plan {
             closed_concurrency: 8,
             closed_duration: Duration::from_millis(700),
             server_rates: vec![200.0],
+            h2load: true,
+            engine_decisions: 200,
             // CI builds the server in debug, where loading and deciding are far slower (a
             // 10,000-policy bundle does not load within the harness's 20 s start-up bound):
             // smaller bundles and a trickle prove the scenario works, which is all a smoke
@@ -122,6 +134,7 @@ impl Plan {
             scaling_concurrency: 1,
             timeout: Duration::from_secs(5),
             max_in_flight: 2000,
+            sections: Section::ALL.to_vec(),
             client_cpus: None,
             server_cpus: None,
         }
@@ -133,6 +146,22 @@ impl Plan {
             Kind::Quick => "quick",
         }
     }
+}
+
+/// A part of the benchmark (`run --only`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// The scenarios through Envoy.
+    Envoy,
+    /// The policy server alone (with the `h2load` cross-check).
+    Server,
+    /// Policy size scaling and the engine alone.
+    Scaling,
+}
+
+impl Section {
+    /// Every part, in run order.
+    pub const ALL: [Section; 3] = [Section::Envoy, Section::Server, Section::Scaling];
 }
 
 /// How the policy server writes its audit log.
@@ -335,13 +364,38 @@ pub async fn run(plan: &Plan) -> Result<Report> {
         ..Report::default()
     };
 
+    let policies = workspace_root().join(DEFAULT_POLICIES);
+    if plan.sections.contains(&Section::Envoy) {
+        through_envoy(plan, support, &policies, &mut report).await?;
+    }
+    if plan.sections.contains(&Section::Server) {
+        server_alone(plan, support, &policies, &mut report).await?;
+    }
+    if plan.sections.contains(&Section::Scaling) {
+        policy_scaling(plan, support, &mut report).await?;
+    }
+
+    report.machine.load_after = procfs::load_average();
+    report.total_s = started.elapsed().as_secs_f64();
+    report.notes.extend(sanity_notes(&report));
+    report.evaluate();
+    Ok(report)
+}
+
+/// The Envoy scenarios: capacity, then latency at shares of native ext_authz's capacity.
+async fn through_envoy(
+    plan: &Plan,
+    support: AuditSupport,
+    policies: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let started = Instant::now();
     let primary = MockLlm::start("primary").await?;
     let backup = MockLlm::start("backup").await?;
-    let policies = workspace_root().join(DEFAULT_POLICIES);
     let main_mode = AuditMode::best_write(support);
-    let mut servers = vec![start_server(&policies, main_mode, plan).await?];
+    let mut servers = vec![start_server(policies, main_mode, plan).await?];
     let fsync_index = if support.audit_sync {
-        servers.push(start_server(&policies, AuditMode::Fsync, plan).await?);
+        servers.push(start_server(policies, AuditMode::Fsync, plan).await?);
         Some(1)
     } else {
         report.skipped.push(Skipped {
@@ -448,22 +502,10 @@ pub async fn run(plan: &Plan) -> Result<Report> {
     let n = defs.len();
     let mut open: Vec<BTreeMap<u64, Vec<Measured>>> = vec![BTreeMap::new(); n];
     let mut closed: Vec<Vec<Measured>> = vec![Vec::new(); n];
+    // Capacity first: the open-loop rates are shares of native ext_authz's maximum, so the
+    // latency comparison is at an equal offered load that leaves the shared core headroom
+    // (a fixed rate near capacity measures queueing, not the filter).
     for repeat in 0..plan.repeats {
-        for &rate in &plan.rates {
-            for k in 0..n {
-                let i = (k + repeat) % n;
-                let (envoy, target) = &envoys[i];
-                let probe = Probe {
-                    envoy: Some(envoy),
-                    server_pid: defs[i].server.and_then(|s| servers[s].pid()),
-                    checked_by: checked_by(defs[i].id),
-                };
-                let m = measure(plan, target, &probe, Load::Open(rate)).await?;
-                progress(&defs[i].label, Load::Open(rate), &m);
-                open[i].entry(rate as u64).or_default().push(m);
-                primary.clear();
-            }
-        }
         for k in 0..n {
             let i = (k + repeat) % n;
             let (envoy, target) = &envoys[i];
@@ -477,6 +519,32 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             progress(&defs[i].label, load, &m);
             closed[i].push(m);
             primary.clear();
+        }
+    }
+    let native_max = defs
+        .iter()
+        .position(|d| d.id == ids::EXT_AUTHZ)
+        .map(|i| Measured::median_of(&closed[i]).summary.rps)
+        .unwrap_or(0.0);
+    let rates = shared_rates(&plan.load_shares, native_max);
+    report.method.rates = rates.iter().map(|(_, rate)| *rate).collect();
+    report.method.load_shares = plan.load_shares.clone();
+    report.method.ext_authz_max_rps = Some(native_max);
+    for repeat in 0..plan.repeats {
+        for &(_, rate) in &rates {
+            for k in 0..n {
+                let i = (k + repeat) % n;
+                let (envoy, target) = &envoys[i];
+                let probe = Probe {
+                    envoy: Some(envoy),
+                    server_pid: defs[i].server.and_then(|s| servers[s].pid()),
+                    checked_by: checked_by(defs[i].id),
+                };
+                let m = measure(plan, target, &probe, Load::Open(rate)).await?;
+                progress(&defs[i].label, Load::Open(rate), &m);
+                open[i].entry(rate as u64).or_default().push(m);
+                primary.clear();
+            }
         }
     }
 
@@ -494,7 +562,14 @@ pub async fn run(plan: &Plan) -> Result<Report> {
             audit: def.audit.map(|a| a.name().to_owned()),
             open_loop: std::mem::take(&mut open[i])
                 .into_iter()
-                .map(|(rate, repeats)| rate_result(rate as f64, repeats))
+                .map(|(rate, repeats)| {
+                    let mut result = rate_result(rate as f64, repeats);
+                    result.share_of_ext_authz = rates
+                        .iter()
+                        .find(|(_, r)| *r as u64 == rate)
+                        .map(|(share, _)| *share);
+                    result
+                })
                 .collect(),
             closed_loop: Some(rate_result(0.0, std::mem::take(&mut closed[i]))),
             envoy_memory: envoy.pid().and_then(|pid| procfs::memory(pid).ok()),
@@ -504,15 +579,20 @@ pub async fn run(plan: &Plan) -> Result<Report> {
     // Idle Envoys cost little, but the server-alone runs should have the core to themselves.
     drop(envoys);
     drop(servers);
+    Ok(())
+}
 
-    server_alone(plan, support, &policies, &mut report).await?;
-    policy_scaling(plan, support, &mut report).await?;
-
-    report.machine.load_after = procfs::load_average();
-    report.total_s = started.elapsed().as_secs_f64();
-    report.notes.extend(sanity_notes(&report));
-    report.evaluate();
-    Ok(report)
+/// The open-loop rate of each load share of `native_max` (rounded to 10 rps, at least
+/// 10 rps; distinct rates only).
+fn shared_rates(shares: &[f64], native_max: f64) -> Vec<(f64, f64)> {
+    let mut rates: Vec<(f64, f64)> = Vec::new();
+    for &share in shares {
+        let rate = ((share * native_max / 10.0).round() * 10.0).max(10.0);
+        if !rates.iter().any(|(_, r)| *r == rate) {
+            rates.push((share, rate));
+        }
+    }
+    rates
 }
 
 async fn server_alone(
@@ -588,6 +668,24 @@ async fn server_alone(
     let n = live.len();
     let mut open: Vec<BTreeMap<u64, Vec<Measured>>> = vec![BTreeMap::new(); n];
     let mut closed: Vec<Vec<Measured>> = vec![Vec::new(); n];
+    let mut h2load: Vec<Vec<crate::h2load::H2loadResult>> = vec![Vec::new(); n];
+    let h2load_dir = match (plan.h2load, crate::h2load::version()) {
+        (true, Some(_)) => Some(
+            tempfile::Builder::new()
+                .prefix("arbiter-bench-h2load-")
+                .tempdir()?,
+        ),
+        (true, None) => {
+            report.skipped.push(Skipped {
+                id: "server-alone h2load cross-check".to_owned(),
+                reason:
+                    "h2load is not installed (`make bench-tools` installs Debian's nghttp2-client)"
+                        .to_owned(),
+            });
+            None
+        }
+        (false, _) => None,
+    };
     for repeat in 0..plan.repeats {
         for &rate in &plan.server_rates {
             for k in 0..n {
@@ -614,7 +712,36 @@ async fn server_alone(
             let load = Load::Closed(plan.closed_concurrency);
             let m = measure(plan, target, &probe, load).await?;
             progress(&format!("server alone, {label}"), load, &m);
+            let own_rps = m.summary.rps;
             closed[i].push(m);
+            if let Some(dir) = &h2load_dir {
+                // As many requests as the own client answered in its run, so both take
+                // about as long; same one connection and stream count.
+                let requests = ((own_rps * plan.closed_duration.as_secs_f64()) as u64).max(200);
+                let result = crate::h2load::run(
+                    server.addr(),
+                    server.metrics_addr(),
+                    server.pid(),
+                    plan.closed_concurrency,
+                    requests,
+                    dir.path(),
+                )
+                .await
+                .with_context(|| format!("h2load against `{label}`"))?;
+                println!(
+                    "  {:<44} {:>12}: {:>8.0} rps  mean {:.3} ms  failed {}  server allows {}/{}",
+                    format!("server alone, {label}"),
+                    "h2load",
+                    result.rps,
+                    result.mean_ms.unwrap_or(f64::NAN),
+                    result.failed,
+                    result
+                        .server_allows
+                        .map_or("?".to_owned(), |a| a.to_string()),
+                    result.succeeded,
+                );
+                h2load[i].push(result);
+            }
         }
     }
     for (i, (id, label, server, _)) in live.iter().enumerate() {
@@ -626,6 +753,7 @@ async fn server_alone(
                 .map(|(rate, repeats)| rate_result(rate as f64, repeats))
                 .collect(),
             closed_loop: Some(rate_result(0.0, std::mem::take(&mut closed[i]))),
+            h2load: std::mem::take(&mut h2load[i]),
             memory: server.pid().and_then(|pid| procfs::memory(pid).ok()),
         });
     }
@@ -667,6 +795,25 @@ async fn policy_scaling(plan: &Plan, support: AuditSupport, report: &mut Report)
         }
         live.push((size, startup_ms, server, target));
     }
+    // The engine alone, in this process: the decision latency without gRPC or audit.
+    let mut engine = Vec::new();
+    for &size in &plan.scaling_sizes {
+        let bundle: PathBuf = dir.path().join(format!("policies-{size}"));
+        let decisions = plan.engine_decisions;
+        let timing = tokio::task::spawn_blocking(move || engine_timing(&bundle, decisions))
+            .await
+            .context("engine timing")??;
+        println!(
+            "  {:<44} {:>12}: {:>8} decisions  p50 {:.1}  p99 {:.1}  max {:.1} µs",
+            format!("{size} policies, engine alone"),
+            "in-process",
+            timing.decisions,
+            timing.p50_us,
+            timing.p99_us,
+            timing.max_us
+        );
+        engine.push(timing);
+    }
     let n = live.len();
     let mut open: Vec<Vec<(f64, Measured)>> = vec![Vec::new(); n];
     let mut closed: Vec<Vec<Measured>> = vec![Vec::new(); n];
@@ -703,15 +850,55 @@ async fn policy_scaling(plan: &Plan, support: AuditSupport, report: &mut Report)
                 rate_result(rate, runs.into_iter().map(|(_, m)| m).collect())
             },
             closed_loop: Some(rate_result(0.0, std::mem::take(&mut closed[i]))),
+            engine: engine.get(i).cloned(),
             memory: server.pid().and_then(|pid| procfs::memory(pid).ok()),
         });
     }
     Ok(())
 }
 
+/// Times `PolicyEngine::decide` on the chat request one call at a time: up to `decisions`
+/// calls, at most about 3 s (large bundles may decide slowly), after a short warm-up.
+fn engine_timing(bundle: &Path, decisions: usize) -> Result<EngineTiming> {
+    let engine = arbiter_policy_server::PolicyEngine::load(bundle)
+        .with_context(|| format!("loading {}", bundle.display()))?;
+    let request = arbiter_policy_server::AuthzRequest::try_from(crate::grpc::chat_check_request()?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let budget = Duration::from_secs(3);
+    let warm = Instant::now();
+    for _ in 0..(decisions / 10).max(1) {
+        engine
+            .decide(&request)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if warm.elapsed() > budget / 10 {
+            break;
+        }
+    }
+    let start = Instant::now();
+    let mut micros = Vec::with_capacity(decisions);
+    while micros.len() < decisions.max(1) && (micros.is_empty() || start.elapsed() < budget) {
+        let t = Instant::now();
+        let decision = engine
+            .decide(&request)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        micros.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        std::hint::black_box(decision);
+    }
+    micros.sort_by(f64::total_cmp);
+    let at =
+        |p: f64| micros[((p * micros.len() as f64).ceil() as usize).clamp(1, micros.len()) - 1];
+    Ok(EngineTiming {
+        decisions: micros.len(),
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        max_us: micros.last().copied().unwrap_or(0.0),
+    })
+}
+
 fn rate_result(rate: f64, repeats: Vec<Measured>) -> RateResult {
     RateResult {
         rate,
+        share_of_ext_authz: None,
         median: Measured::median_of(&repeats),
         repeats,
     }
@@ -861,9 +1048,10 @@ fn sanity_notes(report: &Report) -> Vec<String> {
     notes
 }
 
-/// Problems that mean a scenario did not run or produced no numbers (the quick run fails
-/// on them; speed is never one).
-pub fn problems(report: &Report) -> Vec<String> {
+/// Problems that mean a scenario of `sections` did not run or produced no numbers, or the
+/// `h2load` cross-check saw answers that were not decisions (the quick run fails on them;
+/// speed is never one).
+pub fn problems(report: &Report, sections: &[Section]) -> Vec<String> {
     let mut problems: Vec<String> = report
         .notes
         .iter()
@@ -923,14 +1111,28 @@ pub fn problems(report: &Report) -> Vec<String> {
         ids::ARBITER_DISABLED,
     ];
     for id in expected {
-        if report.scenario(id).is_none() {
+        if sections.contains(&Section::Envoy) && report.scenario(id).is_none() {
             problems.push(format!("scenario `{id}` did not run"));
         }
     }
-    if report.server_alone.is_empty() {
+    if sections.contains(&Section::Server) && report.server_alone.is_empty() {
         problems.push("the server-alone scenario did not run".to_owned());
     }
-    if report.policy_scaling.is_empty() {
+    for s in &report.server_alone {
+        for h in &s.h2load {
+            if !h.agrees() {
+                problems.push(format!(
+                    "{} h2load: {} of {} requests succeeded, {} failed, the server counted {} allows: not every request was a decision",
+                    s.id,
+                    h.succeeded,
+                    h.requests,
+                    h.failed,
+                    h.server_allows.map_or("?".to_owned(), |a| a.to_string())
+                ));
+            }
+        }
+    }
+    if sections.contains(&Section::Scaling) && report.policy_scaling.is_empty() {
         problems.push("the policy scaling scenario did not run".to_owned());
     }
     problems
@@ -959,7 +1161,10 @@ fn method(plan: &Plan) -> Result<Method> {
         client_cpus: plan.client_cpus.clone(),
         server_cpus: plan.server_cpus.clone(),
         envoy_concurrency: 1,
-        rates: plan.rates.clone(),
+        // Filled in once native ext_authz's maximum is measured.
+        rates: Vec::new(),
+        load_shares: plan.load_shares.clone(),
+        ext_authz_max_rps: None,
         duration_s: plan.duration.as_secs_f64(),
         warmup_s: plan.warmup.as_secs_f64(),
         repeats: plan.repeats,

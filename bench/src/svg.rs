@@ -300,6 +300,7 @@ mod tests {
         };
         let run = RateResult {
             rate: 1000.0,
+            share_of_ext_authz: None,
             median: m.clone(),
             repeats: vec![m],
         };

@@ -11,7 +11,7 @@ fn lists_its_commands() {
         .unwrap();
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
-    for command in ["run", "soak", "profile"] {
+    for command in ["run", "soak", "profile", "readme"] {
         assert!(help.contains(command), "`{command}` missing from:\n{help}");
     }
 }
