@@ -57,6 +57,13 @@ pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 2_000;
 pub const DEFAULT_BREAKER_PROBES: u32 = 1;
 /// Default allow-cache slots.
 pub const DEFAULT_CACHE_MAX_ENTRIES: u32 = 10_000;
+/// JWT claims an Envoy-side record keeps by default besides `iss` and `sub`: the claims the
+/// policy server's default bundle configuration decides on (tenant and groups), so `audit
+/// replay` re-decides the record as live. Every other claim is left out.
+pub const DEFAULT_RECORD_JWT_CLAIMS: &[&str] = &["tenant", "groups"];
+/// Claims every record keeps: who issued the token and whom it names.
+pub const ALWAYS_RECORDED_JWT_CLAIMS: &[&str] = &["iss", "sub"];
+
 /// Default gateway credential headers: read by policy, never sent upstream.
 pub const DEFAULT_CREDENTIAL_HEADERS: &[&str] = &["x-api-key"];
 
@@ -88,6 +95,35 @@ pub struct FilterConfig {
     pub credential_headers: Vec<String>,
     /// Per-route settings for routes without route metadata (first match wins).
     pub routes: RouteTable,
+    /// Which verified JWT claims an Envoy-side record keeps.
+    pub record_jwt_claims: ClaimFilter,
+}
+
+/// Which JWT claims an Envoy-side record (`arbiter_record`) keeps: the same rule as the
+/// policy server's `--audit-jwt-claims` for its own records, since claims can carry personal
+/// data. `iss` and `sub` are always kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimFilter {
+    /// Every claim (`["*"]`).
+    All,
+    /// These top-level claims (a dotted name such as `realm_access.roles` keeps its first
+    /// part, `realm_access`), plus `iss` and `sub`.
+    Only(Vec<String>),
+}
+
+impl ClaimFilter {
+    /// Whether the top-level claim `name` is kept.
+    pub fn keeps(&self, name: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(names) => {
+                ALWAYS_RECORDED_JWT_CLAIMS.contains(&name)
+                    || names
+                        .iter()
+                        .any(|n| n == name || n.split('.').next() == Some(name))
+            }
+        }
+    }
 }
 
 /// When the filter stops calling a failing policy server, and how it tries again.
@@ -136,6 +172,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "cache_max_entries",
     "credential_headers",
     "routes",
+    "record_jwt_claims",
 ];
 
 impl FilterConfig {
@@ -346,6 +383,52 @@ impl FilterConfig {
             }),
         };
 
+        let record_jwt_claims = match map.get("record_jwt_claims") {
+            None => ClaimFilter::Only(
+                DEFAULT_RECORD_JWT_CLAIMS
+                    .iter()
+                    .map(|c| (*c).to_owned())
+                    .collect(),
+            ),
+            Some(Value::Array(items)) => {
+                let names: Vec<String> = items
+                    .iter()
+                    .filter_map(|v| match v.as_str() {
+                        Some(n)
+                            if !n.is_empty()
+                                && n.len() <= 256
+                                && !n.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+                        {
+                            Some(n.to_owned())
+                        }
+                        _ => {
+                            problems.push(format!(
+                                "`record_jwt_claims` entries must be claim names (1-256 characters, no whitespace), got `{v}`"
+                            ));
+                            None
+                        }
+                    })
+                    .collect();
+                if names.iter().any(|n| n == "*") {
+                    if names.len() > 1 {
+                        problems.push(
+                            "`record_jwt_claims`: `*` (every claim) cannot be combined with claim names"
+                                .to_owned(),
+                        );
+                    }
+                    ClaimFilter::All
+                } else {
+                    ClaimFilter::Only(names)
+                }
+            }
+            Some(other) => {
+                problems.push(format!(
+                    "`record_jwt_claims` must be a list of claim names, got `{other}`"
+                ));
+                ClaimFilter::Only(Vec::new())
+            }
+        };
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -361,6 +444,7 @@ impl FilterConfig {
             cache_max_entries,
             credential_headers,
             routes,
+            record_jwt_claims,
         })
     }
 }

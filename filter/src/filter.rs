@@ -866,7 +866,34 @@ impl<H: Host> Filter<H> {
             .iter()
             .map(|(k, v)| (k.clone(), json!(v)))
             .collect();
-        let claims = p.metadata.as_ref().map(crate::route::struct_to_json);
+        // The `jwt_authn` namespace as `audit replay` puts it back, with only the claims
+        // `record_jwt_claims` keeps (claims can carry personal data); how many were left out
+        // is recorded, their names are not.
+        let mut withheld = 0usize;
+        let claims = p
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(crate::config::JWT_AUTHN_NAMESPACE))
+            .and_then(|ns| match &ns.kind {
+                Some(prost_types::value::Kind::StructValue(s)) => {
+                    Some(crate::route::struct_to_json(s))
+                }
+                _ => None,
+            })
+            .map(|mut ns| {
+                if let serde_json::Value::Object(payloads) = &mut ns {
+                    for payload in payloads.values_mut() {
+                        if let serde_json::Value::Object(claims) = payload {
+                            let before = claims.len();
+                            claims.retain(|name, _| {
+                                self.shared.config.record_jwt_claims.keeps(name)
+                            });
+                            withheld += before - claims.len();
+                        }
+                    }
+                }
+                ns
+            });
         json!({
             "v": 1,
             "ts": ts,
@@ -883,6 +910,7 @@ impl<H: Host> Filter<H> {
             "source": p.info.source_address,
             "principal": p.info.peer_principal,
             "metadata": claims,
+            "jwt_claims_withheld": (withheld > 0).then_some(withheld),
             "api_key_sha256": api_key_sha256,
             "tenant": header("x-tenant-id"),
             "context": context,

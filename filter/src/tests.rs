@@ -1523,3 +1523,97 @@ fn table_entries_can_be_dry_run() {
     assert_eq!(f.on_check_response(7, 0, 0), Flow::Continue);
     assert_eq!(header(&host, "x-arbiter-dry-run").as_deref(), Some("deny"));
 }
+
+/// `jwt_authn` metadata whose `jwt_payload` holds `claims` (string values).
+fn jwt_metadata(claims: &[(&str, &str)]) -> Metadata {
+    let payload = prost_types::Struct {
+        fields: claims
+            .iter()
+            .map(|(k, v)| {
+                (
+                    (*k).to_owned(),
+                    prost_types::Value {
+                        kind: Some(Kind::StringValue((*v).to_owned())),
+                    },
+                )
+            })
+            .collect(),
+    };
+    let mut md = Metadata::default();
+    md.filter_metadata.insert(
+        "envoy.filters.http.jwt_authn".into(),
+        prost_types::Struct {
+            fields: [(
+                "jwt_payload".to_owned(),
+                prost_types::Value {
+                    kind: Some(Kind::StructValue(payload)),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        },
+    );
+    md
+}
+
+/// The Envoy-side record of an undecided request for a JWT caller: its `metadata` is the
+/// `jwt_authn` namespace as `audit replay` puts it back, with only the allowed claims.
+fn undecided_record(config: &str) -> serde_json::Value {
+    let shared = Rc::new(Shared::new(FilterConfig::parse(config.as_bytes()).unwrap()));
+    let (mut f, host) = request_with(shared, "chat", None, &[]);
+    let md = jwt_metadata(&[
+        ("iss", "https://idp"),
+        ("sub", "alice"),
+        ("tenant", "acme"),
+        ("groups", "eng"),
+        ("email", "alice@example.com"),
+        ("name", "Alice Example"),
+    ]);
+    host.0
+        .borrow_mut()
+        .properties
+        .insert("metadata".into(), md.encode_to_vec());
+    host.0.borrow_mut().dispatch_fails = true;
+    f.on_request_headers(true);
+    let record = host.0.borrow().log_fields["arbiter_record"].clone();
+    serde_json::from_str(&record).unwrap()
+}
+
+#[test]
+fn envoy_side_records_keep_only_allowed_jwt_claims_where_replay_reads_them() {
+    let v = undecided_record(r#"{"policy_cluster":"p"}"#);
+    assert_eq!(v["outcome"], "fail_closed");
+    assert_eq!(
+        v["metadata"],
+        serde_json::json!({"jwt_payload": {"iss": "https://idp", "sub": "alice", "tenant": "acme", "groups": "eng"}}),
+        "the default keeps iss, sub, tenant and groups, under the namespace's own keys"
+    );
+    assert_eq!(v["jwt_claims_withheld"], 2);
+    let text = v.to_string();
+    assert!(!text.contains("alice@example.com") && !text.contains("Alice Example"));
+
+    let v = undecided_record(r#"{"policy_cluster":"p","record_jwt_claims":["email"]}"#);
+    assert_eq!(
+        v["metadata"]["jwt_payload"],
+        serde_json::json!({"iss": "https://idp", "sub": "alice", "email": "alice@example.com"})
+    );
+    assert_eq!(v["jwt_claims_withheld"], 3);
+
+    let v = undecided_record(r#"{"policy_cluster":"p","record_jwt_claims":["*"]}"#);
+    assert_eq!(v["metadata"]["jwt_payload"].as_object().unwrap().len(), 6);
+    assert_eq!(v["jwt_claims_withheld"], serde_json::Value::Null);
+}
+
+#[test]
+fn record_jwt_claims_is_validated() {
+    for bad in [
+        r#"{"policy_cluster":"p","record_jwt_claims":"email"}"#,
+        r#"{"policy_cluster":"p","record_jwt_claims":["*","email"]}"#,
+        r#"{"policy_cluster":"p","record_jwt_claims":[""]}"#,
+        r#"{"policy_cluster":"p","record_jwt_claims":["a b"]}"#,
+        r#"{"policy_cluster":"p","record_jwt_claims":[5]}"#,
+    ] {
+        let e = FilterConfig::parse(bad.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("record_jwt_claims"), "{bad}: {e}");
+    }
+}
