@@ -82,7 +82,7 @@ FUZZ_LOG   := $(or $(CARGO_TARGET_DIR),target)/fuzz.log
 .PHONY: fuzz
 fuzz: ## Property tests of every untrusted-input parser, 1,000,000 cases each (release; long; FUZZ_CASES=N), then their counts
 	@mkdir -p $(dir $(FUZZ_LOG))
-	@set -o pipefail; PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p arbiter-filter -p arbiter-policy-server \
+	@set -o pipefail; PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p arbiter-filter -p arbiter-policy -p arbiter-policy-server \
 		-- prop_ --nocapture 2>&1 | tee $(FUZZ_LOG); status=$$?; \
 	echo "--- property tests ($(FUZZ_CASES) cases each requested):"; \
 	grep -E '^property [^ ]+: [0-9]+ cases passed$$' $(FUZZ_LOG) || echo "no property test passed"; \

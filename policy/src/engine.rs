@@ -230,7 +230,7 @@ impl Bundle {
 #[cfg(test)]
 thread_local! {
     /// Tests compare the index against Cedar evaluating the whole policy set.
-    static UNINDEXED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    pub(crate) static UNINDEXED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The Cedar context record (`Arbiter::RequestContext`).

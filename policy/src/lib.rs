@@ -8,6 +8,7 @@
 
 pub mod ai;
 pub mod bundle;
+pub mod conditions;
 pub mod engine;
 pub mod identity;
 pub mod index;
