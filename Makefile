@@ -152,7 +152,7 @@ test-unit: ## Native unit tests of the filter logic and protos (no Envoy)
 
 .PHONY: test-server
 test-server: registry ## Policy server, audit trail and supply-chain tests (service calls and real gRPC on loopback)
-	$(CARGO) test -p arbiter-audit -p arbiter-bundle-source -p arbiter-policy-server
+	$(CARGO) test -p arbiter-audit -p arbiter-bundle-source -p arbiter-policy -p arbiter-policy-server
 
 .PHONY: test-e2e
 test-e2e: setup wasm deploy-tools ## End-to-end: real Envoy + real wasm + real policy server
@@ -170,7 +170,7 @@ FUZZ_LOG   := $(or $(CARGO_TARGET_DIR),target)/fuzz.log
 .PHONY: fuzz
 fuzz: ## Property tests of every untrusted-input parser, 1,000,000 cases each (release; long; FUZZ_CASES=N), then their counts
 	@mkdir -p $(dir $(FUZZ_LOG))
-	@set -o pipefail; PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p arbiter-filter -p arbiter-bundle-source -p arbiter-policy-server \
+	@set -o pipefail; PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p arbiter-filter -p arbiter-bundle-source -p arbiter-policy -p arbiter-policy-server \
 		-- prop_ --nocapture 2>&1 | tee $(FUZZ_LOG); status=$$?; \
 	echo "--- property tests ($(FUZZ_CASES) cases each requested):"; \
 	grep -E '^property [^ ]+: [0-9]+ cases passed$$' $(FUZZ_LOG) || echo "no property test passed"; \

@@ -11,24 +11,62 @@
 //! `SERVING` only while a synthetic decision succeeds in time and the audit log is writable
 //! ([`health`]). See the crate README for the Cedar model and the audit record.
 
-pub mod ai;
 pub mod audit;
-pub mod bundle;
 pub mod cli;
 pub mod config;
-pub mod engine;
 pub mod health;
-pub mod identity;
-pub mod index;
 pub mod metrics;
 pub mod probe;
 pub mod pull;
 pub mod reflection;
 pub mod reload;
-pub mod request;
-pub mod schema;
 pub mod service;
 pub mod trace;
+
+// The policy engine is its own crate; its modules keep their paths here.
+pub use arbiter_policy::{ai, bundle, identity, index, request, schema};
+
+/// The policy engine ([`arbiter_policy::engine`]), recording into the server's [`Metrics`].
+pub mod engine {
+    use std::time::Duration;
+
+    use arbiter_policy::metrics::{BundleRole as Role, EngineMetrics};
+
+    use crate::bundle::Bundle;
+    use crate::metrics::{BundleRole, Metrics};
+
+    pub use arbiter_policy::engine::*;
+
+    /// Decides requests with the current bundle (and a shadow bundle, if any); reloads swap
+    /// them atomically. Records into the server's Prometheus metrics.
+    pub type PolicyEngine = arbiter_policy::engine::PolicyEngine<Metrics>;
+
+    impl EngineMetrics for Metrics {
+        fn bundle_loaded(&self, role: Role, bundle: &Bundle) {
+            let role = match role {
+                Role::Active => BundleRole::Active,
+                Role::Shadow => BundleRole::Shadow,
+            };
+            Metrics::bundle_loaded(self, role, bundle);
+        }
+
+        fn decision(&self, allowed: bool, took: Duration) {
+            Metrics::decision(self, allowed, took);
+        }
+
+        fn decision_error(&self) {
+            Metrics::decision_error(self);
+        }
+
+        fn shadow(&self, disagreement: Option<Disagreement>) {
+            Metrics::shadow(self, disagreement);
+        }
+
+        fn shadow_error(&self) {
+            Metrics::shadow_error(self);
+        }
+    }
+}
 
 use std::future::Future;
 use std::net::SocketAddr;

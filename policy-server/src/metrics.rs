@@ -136,6 +136,7 @@ pub struct Metrics {
     rejected: Family<BundleLabels, Gauge>,
     info: Family<VersionLabels, Gauge>,
     policies: Family<BundleLabels, Gauge>,
+    indexed: Family<BundleLabels, Gauge>,
     loaded_at: Family<BundleLabels, Gauge>,
     shadow_decisions: Counter,
     shadow_errors: Counter,
@@ -205,6 +206,12 @@ impl Metrics {
             "Number of policies in the bundle in use",
             policies.clone(),
         );
+        let indexed = Family::<BundleLabels, Gauge>::default();
+        registry.register(
+            "bundle_policies_indexed",
+            "Policies of the bundle in use that a request can leave out unevaluated (indexed by route, principal or condition); the rest are evaluated for every request of their action",
+            indexed.clone(),
+        );
         let loaded_at = Family::<BundleLabels, Gauge>::default();
         registry.register(
             "bundle_loaded_timestamp_seconds",
@@ -264,6 +271,7 @@ impl Metrics {
             rejected,
             info,
             policies,
+            indexed,
             loaded_at,
             shadow_decisions,
             shadow_errors,
@@ -401,6 +409,9 @@ impl Metrics {
         self.policies
             .get_or_create(&labels)
             .set(i64::try_from(bundle.policy_count()).unwrap_or(i64::MAX));
+        self.indexed
+            .get_or_create(&labels)
+            .set(i64::try_from(bundle.policy_index().indexed().0).unwrap_or(i64::MAX));
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

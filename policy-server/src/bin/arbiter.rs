@@ -179,6 +179,12 @@ fn main() -> ExitCode {
                     ok.entities,
                     ok.version
                 );
+                let (indexed, by_condition) = ok.indexed;
+                println!(
+                    "index: {indexed} of {} policies indexed ({}%; {by_condition} by condition), the rest are evaluated for every request of their action",
+                    ok.policies,
+                    (indexed * 100).checked_div(ok.policies).unwrap_or(100)
+                );
                 ExitCode::SUCCESS
             }
             Err(error) => {

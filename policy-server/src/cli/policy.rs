@@ -242,6 +242,9 @@ pub struct Validated {
     pub policies: usize,
     /// Number of entities.
     pub entities: usize,
+    /// Policies a request can leave out unevaluated (indexed by scope or condition), and
+    /// of those, the ones indexed by condition (see the README's index section).
+    pub indexed: (usize, usize),
 }
 
 /// `arbiter validate DIR`: loads the bundle as the server would.
@@ -251,6 +254,7 @@ pub fn validate(dir: &Path) -> Result<Validated, BundleError> {
         version: bundle.version().to_owned(),
         policies: bundle.policy_count(),
         entities: bundle.entity_count(),
+        indexed: bundle.policy_index().indexed(),
     })
 }
 

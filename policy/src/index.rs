@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use crate::conditions::{Bucket, Paths};
 use cedar_policy::{
     ActionConstraint, Authorizer, Entities, EntityUid, PolicyId, PolicySet, PrincipalConstraint,
     Request, ResourceConstraint,
@@ -42,11 +43,19 @@ impl<T: Default> Level<T> {
     }
 }
 
-/// Action → route → principal → policies.
+/// Action → route → principal → policies (filed further by condition, see
+/// [`crate::conditions`]).
 #[derive(Debug, Default)]
 pub struct PolicyIndex {
-    root: Level<Level<Level<PolicySet>>>,
+    root: Level<Level<Level<Bucket>>>,
     buckets: usize,
+    paths: Paths,
+    /// Policies a request can leave out without evaluating them: filed under a route, a
+    /// principal (or group) or a condition.
+    indexed: usize,
+    /// Of those, policies filed under a condition.
+    by_condition: usize,
+    policies: usize,
 }
 
 /// What a request's scope lookups need: its action, route, principal and the principal's
@@ -73,6 +82,13 @@ pub struct Evaluation {
     pub reasons: Vec<PolicyId>,
     /// Policies skipped because their evaluation errored.
     pub errors: Vec<String>,
+}
+
+impl crate::bundle::Bundle {
+    /// How the bundle's policies are indexed.
+    pub fn policy_index(&self) -> &PolicyIndex {
+        &self.index
+    }
 }
 
 impl PolicyIndex {
@@ -106,19 +122,40 @@ impl PolicyIndex {
                 | PrincipalConstraint::In(uid)
                 | PrincipalConstraint::IsIn(_, uid) => Some(uid),
             };
+            let mut by_condition = false;
             for action in &actions {
-                let set = index
+                let bucket = index
                     .root
                     .slot(action.as_ref())
                     .slot(resource.as_ref())
                     .slot(principal.as_ref());
-                if set.is_empty() {
+                if bucket.is_empty() {
                     index.buckets += 1;
                 }
-                set.add(policy.clone()).map_err(|e| e.to_string())?;
+                let before = bucket.indexed();
+                bucket.add(policy.clone(), &mut index.paths)?;
+                by_condition |= bucket.indexed() > before;
+            }
+            index.policies += 1;
+            index.by_condition += usize::from(by_condition);
+            if by_condition || resource.is_some() || principal.is_some() {
+                index.indexed += 1;
             }
         }
         Ok(index)
+    }
+
+    /// Number of policies a request can leave out without evaluating them (filed under a
+    /// route, a principal or group, or a condition), and of those, the ones filed under a
+    /// condition. The rest (whatever their action) are evaluated for every request of
+    /// their action.
+    pub fn indexed(&self) -> (usize, usize) {
+        (self.indexed, self.by_condition)
+    }
+
+    /// Number of policies filed.
+    pub fn policies(&self) -> usize {
+        self.policies
     }
 
     /// Number of non-empty buckets.
@@ -143,6 +180,7 @@ impl PolicyIndex {
         let mut forbids: Vec<PolicyId> = Vec::new();
         let mut permits: Vec<PolicyId> = Vec::new();
         let mut errors = Vec::new();
+        let mut sets: Vec<&PolicySet> = Vec::new();
         let actions = [self.root.by.get(*action), self.root.any.as_ref()];
         for by_route in actions.into_iter().flatten() {
             for by_principal in [by_route.by.get(*route), by_route.any.as_ref()]
@@ -152,7 +190,14 @@ impl PolicyIndex {
                 let principals = std::iter::once(by_principal.any.as_ref())
                     .chain(std::iter::once(by_principal.by.get(*principal)))
                     .chain(ancestors.iter().map(|a| by_principal.by.get(a)));
-                for set in principals.flatten() {
+                for bucket in principals.flatten() {
+                    bucket.candidates(request.context(), &self.paths, &mut sets);
+                }
+            }
+        }
+        {
+            {
+                for set in sets {
                     let response = authorizer.is_authorized(request, set, entities);
                     let diagnostics = response.diagnostics();
                     errors.extend(diagnostics.errors().map(ToString::to_string));
