@@ -121,8 +121,12 @@ pub struct AuditEvent {
     /// "jwt": verified claims or null, "api_key_sha256": hex or null}`.
     #[serde(default)]
     pub identity: Option<serde_json::Value>,
-    /// Request headers (no pseudo-headers); secret ones replaced, see `redact`.
+    /// Request headers (no pseudo-headers); secret ones replaced, see `redact`. Bounded:
+    /// values over 1 KiB are cut, and past 8 KiB in all headers are left out.
     pub headers: BTreeMap<String, String>,
+    /// How many headers were left out to keep the record bounded (absent when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_omitted: Option<u64>,
     /// Model named in the request body.
     pub model: Option<String>,
     /// Body size policy saw (`context.body_bytes`): exact when `body_size_known`, else the
@@ -286,6 +290,7 @@ pub(crate) mod tests {
             source: Some("127.0.0.1:5000".into()),
             identity: None,
             headers: BTreeMap::new(),
+            headers_omitted: None,
             model: None,
             body_bytes: Some(12),
             body_size_known: Some(true),

@@ -382,8 +382,68 @@ impl Redactor {
             };
             headers.insert(name, value);
         }
-        RequestFacts { headers, trace }
+        let headers_omitted = cap_headers(&mut headers);
+        RequestFacts {
+            headers,
+            trace,
+            headers_omitted,
+        }
     }
+}
+
+/// Longest header value a record keeps; a longer one is cut (at a character boundary) and
+/// says how many bytes it lost.
+pub const MAX_RECORDED_HEADER_VALUE: usize = 1024;
+/// Header bytes (names and values) a record keeps in all. A client controls its headers
+/// (Envoy admits up to 60 KiB): without a bound, every decision would copy them into the
+/// log, and a client could fill the audit disk, after which the server decides nothing and
+/// open routes fail open. Headers past the budget are left out and counted.
+pub const MAX_RECORDED_HEADER_BYTES: usize = 8 * 1024;
+/// Headers recorded first, whatever their size rank: the ones `audit replay` and tracing read.
+const RECORDED_FIRST: &[&str] = &["x-tenant-id", "traceparent", "x-request-id"];
+
+/// Bounds `headers` to [`MAX_RECORDED_HEADER_BYTES`]: long values cut, then the headers in
+/// [`RECORDED_FIRST`], then the others in name order while they fit. Returns how many were
+/// left out.
+fn cap_headers(headers: &mut BTreeMap<String, String>) -> u64 {
+    for value in headers.values_mut() {
+        if value.len() > MAX_RECORDED_HEADER_VALUE {
+            let mut cut = MAX_RECORDED_HEADER_VALUE;
+            while !value.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let lost = value.len() - cut;
+            value.truncate(cut);
+            value.push_str(&format!("…[+{lost} bytes]"));
+        }
+    }
+    let total: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total <= MAX_RECORDED_HEADER_BYTES {
+        return 0;
+    }
+    let names: Vec<String> = RECORDED_FIRST
+        .iter()
+        .map(|n| (*n).to_owned())
+        .filter(|n| headers.contains_key(n))
+        .chain(
+            headers
+                .keys()
+                .filter(|k| !RECORDED_FIRST.contains(&k.as_str()))
+                .cloned(),
+        )
+        .collect();
+    let mut used = 0;
+    let mut omitted = 0;
+    for name in names {
+        let size = headers.get(&name).map_or(0, |v| name.len() + v.len());
+        if used + size <= MAX_RECORDED_HEADER_BYTES {
+            used += size;
+        } else {
+            headers.remove(&name);
+            omitted += 1;
+        }
+    }
+    omitted
 }
 
 /// Audit facts of one request; nothing here is secret.
@@ -394,6 +454,8 @@ pub struct RequestFacts {
     /// The request's valid W3C `traceparent` header: its trace id goes into the record, and
     /// the decision's span continues it.
     pub trace: Option<TraceParent>,
+    /// Headers left out to keep the record within [`MAX_RECORDED_HEADER_BYTES`].
+    pub headers_omitted: u64,
 }
 
 fn http(check: &CheckRequest) -> Option<&HttpRequest> {
@@ -705,11 +767,69 @@ mod tests {
         );
     }
 
+    #[test]
+    fn recorded_headers_are_bounded_and_keep_what_replay_reads() {
+        let big = "v".repeat(900);
+        let mut headers: Vec<(String, String)> = (0..60)
+            .map(|i| (format!("x-filler-{i:02}"), big.clone()))
+            .collect();
+        headers.push(("x-tenant-id".into(), "acme".into()));
+        headers.push(("zz-long".into(), "é".repeat(2000)));
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let facts = Redactor::default().facts(&check(&pairs, b"", 0));
+        let total: usize = facts.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(total <= MAX_RECORDED_HEADER_BYTES, "{total}");
+        assert_eq!(facts.headers["x-tenant-id"], "acme", "replay's header comes first");
+        assert_eq!(
+            facts.headers_omitted as usize,
+            62 - facts.headers.len(),
+            "every left-out header is counted"
+        );
+        assert!(facts.headers_omitted > 0);
+
+        // Small headers are untouched; one long value is cut at a character boundary.
+        let long = "é".repeat(2000);
+        let facts =
+            Redactor::default().facts(&check(&[("a", "1"), ("b", long.as_str())], b"", 0));
+        assert_eq!(facts.headers_omitted, 0);
+        assert_eq!(facts.headers["a"], "1");
+        let cut = &facts.headers["b"];
+        assert!(cut.starts_with(&"é".repeat(512)));
+        assert!(cut.ends_with("…[+2976 bytes]"), "{cut}");
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
 
         proptest! {
+            /// Whatever headers a client sends, a record's headers stay within the budget,
+            /// a small `x-tenant-id` is always kept, and every header is either kept or counted.
+            #[test]
+            fn prop_recorded_headers_stay_bounded(
+                headers in prop::collection::vec(("[a-z-]{1,40}", ".{0,3000}"), 0..80),
+                tenant in prop::option::of("[a-z0-9-]{1,64}"),
+            ) {
+                let mut all = headers.clone();
+                if let Some(t) = &tenant {
+                    all.push(("x-tenant-id".into(), t.clone()));
+                }
+                let pairs: Vec<(&str, &str)> =
+                    all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let facts = Redactor::default().facts(&check(&pairs, b"", 0));
+                let total: usize = facts.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+                prop_assert!(total <= MAX_RECORDED_HEADER_BYTES);
+                if let Some(t) = &tenant {
+                    prop_assert_eq!(&facts.headers["x-tenant-id"], t);
+                }
+                let distinct: std::collections::BTreeSet<&str> =
+                    all.iter().map(|(k, _)| k.as_str()).collect();
+                prop_assert_eq!(facts.headers.len() + facts.headers_omitted as usize, distinct.len());
+            }
+
             /// Never panics, whatever the bytes (char boundaries, lone `%`, `@`, `?`, `#`).
             #[test]
             fn redaction_never_panics(value in any::<String>(), name in "[a-z:-]{0,20}") {

@@ -927,6 +927,8 @@ fn recover(path: &Path, metrics: &AuditMetrics) -> Result<Chain, AuditError> {
 mod tests {
     use super::*;
     use crate::record::{Reason, Verdict};
+    use std::future::Future as _;
+    use std::task::Poll;
 
     fn event(i: usize) -> AuditEvent {
         AuditEvent {
@@ -950,6 +952,7 @@ mod tests {
             source: None,
             identity: None,
             headers: Default::default(),
+            headers_omitted: None,
             model: None,
             body_bytes: None,
             body_size_known: None,
@@ -1023,11 +1026,16 @@ mod tests {
         let log = AuditLog::open(&AuditConfig::new(&path), metrics.clone()).unwrap();
         // Polled once (the event joins the pending list), then dropped before it is handed
         // over: the log, not the caller, owns the pending list.
-        let gave_up = tokio::time::timeout(Duration::ZERO, log.append(event(0))).await;
+        // Exactly one poll, then the future is dropped (a zero timeout is not that: Tokio's
+        // timer may not count a zero deadline as passed until it ticks, and the append can
+        // finish in between; seen failing on an idle machine).
+        let mut append = Box::pin(log.append(event(0)));
+        let first = std::future::poll_fn(|cx| Poll::Ready(append.as_mut().poll(cx))).await;
         assert!(
-            gave_up.is_err(),
+            first.is_pending(),
             "the append cannot have finished without yielding"
         );
+        drop(append);
         let mut written = log.written();
         tokio::time::timeout(Duration::from_secs(30), written.wait_for(|seq| *seq >= 1))
             .await
@@ -1035,7 +1043,10 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
         // And a log dropped while an event is pending writes it on the way out.
-        let _ = tokio::time::timeout(Duration::ZERO, log.append(event(1))).await;
+        let mut append = Box::pin(log.append(event(1)));
+        let first = std::future::poll_fn(|cx| Poll::Ready(append.as_mut().poll(cx))).await;
+        assert!(first.is_pending());
+        drop(append);
         drop(log);
         drop(written);
         // The spawned hand-off task may hold the last handle; let it run, then reopen.

@@ -40,6 +40,7 @@ fn event(i: usize) -> AuditEvent {
         source: None,
         identity: None,
         headers: BTreeMap::new(),
+        headers_omitted: None,
         model: None,
         body_bytes: None,
         body_size_known: None,

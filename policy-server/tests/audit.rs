@@ -77,6 +77,7 @@ fn event(i: usize) -> AuditEvent {
         source: Some("127.0.0.1:5000".into()),
         identity: None,
         headers: BTreeMap::from([("user-agent".into(), "test".into())]),
+        headers_omitted: None,
         model: None,
         body_bytes: None,
         body_size_known: None,

@@ -21,7 +21,11 @@ pub fn event(
     facts: RequestFacts,
     latency: Duration,
 ) -> AuditEvent {
-    let RequestFacts { headers, trace } = facts;
+    let RequestFacts {
+        headers,
+        trace,
+        headers_omitted,
+    } = facts;
     let (verdict, reason) = match (decision.allowed, decision.policy_ids.is_empty()) {
         (true, _) => (Verdict::Allow, Reason::Permit),
         (false, false) => (Verdict::Deny, Reason::Forbid),
@@ -62,6 +66,7 @@ pub fn event(
             "api_key_sha256": req.identity.api_key_sha256,
         })),
         headers,
+        headers_omitted: (headers_omitted > 0).then_some(headers_omitted),
         model: req.body.model.clone(),
         // The body as policy saw it (`context.body_bytes`, `body_size_known`,
         // `body_truncated`, `body_parse_error`, `stream`, `max_tokens`, `message_count`), so

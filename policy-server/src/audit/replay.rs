@@ -848,6 +848,7 @@ mod tests {
             source: Some("127.0.0.1:5000".into()),
             identity: None,
             headers: Default::default(),
+            headers_omitted: None,
             model: None,
             body_bytes: Some(12),
             body_size_known: Some(true),
