@@ -782,7 +782,10 @@ mod tests {
         let facts = Redactor::default().facts(&check(&pairs, b"", 0));
         let total: usize = facts.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         assert!(total <= MAX_RECORDED_HEADER_BYTES, "{total}");
-        assert_eq!(facts.headers["x-tenant-id"], "acme", "replay's header comes first");
+        assert_eq!(
+            facts.headers["x-tenant-id"], "acme",
+            "replay's header comes first"
+        );
         assert_eq!(
             facts.headers_omitted as usize,
             62 - facts.headers.len(),
@@ -792,8 +795,7 @@ mod tests {
 
         // Small headers are untouched; one long value is cut at a character boundary.
         let long = "é".repeat(2000);
-        let facts =
-            Redactor::default().facts(&check(&[("a", "1"), ("b", long.as_str())], b"", 0));
+        let facts = Redactor::default().facts(&check(&[("a", "1"), ("b", long.as_str())], b"", 0));
         assert_eq!(facts.headers_omitted, 0);
         assert_eq!(facts.headers["a"], "1");
         let cut = &facts.headers["b"];

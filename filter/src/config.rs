@@ -226,7 +226,9 @@ impl FilterConfig {
             None => None,
             Some(Value::String(s)) => Some(s.as_str()),
             Some(other) => {
-                problems.push(format!("`policy_authority` must be a string, got `{other}`"));
+                problems.push(format!(
+                    "`policy_authority` must be a string, got `{other}`"
+                ));
                 None
             }
         };

@@ -885,9 +885,8 @@ impl<H: Host> Filter<H> {
                     for payload in payloads.values_mut() {
                         if let serde_json::Value::Object(claims) = payload {
                             let before = claims.len();
-                            claims.retain(|name, _| {
-                                self.shared.config.record_jwt_claims.keeps(name)
-                            });
+                            claims
+                                .retain(|name, _| self.shared.config.record_jwt_claims.keeps(name));
                             withheld += before - claims.len();
                         }
                     }
