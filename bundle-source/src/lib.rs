@@ -15,6 +15,7 @@
 //!   valid signature.
 
 pub mod artifact;
+pub mod auth;
 pub mod cache;
 pub mod digest;
 pub mod https;

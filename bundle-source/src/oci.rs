@@ -4,9 +4,9 @@
 //! and one layer of [`LAYER_MEDIA_TYPE`]: the artifact (gzip-compressed tar). Its signature
 //! is a second artifact tagged `sha256-<bundle digest hex>.sig` (the cosign tag convention,
 //! which works on every registry, with or without the referrers API) whose one layer of
-//! [`SIGNATURE_MEDIA_TYPE`] holds the DER signature. Registry authentication is not
-//! supported: the registry must allow anonymous pulls (and pushes, for `arbiter bundle
-//! push`), e.g. on a private network.
+//! [`SIGNATURE_MEDIA_TYPE`] holds the DER signature. Every request authenticates as the
+//! registry asks ([`crate::auth`]: basic credentials or a bearer token for the scope
+//! `repository:NAME:pull`, or `pull,push` to push).
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::signature::MAX_SIGNATURE_BYTES;
 use crate::source::read_limited;
-use crate::{Digest, Fetch, Fetched, SourceError};
+use crate::{auth, Digest, Fetch, Fetched, SourceError, Transport};
 
 /// `artifactType` of a bundle manifest.
 pub const ARTIFACT_TYPE: &str = "application/vnd.arbiter.bundle.v1";
@@ -145,10 +145,31 @@ fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
     }
 }
 
+/// Sends a request to `at`'s registry, authenticated for pulling (or pushing) its
+/// repository.
+async fn send(
+    transport: &Transport,
+    at: &Reference,
+    push: bool,
+    what: &str,
+    make: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, SourceError> {
+    transport
+        .auth
+        .send(
+            &transport.registry,
+            &at.registry,
+            &auth::scope(&at.repository, push),
+            what,
+            make,
+        )
+        .await
+}
+
 /// Fetches `reference`'s manifest (unless its digest is still `token`), then its one layer
 /// of `layer_type`.
 async fn pull_layer(
-    client: &reqwest::Client,
+    transport: &Transport,
     at: &Reference,
     reference: &str,
     token: Option<&str>,
@@ -156,14 +177,15 @@ async fn pull_layer(
     max_bytes: u64,
 ) -> Result<Option<(Vec<u8>, Digest, Digest)>, SourceError> {
     let url = at.url("manifests", reference);
-    let mut request = client.get(&url).header(header::ACCEPT, MANIFEST_MEDIA_TYPE);
-    if let Some(token) = token {
-        request = request.header(header::IF_NONE_MATCH, format!("\"{token}\""));
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| SourceError::http(&format!("GET {url}"), &e))?;
+    let client = &transport.registry;
+    let response = send(transport, at, false, &format!("GET {url}"), || {
+        let mut request = client.get(&url).header(header::ACCEPT, MANIFEST_MEDIA_TYPE);
+        if let Some(token) = token {
+            request = request.header(header::IF_NONE_MATCH, format!("\"{token}\""));
+        }
+        request
+    })
+    .await?;
     if response.status() == StatusCode::NOT_MODIFIED && token.is_some() {
         return Ok(None);
     }
@@ -202,11 +224,10 @@ async fn pull_layer(
         )));
     }
     let blob_url = at.url("blobs", &layer.digest);
-    let response = client
-        .get(&blob_url)
-        .send()
-        .await
-        .map_err(|e| SourceError::http(&format!("GET {blob_url}"), &e))?;
+    let response = send(transport, at, false, &format!("GET {blob_url}"), || {
+        client.get(&blob_url)
+    })
+    .await?;
     if !response.status().is_success() {
         return Err(SourceError(format!(
             "GET {blob_url}: {}",
@@ -223,14 +244,14 @@ async fn pull_layer(
 }
 
 pub(crate) async fn pull(
-    client: &reqwest::Client,
+    transport: &Transport,
     at: &Reference,
     token: Option<&str>,
     signed: bool,
     max_bytes: u64,
 ) -> Result<Fetch, SourceError> {
     let Some((bytes, digest, manifest)) = pull_layer(
-        client,
+        transport,
         at,
         &at.reference,
         token,
@@ -244,7 +265,7 @@ pub(crate) async fn pull(
     let signature = if signed {
         let tag = Reference::signature_tag(&digest);
         let found = pull_layer(
-            client,
+            transport,
             at,
             &tag,
             None,
@@ -266,26 +287,28 @@ pub(crate) async fn pull(
 }
 
 async fn push_blob(
-    client: &reqwest::Client,
+    transport: &Transport,
     at: &Reference,
     bytes: &[u8],
 ) -> Result<(), SourceError> {
     let digest = Digest::of(bytes);
     let head = at.url("blobs", &digest.to_string());
-    if let Ok(response) = client.head(&head).send().await {
-        if response.status().is_success() {
-            return Ok(());
-        }
+    let client = &transport.registry;
+    let exists = send(transport, at, true, &format!("HEAD {head}"), || {
+        client.head(&head)
+    })
+    .await?;
+    if exists.status().is_success() {
+        return Ok(());
     }
     let start = format!(
         "https://{}/v2/{}/blobs/uploads/",
         at.registry, at.repository
     );
-    let response = client
-        .post(&start)
-        .send()
-        .await
-        .map_err(|e| SourceError::http(&format!("POST {start}"), &e))?;
+    let response = send(transport, at, true, &format!("POST {start}"), || {
+        client.post(&start)
+    })
+    .await?;
     if response.status() != StatusCode::ACCEPTED {
         return Err(SourceError(format!("POST {start}: {}", response.status())));
     }
@@ -300,29 +323,36 @@ async fn push_blob(
     upload
         .query_pairs_mut()
         .append_pair("digest", &digest.to_string());
-    let response = client
-        .put(upload.clone())
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .map_err(|e| SourceError::http(&format!("PUT {upload}"), &e))?;
+    // The upload URL may carry an upload state token: errors name only its path.
+    let put = format!("PUT {}", upload.path());
+    if upload.origin() != reqwest::Url::parse(&start).map_err(|e| SourceError(e.to_string()))?.origin() {
+        return Err(SourceError(format!(
+            "POST {start}: the upload Location is on another host; not sending the registry's credentials there"
+        )));
+    }
+    let response = send(transport, at, true, &put, || {
+        client
+            .put(upload.clone())
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(bytes.to_vec())
+    })
+    .await?;
     if response.status() != StatusCode::CREATED {
-        return Err(SourceError(format!("PUT {upload}: {}", response.status())));
+        return Err(SourceError(format!("{put}: {}", response.status())));
     }
     Ok(())
 }
 
 async fn push_artifact(
-    client: &reqwest::Client,
+    transport: &Transport,
     at: &Reference,
     tag: &str,
     artifact_type: &str,
     layer_type: &str,
     bytes: &[u8],
 ) -> Result<Digest, SourceError> {
-    push_blob(client, at, EMPTY_CONFIG).await?;
-    push_blob(client, at, bytes).await?;
+    push_blob(transport, at, EMPTY_CONFIG).await?;
+    push_blob(transport, at, bytes).await?;
     let manifest = Manifest {
         schema_version: 2,
         media_type: MANIFEST_MEDIA_TYPE.to_owned(),
@@ -333,13 +363,14 @@ async fn push_artifact(
     let body = serde_json::to_vec(&manifest)
         .map_err(|e| SourceError(format!("cannot encode the manifest: {e}")))?;
     let url = at.url("manifests", tag);
-    let response = client
-        .put(&url)
-        .header(header::CONTENT_TYPE, MANIFEST_MEDIA_TYPE)
-        .body(body.clone())
-        .send()
-        .await
-        .map_err(|e| SourceError::http(&format!("PUT {url}"), &e))?;
+    let client = &transport.registry;
+    let response = send(transport, at, true, &format!("PUT {url}"), || {
+        client
+            .put(&url)
+            .header(header::CONTENT_TYPE, MANIFEST_MEDIA_TYPE)
+            .body(body.clone())
+    })
+    .await?;
     if response.status() != StatusCode::CREATED {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
@@ -354,7 +385,7 @@ async fn push_artifact(
 /// Pushes `artifact` as the bundle tagged by `at` (which must name a tag), and `signature`
 /// (if any) as its signature artifact. Returns the bundle manifest's digest.
 pub async fn push(
-    transport: &crate::Transport,
+    transport: &Transport,
     at: &Reference,
     artifact: &[u8],
     signature: Option<&[u8]>,
@@ -364,12 +395,11 @@ pub async fn push(
             "`oci://{at}`: push to a tag, not a digest"
         )));
     }
-    let client = &transport.client;
     // The signature first: a server polling the tag never sees the bundle without it.
     if let Some(signature) = signature {
         let tag = Reference::signature_tag(&Digest::of(artifact));
         push_artifact(
-            client,
+            transport,
             at,
             &tag,
             SIGNATURE_ARTIFACT_TYPE,
@@ -379,7 +409,7 @@ pub async fn push(
         .await?;
     }
     push_artifact(
-        client,
+        transport,
         at,
         &at.reference,
         ARTIFACT_TYPE,

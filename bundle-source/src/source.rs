@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use p256::ecdsa::VerifyingKey;
 
+use crate::auth::Auth;
 use crate::signature::{self, SignatureError};
 use crate::{https, oci, Digest};
 
@@ -66,45 +67,74 @@ impl SourceError {
 
 /// The HTTPS client sources are fetched with: rustls, the built-in web PKI roots plus an
 /// optional operator CA, HTTPS only (redirects too), every request bounded in time.
+///
+/// Registry requests go through a second client that follows no redirect by itself
+/// ([`crate::auth`] follows them without the `Authorization` header) and carry the
+/// registry credentials of [`Transport::with_auth`].
 #[derive(Debug, Clone)]
 pub struct Transport {
     pub(crate) client: reqwest::Client,
+    pub(crate) registry: reqwest::Client,
+    pub(crate) auth: Auth,
 }
 
 impl Transport {
     /// A client trusting `ca_pem` (a PEM file of CA certificates) besides the built-in roots,
     /// and giving up on any request after `timeout`.
     pub fn new(ca_pem: Option<&Path>, timeout: Duration) -> Result<Self, SourceError> {
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .https_only(true)
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("arbiter/", env!("CARGO_PKG_VERSION")));
+        let mut roots = Vec::new();
         if let Some(path) = ca_pem {
             let pem = std::fs::read(path).map_err(|e| {
                 SourceError(format!("cannot read CA file `{}`: {e}", path.display()))
             })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
                 SourceError(format!(
                     "`{}` holds no PEM certificate: {e}",
                     path.display()
                 ))
             })?;
-            if certs.is_empty() {
+            if roots.is_empty() {
                 return Err(SourceError(format!(
                     "`{}` holds no PEM certificate",
                     path.display()
                 )));
             }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
         }
-        let client = builder
+        let builder = || {
+            let mut builder = reqwest::Client::builder()
+                .use_rustls_tls()
+                .https_only(true)
+                .timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(10)))
+                .user_agent(concat!("arbiter/", env!("CARGO_PKG_VERSION")));
+            for cert in &roots {
+                builder = builder.add_root_certificate(cert.clone());
+            }
+            builder
+        };
+        let registry = builder()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SourceError::http("cannot build the HTTPS client", &e))?;
-        Ok(Self { client })
+        let client = builder()
+            .build()
+            .map_err(|e| SourceError::http("cannot build the HTTPS client", &e))?;
+        Ok(Self {
+            client,
+            registry,
+            auth: Auth::anonymous(),
+        })
+    }
+
+    /// The same transport, authenticating to registries with `auth`.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The registry authentication in use.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
     }
 }
 
@@ -142,7 +172,7 @@ impl Source {
     ) -> Result<Fetch, SourceError> {
         match self {
             Source::Oci(reference) => {
-                oci::pull(&transport.client, reference, token, signed, max_bytes).await
+                oci::pull(transport, reference, token, signed, max_bytes).await
             }
             Source::Https(url) => {
                 https::fetch(&transport.client, url, token, signed, max_bytes).await

@@ -239,3 +239,109 @@ fn prop_unpacker_round_trips_built_bundles() {
         },
     );
 }
+
+/// A `WWW-Authenticate` header value: challenge-like pieces and arbitrary characters.
+fn challenge_text() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just("Bearer".to_owned()),
+        Just("basic".to_owned()),
+        Just(" ".to_owned()),
+        Just(",".to_owned()),
+        Just("=".to_owned()),
+        Just("\"".to_owned()),
+        Just("\\".to_owned()),
+        Just("realm".to_owned()),
+        Just("scope=\"repository:a/b:pull,push\"".to_owned()),
+        "[a-z0-9=+/._-]{0,6}",
+        any::<char>().prop_map(String::from),
+    ];
+    prop::collection::vec(piece, 0..16).prop_map(|p| p.concat())
+}
+
+#[test]
+fn prop_www_authenticate_parser_never_panics_and_round_trips() {
+    use arbiter_bundle_source::auth::parse_challenges;
+    check("prop_www_authenticate_parser_never_panics_and_round_trips", challenge_text(), |text| {
+        if let Ok(challenges) = parse_challenges(&text) {
+            // What is accepted renders back to a header that parses to the same.
+            let rendered = challenges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let again = parse_challenges(&rendered);
+            prop_assert_eq!(again.as_ref(), Ok(&challenges), "{:?} -> {:?}", text, rendered);
+            for c in &challenges {
+                prop_assert!(!c.scheme.is_empty());
+                prop_assert_eq!(c.scheme.to_ascii_lowercase(), c.scheme.clone());
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn prop_rendered_challenges_parse_back() {
+    use arbiter_bundle_source::auth::{parse_challenges, Challenge};
+    let challenge = (
+        "[a-z][a-z0-9-]{0,8}",
+        prop::collection::vec(("[a-z][a-z0-9_]{0,6}", "[^\\x00-\\x08\\x0a-\\x1f\\x7f-\\u{9f}]{0,12}"), 1..4),
+    )
+        .prop_map(|(scheme, params)| {
+            let mut seen = HashSet::new();
+            Challenge {
+                scheme,
+                params: params.into_iter().filter(|(n, _)| seen.insert(n.clone())).collect(),
+                token68: None,
+            }
+        });
+    check(
+        "prop_rendered_challenges_parse_back",
+        prop::collection::vec(challenge, 1..4),
+        |challenges| {
+            let rendered = challenges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            prop_assert_eq!(parse_challenges(&rendered), Ok(challenges), "{}", rendered);
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn prop_docker_config_parser_never_panics_nor_echoes_secrets() {
+    use arbiter_bundle_source::auth::parse_credentials;
+    let secret = "s3cr3t-PASSWORD";
+    let json = prop_oneof![
+        any::<Vec<u8>>(),
+        (
+            "[a-z0-9.:]{0,12}",
+            "[A-Za-z0-9+/=%]{0,24}",
+            any::<bool>(),
+        )
+            .prop_map(move |(registry, auth, with_password)| {
+                let entry = if with_password {
+                    format!(r#"{{"username":"u","password":"{secret}","auth":"{auth}"}}"#)
+                } else {
+                    format!(r#"{{"auth":"{auth}{secret}"}}"#)
+                };
+                format!(r#"{{"auths":{{"{registry}":{entry}}}}}"#).into_bytes()
+            }),
+    ];
+    check(
+        "prop_docker_config_parser_never_panics_nor_echoes_secrets",
+        json,
+        |bytes| {
+            match parse_credentials(&bytes) {
+                Ok(credentials) => {
+                    let shown = format!("{credentials:?}");
+                    prop_assert!(!shown.contains(secret));
+                }
+                Err(e) => prop_assert!(!e.contains(secret), "{}", e),
+            }
+            Ok(())
+        },
+    );
+}

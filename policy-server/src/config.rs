@@ -9,6 +9,7 @@ use crate::audit::{
     AuditConfig, AuditSync, Checkpointing, DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_MAX_BYTES,
 };
+use arbiter_bundle_source::auth::{Auth, CredentialsFile};
 use arbiter_bundle_source::cache::Cache;
 use arbiter_bundle_source::{signature, Digest, Source, Transport, Verifier};
 
@@ -77,6 +78,17 @@ pub struct Config {
         requires = "bundle_url"
     )]
     pub bundle_ca_cert: Option<PathBuf>,
+    /// Registry credentials for an `oci://` `--bundle-url`: a Docker `config.json`
+    /// (`{"auths": {"REGISTRY[:PORT]": {"auth": "BASE64(user:password)"}}}` or `username` and
+    /// `password`), e.g. a mounted `kubernetes.io/dockerconfigjson` Secret. Read again on every
+    /// poll (rotation); unreadable or invalid at start: the server does not start.
+    #[arg(
+        long,
+        env = "ARBITER_BUNDLE_AUTH_FILE",
+        value_name = "PATH",
+        requires = "bundle_url"
+    )]
+    pub bundle_auth_file: Option<PathBuf>,
     /// How often `--bundle-url` is polled for a change (ETag / manifest digest).
     #[arg(long, env = "ARBITER_BUNDLE_POLL_INTERVAL", default_value = "30s", value_parser = health::parse_duration)]
     pub bundle_poll_interval: Duration,
@@ -205,6 +217,7 @@ impl Config {
             bundle_public_key: None,
             bundle_cache: None,
             bundle_ca_cert: None,
+            bundle_auth_file: None,
             bundle_poll_interval: DEFAULT_BUNDLE_POLL_INTERVAL,
             bundle_max_backoff: DEFAULT_BUNDLE_MAX_BACKOFF,
             bundle_timeout: DEFAULT_BUNDLE_TIMEOUT,
@@ -258,8 +271,12 @@ impl Config {
                 cache_dir.display()
             )
         })?;
-        let transport = Transport::new(self.bundle_ca_cert.as_deref(), self.bundle_timeout)
+        let mut transport = Transport::new(self.bundle_ca_cert.as_deref(), self.bundle_timeout)
             .map_err(|e| e.to_string())?;
+        if let Some(path) = &self.bundle_auth_file {
+            let file = CredentialsFile::open(path).map_err(|e| e.to_string())?;
+            transport = transport.with_auth(Auth::with_file(file));
+        }
         Ok(Some(RemoteConfig {
             source: source.clone(),
             verifier,

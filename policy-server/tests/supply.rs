@@ -15,7 +15,8 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use common::supply::{
-    arbiter, openssl, openssl_key_pair, HttpsServer, Registry, StallProxy, TestPki,
+    arbiter, arbiter_fails, htpasswd_auth, openssl, openssl_key_pair, write_docker_config,
+    HttpsRecorder, HttpsServer, Registry, StallProxy, TestPki, TokenServer,
 };
 use common::{check_request, eventually, http_get, metric, Server};
 
@@ -109,6 +110,17 @@ fn s(path: &Path) -> &str {
 }
 
 fn push(pki: &TestPki, artifact: &Path, destination: &str, sig: Option<&Path>) {
+    arbiter(&push_args(pki, artifact, destination, sig, None));
+}
+
+/// `arbiter bundle push` arguments, with registry credentials from `auth`.
+fn push_args<'a>(
+    pki: &'a TestPki,
+    artifact: &'a Path,
+    destination: &'a str,
+    sig: Option<&'a Path>,
+    auth: Option<&'a Path>,
+) -> Vec<&'a str> {
     let mut args = vec![
         "bundle",
         "push",
@@ -120,7 +132,10 @@ fn push(pki: &TestPki, artifact: &Path, destination: &str, sig: Option<&Path>) {
     if let Some(sig) = sig {
         args.extend(["--signature", s(sig)]);
     }
-    arbiter(&args);
+    if let Some(auth) = auth {
+        args.extend(["--auth-file", s(auth)]);
+    }
+    args
 }
 
 /// Server flags for a remote source, polled fast, backing off to 1 s at most.
@@ -625,4 +640,313 @@ async fn https_source_polls_with_etag_and_trusts_only_the_configured_ca() {
         (!allowed(&chat(&server).await)).then_some(())
     })
     .await;
+}
+
+/// Registry passwords of the authentication tests (never in a log, a record, an error).
+const READER_PASSWORD: &str = "rdr-Pw-4f1c9a-never-logged";
+const PUSHER_PASSWORD: &str = "psh-Pw-77b2e0-never-logged";
+const WRONG_PASSWORD: &str = "wrg-Pw-0d93aa-never-logged";
+
+/// None of `secrets` (nor the base64 `user:password` forms the tests wrote) appears in the
+/// server's log, its audit log, `/status` or `/metrics`.
+async fn assert_no_secrets(server: &Server, secrets: &[String]) {
+    let audit = std::fs::read_to_string(&server.audit).unwrap_or_default();
+    let status = http_get(server.metrics_addr(), "/status").await;
+    let metrics = http_get(server.metrics_addr(), "/metrics").await;
+    for (what, text) in [
+        ("server log", server.log()),
+        ("audit log", audit),
+        ("/status", status),
+        ("/metrics", metrics),
+    ] {
+        for secret in secrets {
+            assert!(!text.contains(secret.as_str()), "a secret is in the {what}");
+        }
+    }
+}
+
+/// The base64 `user:password` a config file carries, as a secret to look for.
+fn basic_secret(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn htpasswd_registry_pulls_with_the_configured_credentials_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let kit = Kit::new(dir.path());
+    let auth = htpasswd_auth(
+        dir.path(),
+        &[("ci", PUSHER_PASSWORD), ("reader", READER_PASSWORD)],
+    );
+    let registry = Registry::start_with_auth(dir.path(), &pki, &auth).await;
+    let host = registry.addr.to_string();
+    let url = format!("oci://{host}/team/policies:prod");
+    let (allow, allow_digest) = kit.build("allow", ALLOW_CHAT);
+    let sig = kit.sign(&allow, &kit.key);
+
+    // Push without credentials: refused, saying why.
+    let error = arbiter_fails(&push_args(&pki, &allow, &url, Some(&sig), None));
+    assert!(
+        error.contains("401") && error.contains(&host) && error.contains("no registry credentials configured"),
+        "{error}"
+    );
+    let pusher = dir.path().join("pusher.json");
+    write_docker_config(&pusher, &host, "ci", PUSHER_PASSWORD);
+    arbiter(&push_args(&pki, &allow, &url, Some(&sig), Some(&pusher)));
+
+    let cache = dir.path().join("cache");
+    let verify = ["--bundle-public-key", s(&kit.public)];
+    let base = remote_args(&url, &cache, &pki, &verify);
+
+    // No credentials, nothing persisted: the server does not start, and says why.
+    let error = Server::launch(&sub(dir.path(), "s0"), &base)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        error.contains("401") && error.contains(&host) && error.contains("no registry credentials configured"),
+        "{error}"
+    );
+    // A missing or invalid credentials file: no start (never silently anonymous).
+    let missing = dir.path().join("missing.json");
+    let invalid = dir.path().join("invalid.json");
+    std::fs::write(&invalid, format!("{{\"auths\": {{\"{host}\": {{\"auth\": \"{READER_PASSWORD}\"")).unwrap();
+    for (file, needle) in [(&missing, "No such file"), (&invalid, "not a Docker config.json")] {
+        let mut args = base.clone();
+        args.extend(["--bundle-auth-file", s(file)]);
+        let error = Server::launch(&sub(dir.path(), "s0"), &args)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            error.contains("registry credentials file") && error.contains(needle),
+            "{error}"
+        );
+        assert!(!error.contains(READER_PASSWORD), "{error}");
+    }
+
+    // The right credentials: pulled, verified, deciding.
+    let reader = dir.path().join("reader.json");
+    write_docker_config(&reader, &host, "reader", READER_PASSWORD);
+    let mut args = base.clone();
+    args.extend(["--bundle-auth-file", s(&reader), "--log", "debug"]);
+    let server = Server::launch(&sub(dir.path(), "s1"), &args).await.unwrap();
+    assert!(allowed(&chat(&server).await));
+    assert_eq!(cached_digest(&cache), allow_digest);
+
+    // The file is rotated to a wrong password: the next bundle is rejected with an error
+    // naming the registry and the 401; the last-known-good keeps deciding.
+    write_docker_config(&reader, &host, "reader", WRONG_PASSWORD);
+    let (deny, deny_digest) = kit.build("deny", DENY_ALL);
+    arbiter(&push_args(&pki, &deny, &url, Some(&kit.sign(&deny, &kit.key)), Some(&pusher)));
+    let before = rejected(&server).await;
+    expect_rejection(&server, before, "401 Unauthorized").await;
+    let error = status_error(&server).await.unwrap();
+    assert!(
+        error.contains(&host) && error.contains("refused the credentials"),
+        "{error}"
+    );
+    // Rotated back to the right one: picked up without a restart.
+    write_docker_config(&reader, &host, "reader", READER_PASSWORD);
+    eventually(WAIT, "the new bundle deciding", || async {
+        (!allowed(&chat(&server).await)).then_some(())
+    })
+    .await;
+    eventually(WAIT, "the new bundle persisted", || async {
+        (cached_digest(&cache) == deny_digest).then_some(())
+    })
+    .await;
+
+    // Emptied (a Secret being rewritten): the poll fails clearly, nothing goes anonymous.
+    std::fs::write(&reader, "").unwrap();
+    let before = rejected(&server).await;
+    eventually(WAIT, "a rejection naming the credentials file", || async {
+        if rejected(&server).await <= before {
+            return None;
+        }
+        status_error(&server)
+            .await
+            .filter(|e| e.contains("registry credentials file"))
+    })
+    .await;
+    assert!(!allowed(&chat(&server).await), "the last-known-good keeps deciding");
+
+    assert_no_secrets(
+        &server,
+        &[
+            READER_PASSWORD.to_owned(),
+            WRONG_PASSWORD.to_owned(),
+            PUSHER_PASSWORD.to_owned(),
+            basic_secret("reader", READER_PASSWORD),
+            basic_secret("reader", WRONG_PASSWORD),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_registry_pulls_and_pushes_with_scoped_refreshed_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let kit = Kit::new(dir.path());
+    let tokens = TokenServer::start(
+        dir.path(),
+        &pki,
+        "arbiter-test-registry",
+        "ci",
+        PUSHER_PASSWORD,
+        &[
+            ("team/policies", &["pull", "push"]),
+            ("team/readonly", &["pull"]),
+        ],
+    )
+    .await;
+    let registry = Registry::start_with_auth(dir.path(), &pki, &tokens.registry_auth).await;
+    let host = registry.addr.to_string();
+    let url = format!("oci://{host}/team/policies:prod");
+    let config = dir.path().join("config.json");
+    write_docker_config(&config, &host, "ci", PUSHER_PASSWORD);
+
+    // Push: a token for `repository:team/policies:pull,push` from the realm.
+    let (allow, allow_digest) = kit.build("allow", ALLOW_CHAT);
+    let sig = kit.sign(&allow, &kit.key);
+    arbiter(&push_args(&pki, &allow, &url, Some(&sig), Some(&config)));
+    assert!(tokens
+        .http
+        .requests()
+        .iter()
+        .any(|r| r.uri.contains("scope=repository%3Ateam%2Fpolicies%3Apull%2Cpush")));
+    // A token without the push scope: refused, saying so.
+    let readonly = format!("oci://{host}/team/readonly:prod");
+    let error = arbiter_fails(&push_args(&pki, &allow, &readonly, Some(&sig), Some(&config)));
+    assert!(
+        error.contains("insufficient_scope") && error.contains("repository:team/readonly:pull,push") && error.contains(&host),
+        "{error}"
+    );
+    // Wrong credentials: the realm refuses them.
+    let wrong = dir.path().join("wrong.json");
+    write_docker_config(&wrong, &host, "ci", WRONG_PASSWORD);
+    let error = arbiter_fails(&push_args(&pki, &allow, &url, Some(&sig), Some(&wrong)));
+    assert!(error.contains("token realm") && error.contains("401"), "{error}");
+    assert!(!error.contains(WRONG_PASSWORD), "{error}");
+
+    // Pull. The first token the server gets says it lasts 300 s but the registry refuses it
+    // after 20 s: the 401 makes the server fetch a new one; the later ones last 1 s
+    // (`expires_in`) and are fetched again when they expire. No poll fails meanwhile.
+    tokens.lifetimes(Some((20, 300)), 1);
+    let issued_before = tokens.issued().len();
+    let cache = dir.path().join("cache");
+    let verify = ["--bundle-public-key", s(&kit.public)];
+    let mut args = remote_args(&url, &cache, &pki, &verify);
+    args.extend(["--bundle-auth-file", s(&config), "--log", "debug"]);
+    let server = Server::launch(&sub(dir.path(), "s1"), &args).await.unwrap();
+    assert!(allowed(&chat(&server).await));
+    assert_eq!(cached_digest(&cache), allow_digest);
+    eventually(WAIT, "tokens refreshed after a 401 and on expiry", || async {
+        (tokens.issued().len() >= issued_before + 4).then_some(())
+    })
+    .await;
+    assert_eq!(rejected(&server).await, 0.0, "{:?}", status_error(&server).await);
+    // A new bundle pushed meanwhile is taken.
+    let (deny, _) = kit.build("deny", DENY_ALL);
+    arbiter(&push_args(&pki, &deny, &url, Some(&kit.sign(&deny, &kit.key)), Some(&config)));
+    eventually(WAIT, "the new bundle deciding", || async {
+        (!allowed(&chat(&server).await)).then_some(())
+    })
+    .await;
+    assert_eq!(rejected(&server).await, 0.0, "{:?}", status_error(&server).await);
+
+    // A repository the account may not pull: no start, and the error says why.
+    let other = format!("oci://{host}/team/other:prod");
+    let other_cache = dir.path().join("other-cache");
+    let mut args = remote_args(&other, &other_cache, &pki, &verify);
+    args.extend(["--bundle-auth-file", s(&config)]);
+    let error = Server::launch(&sub(dir.path(), "s2"), &args)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        error.contains("insufficient_scope") && error.contains("repository:team/other:pull"),
+        "{error}"
+    );
+
+    let mut secrets = tokens.issued();
+    secrets.extend([
+        PUSHER_PASSWORD.to_owned(),
+        basic_secret("ci", PUSHER_PASSWORD),
+    ]);
+    assert_no_secrets(&server, &secrets).await;
+}
+
+/// A registry whose blobs live elsewhere (S3, GCS) answers a blob `GET` with a redirect to
+/// storage: the registry gets the credentials, the storage never does. (Debian's registry
+/// on a filesystem never redirects, so this registry is a scripted one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_blob_storage_does_not_carry_the_credentials() {
+    use arbiter_bundle_source::{oci, Digest};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let kit = Kit::new(dir.path());
+    let (allow, allow_digest) = kit.build("allow", ALLOW_CHAT);
+    let bytes = std::fs::read(&allow).unwrap();
+    let storage_bytes = bytes.clone();
+    let storage = HttpsRecorder::start(
+        &pki,
+        std::sync::Arc::new(move |_| (200, vec![], storage_bytes.clone())),
+    )
+    .await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": oci::ARTIFACT_TYPE,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": Digest::of(b"{}").to_string(), "size": 2},
+        "layers": [{"mediaType": oci::LAYER_MEDIA_TYPE, "digest": allow_digest, "size": bytes.len()}],
+    })
+    .to_string();
+    let expected = format!("Basic {}", basic_secret("reader", READER_PASSWORD));
+    let blob_path = format!("/v2/team/policies/blobs/{allow_digest}");
+    let location = format!("https://{}/bucket/blob?X-Amz-Signature=abc", storage.addr);
+    let registry = HttpsRecorder::start(
+        &pki,
+        std::sync::Arc::new(move |request| {
+            if request.authorization.as_deref() != Some(expected.as_str()) {
+                return (
+                    401,
+                    vec![("www-authenticate".to_owned(), "Basic realm=\"registry\"".to_owned())],
+                    vec![],
+                );
+            }
+            if request.uri == "/v2/team/policies/manifests/prod" {
+                return (
+                    200,
+                    vec![("content-type".to_owned(), "application/vnd.oci.image.manifest.v1+json".to_owned())],
+                    manifest.clone().into_bytes(),
+                );
+            }
+            if request.uri == blob_path {
+                return (307, vec![("location".to_owned(), location.clone())], vec![]);
+            }
+            (404, vec![], vec![])
+        }),
+    )
+    .await;
+    let host = registry.addr.to_string();
+    let url = format!("oci://{host}/team/policies:prod");
+    let config = dir.path().join("config.json");
+    write_docker_config(&config, &host, "reader", READER_PASSWORD);
+    let cache = dir.path().join("cache");
+    let mut args = remote_args(&url, &cache, &pki, &["--bundle-digest", &allow_digest]);
+    args.extend(["--bundle-auth-file", s(&config)]);
+    let server = Server::launch(&sub(dir.path(), "s1"), &args).await.unwrap();
+    assert!(allowed(&chat(&server).await));
+    let seen = registry.requests();
+    assert!(seen.iter().any(|r| r.uri.contains("/blobs/") && r.authorization.is_some()));
+    let fetched = storage.requests();
+    assert!(!fetched.is_empty());
+    assert!(
+        fetched.iter().all(|r| r.authorization.is_none()),
+        "{fetched:?}"
+    );
 }

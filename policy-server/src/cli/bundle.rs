@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arbiter_bundle_source::artifact::{self, DEFAULT_LIMITS};
+use arbiter_bundle_source::auth::{Auth, CredentialsFile};
 use arbiter_bundle_source::{oci, signature, Digest, Source, Transport, Verifier};
 
 use crate::bundle::Bundle;
@@ -60,6 +61,10 @@ pub enum BundleCommand {
         /// PEM CA certificates trusted besides the built-in roots.
         #[arg(long)]
         ca_cert: Option<PathBuf>,
+        /// Registry credentials: a Docker `config.json` (`auths` by registry, `auth` or
+        /// `username` and `password`), e.g. `~/.docker/config.json` after `docker login`.
+        #[arg(long, env = "ARBITER_BUNDLE_AUTH_FILE", value_name = "PATH")]
+        auth_file: Option<PathBuf>,
         /// Bound on each request, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
@@ -155,6 +160,7 @@ pub fn run(command: BundleCommand) -> Result<String, String> {
             destination,
             signature: sig,
             ca_cert,
+            auth_file,
             timeout_secs,
         } => {
             let Source::Oci(reference) = destination else {
@@ -162,9 +168,13 @@ pub fn run(command: BundleCommand) -> Result<String, String> {
             };
             let bytes = read(&artifact)?;
             let sig = sig.map(|path| read(&path)).transpose()?;
-            let transport =
+            let mut transport =
                 Transport::new(ca_cert.as_deref(), Duration::from_secs(timeout_secs.max(1)))
                     .map_err(|e| e.to_string())?;
+            if let Some(path) = &auth_file {
+                let file = CredentialsFile::open(path).map_err(|e| e.to_string())?;
+                transport = transport.with_auth(Auth::with_file(file));
+            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
