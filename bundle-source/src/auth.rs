@@ -310,9 +310,14 @@ fn registry_key(key: &str) -> String {
     rest.split('/').next().unwrap_or(rest).to_ascii_lowercase()
 }
 
-/// Parses a Docker `config.json`: credentials by registry (`host[:port]`). An entry without
-/// usable credentials is an error naming the registry (and never the secret).
-pub fn parse_credentials(json: &[u8]) -> Result<HashMap<String, Credentials>, String> {
+/// One registry's entry in a credentials file: its credentials, or why it has none usable
+/// (naming the entry, never the secret).
+pub type Entry = Result<Credentials, String>;
+
+/// Parses a Docker `config.json`: entries by registry (`host[:port]`). A file that is not
+/// one is an error; an entry without usable credentials (e.g. the empty ones `docker login`
+/// leaves with a `credsStore`) is an error only for its registry, when it is used.
+pub fn parse_credentials(json: &[u8]) -> Result<HashMap<String, Entry>, String> {
     // serde_json's messages name a position or a type, not the content.
     let shape = "not a Docker config.json (`{\"auths\": {\"REGISTRY\": {\"auth\": \"…\"}}}`)";
     let value: serde_json::Value =
@@ -321,12 +326,17 @@ pub fn parse_credentials(json: &[u8]) -> Result<HashMap<String, Credentials>, St
         return Err(shape.to_owned());
     }
     // A type error's message would quote the value: not shown.
-    let config: DockerConfig = serde_json::from_value(value).map_err(|_| {
-        format!("{shape}: `auths` must map registries to objects of strings")
-    })?;
-    let mut out = HashMap::new();
-    for (key, entry) in config.auths {
-        let registry = registry_key(&key);
+    let config: DockerConfig = serde_json::from_value(value)
+        .map_err(|_| format!("{shape}: `auths` must map registries to objects of strings"))?;
+    Ok(config
+        .auths
+        .into_iter()
+        .map(|(key, entry)| (registry_key(&key), parse_entry(&key, &entry)))
+        .collect())
+}
+
+fn parse_entry(key: &str, entry: &DockerAuth) -> Entry {
+    {
         let credentials = match (&entry.auth, &entry.username, &entry.password) {
             (_, Some(username), Some(password)) => Credentials {
                 username: username.clone(),
@@ -360,9 +370,8 @@ pub fn parse_credentials(json: &[u8]) -> Result<HashMap<String, Credentials>, St
         if credentials.username.is_empty() {
             return Err(format!("`auths.{key}`: empty username"));
         }
-        out.insert(registry, credentials);
+        Ok(credentials)
     }
-    Ok(out)
 }
 
 /// A Docker `config.json` of registry credentials, read again on every use (a rotated file
@@ -373,13 +382,30 @@ pub struct CredentialsFile {
 }
 
 impl CredentialsFile {
-    /// Checks that `path` is a readable, valid credentials file.
-    pub fn open(path: &Path) -> Result<Self, SourceError> {
+    /// Checks that `path` is a readable, valid credentials file whose entry for `registry`
+    /// (if given and present) is usable.
+    pub fn open(path: &Path, registry: Option<&str>) -> Result<Self, SourceError> {
         let file = Self {
             path: path.to_owned(),
         };
-        file.load()?;
+        if let Some(registry) = registry {
+            file.credentials(registry)?;
+        } else {
+            file.load()?;
+        }
         Ok(file)
+    }
+
+    /// The credentials for `registry` in the file now: `None` without an entry.
+    pub fn credentials(&self, registry: &str) -> Result<Option<Credentials>, SourceError> {
+        match self.load()?.remove(&registry.to_ascii_lowercase()) {
+            None => Ok(None),
+            Some(Ok(credentials)) => Ok(Some(credentials)),
+            Some(Err(why)) => Err(SourceError(format!(
+                "registry credentials file `{}`: {why}",
+                self.path.display()
+            ))),
+        }
     }
 
     /// Its path.
@@ -387,8 +413,8 @@ impl CredentialsFile {
         &self.path
     }
 
-    /// The credentials in the file now.
-    pub fn load(&self) -> Result<HashMap<String, Credentials>, SourceError> {
+    /// The entries in the file now.
+    pub fn load(&self) -> Result<HashMap<String, Entry>, SourceError> {
         let bad = |why: String| {
             SourceError(format!(
                 "registry credentials file `{}`: {why}",
@@ -476,7 +502,7 @@ impl Auth {
     fn credentials(&self, registry: &str) -> Result<Option<Credentials>, SourceError> {
         match &self.file {
             None => Ok(None),
-            Some(file) => Ok(file.load()?.remove(&registry.to_ascii_lowercase())),
+            Some(file) => file.credentials(registry),
         }
     }
 
@@ -494,7 +520,9 @@ impl Auth {
         };
         match learned {
             None => Ok(None),
-            Some(Cached::Bearer(token, _)) => Ok(Some(Secret(format!("Bearer {}", token.expose())))),
+            Some(Cached::Bearer(token, _)) => {
+                Ok(Some(Secret(format!("Bearer {}", token.expose()))))
+            }
             Some(Cached::Basic) => Ok(self.credentials(&key.0)?.map(|c| c.basic_header())),
         }
     }
@@ -550,38 +578,36 @@ impl Auth {
                 file.path.display()
             ),
         };
-        let (learned, authorization) = if let Some(bearer) =
-            challenges.iter().find(|c| c.scheme == "bearer")
-        {
-            let (token, lifetime) = self
-                .token(client, registry, bearer, scope, credentials.as_ref(), what)
-                .await?;
-            let header = Secret(format!("Bearer {}", token.expose()));
-            (Cached::Bearer(token, Instant::now() + lifetime), header)
-        } else if challenges.iter().any(|c| c.scheme == "basic") {
-            let Some(credentials) = credentials else {
+        let (learned, authorization) =
+            if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
+                let (token, lifetime) = self
+                    .token(client, registry, bearer, scope, credentials.as_ref(), what)
+                    .await?;
+                let header = Secret(format!("Bearer {}", token.expose()));
+                (Cached::Bearer(token, Instant::now() + lifetime), header)
+            } else if challenges.iter().any(|c| c.scheme == "basic") {
+                let Some(credentials) = credentials else {
+                    return Err(refused(
+                        what,
+                        registry,
+                        first.status(),
+                        &format!(
+                            ": the registry asks for a username and password{}",
+                            no_credentials()
+                        ),
+                    ));
+                };
+                (Cached::Basic, credentials.basic_header())
+            } else {
                 return Err(refused(
                     what,
                     registry,
                     first.status(),
-                    &format!(
-                        ": the registry asks for a username and password{}",
-                        no_credentials()
-                    ),
+                    ": no usable `WWW-Authenticate` challenge (Basic or Bearer)",
                 ));
             };
-            (Cached::Basic, credentials.basic_header())
-        } else {
-            return Err(refused(
-                what,
-                registry,
-                first.status(),
-                ": no usable `WWW-Authenticate` challenge (Basic or Bearer)",
-            ));
-        };
         let second = send_following(client, &make, Some(&authorization), what).await?;
-        if second.status() == StatusCode::UNAUTHORIZED || second.status() == StatusCode::FORBIDDEN
-        {
+        if second.status() == StatusCode::UNAUTHORIZED || second.status() == StatusCode::FORBIDDEN {
             let insufficient = second
                 .headers()
                 .get_all(header::WWW_AUTHENTICATE)
@@ -652,7 +678,10 @@ impl Auth {
             request = request.header(header::AUTHORIZATION, credentials.basic_header().expose());
         }
         let response = request.send().await.map_err(|e| {
-            SourceError::http(&format!("{what}: token from {realm_name}"), &e.without_url())
+            SourceError::http(
+                &format!("{what}: token from {realm_name}"),
+                &e.without_url(),
+            )
         })?;
         if !response.status().is_success() {
             let status = response.status();
@@ -735,9 +764,10 @@ async fn send_following(
         else {
             return Ok(response);
         };
-        let next = response.url().join(location).map_err(|_| {
-            SourceError(format!("{what}: redirected to an invalid Location"))
-        })?;
+        let next = response
+            .url()
+            .join(location)
+            .map_err(|_| SourceError(format!("{what}: redirected to an invalid Location")))?;
         // Only GET and HEAD are redirected (blob downloads); the new request is made from
         // scratch: no Authorization, no other header of the original.
         response = client
@@ -746,7 +776,10 @@ async fn send_following(
             .await
             .map_err(|e| {
                 SourceError::http(
-                    &format!("{what}: redirected to {}", next.origin().ascii_serialization()),
+                    &format!(
+                        "{what}: redirected to {}",
+                        next.origin().ascii_serialization()
+                    ),
                     &e.without_url(),
                 )
             })?;
@@ -772,13 +805,16 @@ mod tests {
 
     #[test]
     fn bearer_challenges() {
-        let c = one(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:team/p:pull,push""#);
+        let c = one(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:team/p:pull,push""#,
+        );
         assert_eq!(c.scheme, "bearer");
         assert_eq!(c.param("realm"), Some("https://auth.example/token"));
         assert_eq!(c.param("service"), Some("registry.example"));
         assert_eq!(c.param("scope"), Some("repository:team/p:pull,push"));
         // Case-insensitive scheme and names, spaces, token values, escapes.
-        let c = one(r#"BEARER  Realm = "a\"b\\c" , Service=reg.example,error="insufficient_scope""#);
+        let c =
+            one(r#"BEARER  Realm = "a\"b\\c" , Service=reg.example,error="insufficient_scope""#);
         assert_eq!(c.scheme, "bearer");
         assert_eq!(c.param("realm"), Some(r#"a"b\c"#));
         assert_eq!(c.param("service"), Some("reg.example"));
@@ -787,9 +823,10 @@ mod tests {
 
     #[test]
     fn several_challenges_and_token68() {
-        let all =
-            parse_challenges(r#"Basic realm="r, with comma", Bearer realm="x",scope="a,b", Negotiate abc+/=="#)
-                .unwrap();
+        let all = parse_challenges(
+            r#"Basic realm="r, with comma", Bearer realm="x",scope="a,b", Negotiate abc+/=="#,
+        )
+        .unwrap();
         assert_eq!(all.len(), 3, "{all:?}");
         assert_eq!(all[0].scheme, "basic");
         assert_eq!(all[0].param("realm"), Some("r, with comma"));
@@ -828,20 +865,26 @@ mod tests {
             r#"{{"auths":{{"Reg.Example:5000":{{"auth":"{auth}"}},"https://index.docker.io/v1/":{{"username":"u","password":"p"}}}},"credHelpers":{{}}}}"#
         );
         let creds = parse_credentials(json.as_bytes()).unwrap();
-        let reg = &creds["reg.example:5000"];
+        let reg = creds["reg.example:5000"].as_ref().unwrap();
         assert_eq!(reg.username, "ci");
         assert_eq!(reg.password.expose(), "pa:ss");
-        assert_eq!(creds["index.docker.io"].username, "u");
+        assert_eq!(creds["index.docker.io"].as_ref().unwrap().username, "u");
         // Debug never shows a secret.
         let shown = format!("{creds:?}");
-        assert!(!shown.contains("pa:ss") && !shown.contains(&auth), "{shown}");
+        assert!(
+            !shown.contains("pa:ss") && !shown.contains(&auth),
+            "{shown}"
+        );
     }
 
     #[test]
     fn bad_docker_configs_are_errors_without_the_secret() {
         for (json, needle) in [
             (r#"{"auths":{"r":{}}}"#.to_owned(), "no credentials"),
-            (r#"{"auths":{"r":{"auth":"%%%secret"}}}"#.to_owned(), "not base64"),
+            (
+                r#"{"auths":{"r":{"auth":"%%%secret"}}}"#.to_owned(),
+                "not base64",
+            ),
             (
                 format!(
                     r#"{{"auths":{{"r":{{"auth":"{}"}}}}}}"#,
@@ -849,13 +892,28 @@ mod tests {
                 ),
                 "not `user:password`",
             ),
-            (r#"{"auths":{"r":{"identitytoken":"secret"}}}"#.to_owned(), "identitytoken"),
-            (r#"{"auths":{"r":{"username":"u","password":"secret"}"#.to_owned(), "not a Docker config.json"),
+            (
+                r#"{"auths":{"r":{"identitytoken":"secret"}}}"#.to_owned(),
+                "identitytoken",
+            ),
+            (
+                r#"{"auths":{"r":{"username":"u","password":"secret"}"#.to_owned(),
+                "not a Docker config.json",
+            ),
             ("[]".to_owned(), "not a Docker config.json"),
-            (r#"{"auths":"secret"}"#.to_owned(), "not a Docker config.json"),
-            (r#"{"auths":{"r":{"username":"u","password":["secret"]}}}"#.to_owned(), "not a Docker config.json"),
+            (
+                r#"{"auths":"secret"}"#.to_owned(),
+                "not a Docker config.json",
+            ),
+            (
+                r#"{"auths":{"r":{"username":"u","password":["secret"]}}}"#.to_owned(),
+                "not a Docker config.json",
+            ),
         ] {
-            let error = parse_credentials(json.as_bytes()).unwrap_err();
+            let error = match parse_credentials(json.as_bytes()) {
+                Err(e) => e,
+                Ok(entries) => entries["r"].clone().unwrap_err(),
+            };
             assert!(error.contains(needle), "{json}: {error}");
             assert!(!error.contains("secret"), "{error}");
         }
@@ -878,7 +936,14 @@ mod tests {
             password: Secret("secret".to_owned()),
         };
         let error = auth
-            .token(&client, "reg:443", &bearer, "repository:p:pull", Some(&credentials), "GET x")
+            .token(
+                &client,
+                "reg:443",
+                &bearer,
+                "repository:p:pull",
+                Some(&credentials),
+                "GET x",
+            )
             .await
             .unwrap_err();
         assert!(error.0.contains("not HTTPS"), "{error}");

@@ -286,11 +286,7 @@ pub(crate) async fn pull(
     }))
 }
 
-async fn push_blob(
-    transport: &Transport,
-    at: &Reference,
-    bytes: &[u8],
-) -> Result<(), SourceError> {
+async fn push_blob(transport: &Transport, at: &Reference, bytes: &[u8]) -> Result<(), SourceError> {
     let digest = Digest::of(bytes);
     let head = at.url("blobs", &digest.to_string());
     let client = &transport.registry;
@@ -325,7 +321,11 @@ async fn push_blob(
         .append_pair("digest", &digest.to_string());
     // The upload URL may carry an upload state token: errors name only its path.
     let put = format!("PUT {}", upload.path());
-    if upload.origin() != reqwest::Url::parse(&start).map_err(|e| SourceError(e.to_string()))?.origin() {
+    if upload.origin()
+        != reqwest::Url::parse(&start)
+            .map_err(|e| SourceError(e.to_string()))?
+            .origin()
+    {
         return Err(SourceError(format!(
             "POST {start}: the upload Location is on another host; not sending the registry's credentials there"
         )));

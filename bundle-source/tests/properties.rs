@@ -261,23 +261,33 @@ fn challenge_text() -> impl Strategy<Value = String> {
 #[test]
 fn prop_www_authenticate_parser_never_panics_and_round_trips() {
     use arbiter_bundle_source::auth::parse_challenges;
-    check("prop_www_authenticate_parser_never_panics_and_round_trips", challenge_text(), |text| {
-        if let Ok(challenges) = parse_challenges(&text) {
-            // What is accepted renders back to a header that parses to the same.
-            let rendered = challenges
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let again = parse_challenges(&rendered);
-            prop_assert_eq!(again.as_ref(), Ok(&challenges), "{:?} -> {:?}", text, rendered);
-            for c in &challenges {
-                prop_assert!(!c.scheme.is_empty());
-                prop_assert_eq!(c.scheme.to_ascii_lowercase(), c.scheme.clone());
+    check(
+        "prop_www_authenticate_parser_never_panics_and_round_trips",
+        challenge_text(),
+        |text| {
+            if let Ok(challenges) = parse_challenges(&text) {
+                // What is accepted renders back to a header that parses to the same.
+                let rendered = challenges
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let again = parse_challenges(&rendered);
+                prop_assert_eq!(
+                    again.as_ref(),
+                    Ok(&challenges),
+                    "{:?} -> {:?}",
+                    text,
+                    rendered
+                );
+                for c in &challenges {
+                    prop_assert!(!c.scheme.is_empty());
+                    prop_assert_eq!(c.scheme.to_ascii_lowercase(), c.scheme.clone());
+                }
             }
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
 }
 
 #[test]
@@ -285,13 +295,22 @@ fn prop_rendered_challenges_parse_back() {
     use arbiter_bundle_source::auth::{parse_challenges, Challenge};
     let challenge = (
         "[a-z][a-z0-9-]{0,8}",
-        prop::collection::vec(("[a-z][a-z0-9_]{0,6}", "[^\\x00-\\x08\\x0a-\\x1f\\x7f-\\u{9f}]{0,12}"), 1..4),
+        prop::collection::vec(
+            (
+                "[a-z][a-z0-9_]{0,6}",
+                "[^\\x00-\\x08\\x0a-\\x1f\\x7f-\\u{9f}]{0,12}",
+            ),
+            1..4,
+        ),
     )
         .prop_map(|(scheme, params)| {
             let mut seen = HashSet::new();
             Challenge {
                 scheme,
-                params: params.into_iter().filter(|(n, _)| seen.insert(n.clone())).collect(),
+                params: params
+                    .into_iter()
+                    .filter(|(n, _)| seen.insert(n.clone()))
+                    .collect(),
                 token68: None,
             }
         });
@@ -316,28 +335,25 @@ fn prop_docker_config_parser_never_panics_nor_echoes_secrets() {
     let secret = "s3cr3t-PASSWORD";
     let json = prop_oneof![
         any::<Vec<u8>>(),
-        (
-            "[a-z0-9.:]{0,12}",
-            "[A-Za-z0-9+/=%]{0,24}",
-            any::<bool>(),
-        )
-            .prop_map(move |(registry, auth, with_password)| {
+        ("[a-z0-9.:]{0,12}", "[A-Za-z0-9+/=%]{0,24}", any::<bool>(),).prop_map(
+            move |(registry, auth, with_password)| {
                 let entry = if with_password {
                     format!(r#"{{"username":"u","password":"{secret}","auth":"{auth}"}}"#)
                 } else {
                     format!(r#"{{"auth":"{auth}{secret}"}}"#)
                 };
                 format!(r#"{{"auths":{{"{registry}":{entry}}}}}"#).into_bytes()
-            }),
+            }
+        ),
     ];
     check(
         "prop_docker_config_parser_never_panics_nor_echoes_secrets",
         json,
         |bytes| {
             match parse_credentials(&bytes) {
-                Ok(credentials) => {
-                    let shown = format!("{credentials:?}");
-                    prop_assert!(!shown.contains(secret));
+                Ok(entries) => {
+                    let shown = format!("{entries:?}");
+                    prop_assert!(!shown.contains(secret), "{}", shown);
                 }
                 Err(e) => prop_assert!(!e.contains(secret), "{}", e),
             }

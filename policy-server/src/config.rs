@@ -274,7 +274,11 @@ impl Config {
         let mut transport = Transport::new(self.bundle_ca_cert.as_deref(), self.bundle_timeout)
             .map_err(|e| e.to_string())?;
         if let Some(path) = &self.bundle_auth_file {
-            let file = CredentialsFile::open(path).map_err(|e| e.to_string())?;
+            let registry = match source {
+                Source::Oci(reference) => Some(reference.registry.as_str()),
+                Source::Https(_) => None,
+            };
+            let file = CredentialsFile::open(path, registry).map_err(|e| e.to_string())?;
             transport = transport.with_auth(Auth::with_file(file));
         }
         Ok(Some(RemoteConfig {

@@ -689,7 +689,9 @@ async fn htpasswd_registry_pulls_with_the_configured_credentials_only() {
     // Push without credentials: refused, saying why.
     let error = arbiter_fails(&push_args(&pki, &allow, &url, Some(&sig), None));
     assert!(
-        error.contains("401") && error.contains(&host) && error.contains("no registry credentials configured"),
+        error.contains("401")
+            && error.contains(&host)
+            && error.contains("no registry credentials configured"),
         "{error}"
     );
     let pusher = dir.path().join("pusher.json");
@@ -706,14 +708,30 @@ async fn htpasswd_registry_pulls_with_the_configured_credentials_only() {
         .err()
         .unwrap();
     assert!(
-        error.contains("401") && error.contains(&host) && error.contains("no registry credentials configured"),
+        error.contains("401")
+            && error.contains(&host)
+            && error.contains("no registry credentials configured"),
         "{error}"
     );
     // A missing or invalid credentials file: no start (never silently anonymous).
     let missing = dir.path().join("missing.json");
     let invalid = dir.path().join("invalid.json");
-    std::fs::write(&invalid, format!("{{\"auths\": {{\"{host}\": {{\"auth\": \"{READER_PASSWORD}\"")).unwrap();
-    for (file, needle) in [(&missing, "No such file"), (&invalid, "not a Docker config.json")] {
+    std::fs::write(
+        &invalid,
+        format!("{{\"auths\": {{\"{host}\": {{\"auth\": \"{READER_PASSWORD}\""),
+    )
+    .unwrap();
+    let helper_only = dir.path().join("identitytoken.json");
+    std::fs::write(
+        &helper_only,
+        format!("{{\"auths\": {{\"{host}\": {{\"identitytoken\": \"{READER_PASSWORD}\"}}}}}}"),
+    )
+    .unwrap();
+    for (file, needle) in [
+        (&missing, "No such file"),
+        (&invalid, "not a Docker config.json"),
+        (&helper_only, "identitytoken"),
+    ] {
         let mut args = base.clone();
         args.extend(["--bundle-auth-file", s(file)]);
         let error = Server::launch(&sub(dir.path(), "s0"), &args)
@@ -740,7 +758,13 @@ async fn htpasswd_registry_pulls_with_the_configured_credentials_only() {
     // naming the registry and the 401; the last-known-good keeps deciding.
     write_docker_config(&reader, &host, "reader", WRONG_PASSWORD);
     let (deny, deny_digest) = kit.build("deny", DENY_ALL);
-    arbiter(&push_args(&pki, &deny, &url, Some(&kit.sign(&deny, &kit.key)), Some(&pusher)));
+    arbiter(&push_args(
+        &pki,
+        &deny,
+        &url,
+        Some(&kit.sign(&deny, &kit.key)),
+        Some(&pusher),
+    ));
     let before = rejected(&server).await;
     expect_rejection(&server, before, "401 Unauthorized").await;
     let error = status_error(&server).await.unwrap();
@@ -771,7 +795,10 @@ async fn htpasswd_registry_pulls_with_the_configured_credentials_only() {
             .filter(|e| e.contains("registry credentials file"))
     })
     .await;
-    assert!(!allowed(&chat(&server).await), "the last-known-good keeps deciding");
+    assert!(
+        !allowed(&chat(&server).await),
+        "the last-known-good keeps deciding"
+    );
 
     assert_no_secrets(
         &server,
@@ -813,23 +840,32 @@ async fn token_registry_pulls_and_pushes_with_scoped_refreshed_tokens() {
     let (allow, allow_digest) = kit.build("allow", ALLOW_CHAT);
     let sig = kit.sign(&allow, &kit.key);
     arbiter(&push_args(&pki, &allow, &url, Some(&sig), Some(&config)));
-    assert!(tokens
-        .http
-        .requests()
-        .iter()
-        .any(|r| r.uri.contains("scope=repository%3Ateam%2Fpolicies%3Apull%2Cpush")));
+    assert!(tokens.http.requests().iter().any(|r| r
+        .uri
+        .contains("scope=repository%3Ateam%2Fpolicies%3Apull%2Cpush")));
     // A token without the push scope: refused, saying so.
     let readonly = format!("oci://{host}/team/readonly:prod");
-    let error = arbiter_fails(&push_args(&pki, &allow, &readonly, Some(&sig), Some(&config)));
+    let error = arbiter_fails(&push_args(
+        &pki,
+        &allow,
+        &readonly,
+        Some(&sig),
+        Some(&config),
+    ));
     assert!(
-        error.contains("insufficient_scope") && error.contains("repository:team/readonly:pull,push") && error.contains(&host),
+        error.contains("insufficient_scope")
+            && error.contains("repository:team/readonly:pull,push")
+            && error.contains(&host),
         "{error}"
     );
     // Wrong credentials: the realm refuses them.
     let wrong = dir.path().join("wrong.json");
     write_docker_config(&wrong, &host, "ci", WRONG_PASSWORD);
     let error = arbiter_fails(&push_args(&pki, &allow, &url, Some(&sig), Some(&wrong)));
-    assert!(error.contains("token realm") && error.contains("401"), "{error}");
+    assert!(
+        error.contains("token realm") && error.contains("401"),
+        "{error}"
+    );
     assert!(!error.contains(WRONG_PASSWORD), "{error}");
 
     // Pull. The first token the server gets says it lasts 300 s but the registry refuses it
@@ -844,19 +880,37 @@ async fn token_registry_pulls_and_pushes_with_scoped_refreshed_tokens() {
     let server = Server::launch(&sub(dir.path(), "s1"), &args).await.unwrap();
     assert!(allowed(&chat(&server).await));
     assert_eq!(cached_digest(&cache), allow_digest);
-    eventually(WAIT, "tokens refreshed after a 401 and on expiry", || async {
-        (tokens.issued().len() >= issued_before + 4).then_some(())
-    })
+    eventually(
+        WAIT,
+        "tokens refreshed after a 401 and on expiry",
+        || async { (tokens.issued().len() >= issued_before + 4).then_some(()) },
+    )
     .await;
-    assert_eq!(rejected(&server).await, 0.0, "{:?}", status_error(&server).await);
+    assert_eq!(
+        rejected(&server).await,
+        0.0,
+        "{:?}",
+        status_error(&server).await
+    );
     // A new bundle pushed meanwhile is taken.
     let (deny, _) = kit.build("deny", DENY_ALL);
-    arbiter(&push_args(&pki, &deny, &url, Some(&kit.sign(&deny, &kit.key)), Some(&config)));
+    arbiter(&push_args(
+        &pki,
+        &deny,
+        &url,
+        Some(&kit.sign(&deny, &kit.key)),
+        Some(&config),
+    ));
     eventually(WAIT, "the new bundle deciding", || async {
         (!allowed(&chat(&server).await)).then_some(())
     })
     .await;
-    assert_eq!(rejected(&server).await, 0.0, "{:?}", status_error(&server).await);
+    assert_eq!(
+        rejected(&server).await,
+        0.0,
+        "{:?}",
+        status_error(&server).await
+    );
 
     // A repository the account may not pull: no start, and the error says why.
     let other = format!("oci://{host}/team/other:prod");
@@ -914,14 +968,20 @@ async fn a_redirect_to_blob_storage_does_not_carry_the_credentials() {
             if request.authorization.as_deref() != Some(expected.as_str()) {
                 return (
                     401,
-                    vec![("www-authenticate".to_owned(), "Basic realm=\"registry\"".to_owned())],
+                    vec![(
+                        "www-authenticate".to_owned(),
+                        "Basic realm=\"registry\"".to_owned(),
+                    )],
                     vec![],
                 );
             }
             if request.uri == "/v2/team/policies/manifests/prod" {
                 return (
                     200,
-                    vec![("content-type".to_owned(), "application/vnd.oci.image.manifest.v1+json".to_owned())],
+                    vec![(
+                        "content-type".to_owned(),
+                        "application/vnd.oci.image.manifest.v1+json".to_owned(),
+                    )],
                     manifest.clone().into_bytes(),
                 );
             }
@@ -942,7 +1002,9 @@ async fn a_redirect_to_blob_storage_does_not_carry_the_credentials() {
     let server = Server::launch(&sub(dir.path(), "s1"), &args).await.unwrap();
     assert!(allowed(&chat(&server).await));
     let seen = registry.requests();
-    assert!(seen.iter().any(|r| r.uri.contains("/blobs/") && r.authorization.is_some()));
+    assert!(seen
+        .iter()
+        .any(|r| r.uri.contains("/blobs/") && r.authorization.is_some()));
     let fetched = storage.requests();
     assert!(!fetched.is_empty());
     assert!(

@@ -172,7 +172,8 @@ pub fn run(command: BundleCommand) -> Result<String, String> {
                 Transport::new(ca_cert.as_deref(), Duration::from_secs(timeout_secs.max(1)))
                     .map_err(|e| e.to_string())?;
             if let Some(path) = &auth_file {
-                let file = CredentialsFile::open(path).map_err(|e| e.to_string())?;
+                let file = CredentialsFile::open(path, Some(&reference.registry))
+                    .map_err(|e| e.to_string())?;
                 transport = transport.with_auth(Auth::with_file(file));
             }
             let runtime = tokio::runtime::Builder::new_current_thread()

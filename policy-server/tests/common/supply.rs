@@ -620,11 +620,12 @@ impl Issuer {
         if request.authorization.as_deref() != Some(expected.as_str()) {
             return (401, vec![], b"{\"details\":\"bad credentials\"}".to_vec());
         }
-        let query: Vec<(String, String)> = reqwest::Url::parse(&format!("https://x{}", request.uri))
-            .unwrap()
-            .query_pairs()
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
+        let query: Vec<(String, String)> =
+            reqwest::Url::parse(&format!("https://x{}", request.uri))
+                .unwrap()
+                .query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
         if !query.contains(&("service".to_owned(), self.service.clone())) {
             return (400, vec![], b"{\"details\":\"wrong service\"}".to_vec());
         }
@@ -636,9 +637,15 @@ impl Issuer {
             {
                 let granted: Vec<&str> = actions
                     .split(',')
-                    .filter(|a| self.grants.get(name).is_some_and(|g| g.iter().any(|x| x == a)))
+                    .filter(|a| {
+                        self.grants
+                            .get(name)
+                            .is_some_and(|g| g.iter().any(|x| x == a))
+                    })
                     .collect();
-                access.push(serde_json::json!({"type": "repository", "name": name, "actions": granted}));
+                access.push(
+                    serde_json::json!({"type": "repository", "name": name, "actions": granted}),
+                );
             }
         }
         let now = unix_now();
