@@ -1058,7 +1058,9 @@ async fn otlp_export_survives_receiver_and_server_outages() {
             .and_then(|a| a.value.as_ref()?.value.as_ref());
         assert_eq!(
             outcome,
-            Some(&any_value::Value::StringValue(line["decision"].as_str().unwrap().into()))
+            Some(&any_value::Value::StringValue(
+                line["decision"].as_str().unwrap().into()
+            ))
         );
     }
 
@@ -1495,7 +1497,11 @@ async fn a_dry_run_deny_is_recorded_as_not_enforced_and_older_logs_still_verify(
     ];
     for (method, path, extensions) in [
         ("POST", "/v1/chat/completions", &regulated_dry[..]),
-        ("POST", "/v1/chat/completions", &[("route", "rollout"), ("dry_run", "true")][..]),
+        (
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "rollout"), ("dry_run", "true")][..],
+        ),
         (
             "POST",
             "/v1/chat/completions",
@@ -1517,8 +1523,16 @@ async fn a_dry_run_deny_is_recorded_as_not_enforced_and_older_logs_still_verify(
         "{}",
         lines[1]
     );
-    assert!(lines[2].contains(r#""decision":"allow","dry_run":true,"#), "{}", lines[2]);
-    assert!(lines[3].contains(r#""decision":"deny","reason":"#), "{}", lines[3]);
+    assert!(
+        lines[2].contains(r#""decision":"allow","dry_run":true,"#),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].contains(r#""decision":"deny","reason":"#),
+        "{}",
+        lines[3]
+    );
     assert!(!lines[3].contains("dry_run"), "{}", lines[3]);
     let (code, out) = cli(&["audit", "verify"], [&path]);
     assert_eq!(code, 0, "{out}");
@@ -1530,7 +1544,11 @@ async fn a_dry_run_deny_is_recorded_as_not_enforced_and_older_logs_still_verify(
     for (line, from, to) in [
         (1, ",\"dry_run\":true", ""),
         (1, "\"dry_run\":true", "\"dry_run\":false"),
-        (3, "\"decision\":\"deny\"", "\"decision\":\"deny\",\"dry_run\":true"),
+        (
+            3,
+            "\"decision\":\"deny\"",
+            "\"decision\":\"deny\",\"dry_run\":true",
+        ),
     ] {
         let mut tampered = lines.clone();
         tampered[line] = tampered[line].replacen(from, to, 1);
@@ -1559,7 +1577,14 @@ async fn a_dry_run_deny_is_recorded_as_not_enforced_and_older_logs_still_verify(
         "{out}"
     );
     let (code, out) = cli(
-        &["audit", "replay", "--dry-run", "--json", "--policies", policies],
+        &[
+            "audit",
+            "replay",
+            "--dry-run",
+            "--json",
+            "--policies",
+            policies,
+        ],
         [&path],
     );
     assert_eq!(code, 0, "{out}");
@@ -1573,7 +1598,13 @@ async fn a_dry_run_deny_is_recorded_as_not_enforced_and_older_logs_still_verify(
     let open = bundle_with(dir.path(), "");
     std::fs::remove_file(open.join("regulated.cedar")).unwrap();
     let (code, out) = cli(
-        &["audit", "replay", "--dry-run", "--policies", open.to_str().unwrap()],
+        &[
+            "audit",
+            "replay",
+            "--dry-run",
+            "--policies",
+            open.to_str().unwrap(),
+        ],
         [&path],
     );
     assert_eq!(code, 1, "{out}");
@@ -1581,5 +1612,8 @@ async fn a_dry_run_deny_is_recorded_as_not_enforced_and_older_logs_still_verify(
         out.contains("recorded deny on a dry-run route, not enforced (audit id 0193a1b2-0000-7000-8000-0000000000aa)"),
         "{out}"
     );
-    assert!(out.contains("left out:              1 records not made on a dry-run route"), "{out}");
+    assert!(
+        out.contains("left out:              1 records not made on a dry-run route"),
+        "{out}"
+    );
 }

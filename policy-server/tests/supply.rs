@@ -14,9 +14,8 @@ use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::google::protobuf::value::Kind;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-use common::supply::{
-    arbiter, openssl, openssl_key_pair, HttpsServer, Registry, StallProxy, TestPki,
-};
+use arbiter_e2e::registry::{openssl, openssl_key_pair, Registry, TestPki};
+use common::supply::{arbiter, HttpsServer, StallProxy};
 use common::{check_request, eventually, http_get, metric, Server};
 
 const ALLOW_CHAT: &str = "@id(\"chat\")\npermit(principal, action == Arbiter::Action::\"chat.completions\", resource);\n";

@@ -223,4 +223,3 @@ pub fn openssl_key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     ]);
     (key, public)
 }
-

@@ -147,10 +147,7 @@ async fn a_new_policy_goes_through_ci_a_signed_push_and_dry_run_to_enforcement()
     // 3. Build, sign and push it to the registry the servers pull from.
     let (key, public) = openssl_key_pair(dir, "bundle-signing");
     let artifact = dir.join("bundle.tar.gz");
-    let out = arbiter(
-        &["bundle", "build", s(&policies), "-o", s(&artifact)],
-        0,
-    )?;
+    let out = arbiter(&["bundle", "build", s(&policies), "-o", s(&artifact)], 0)?;
     // `sha256:…  bundle.tar.gz  (N policies, version ai-gateway@sha256:…)`
     let version = out
         .split("version ")
@@ -209,7 +206,11 @@ async fn a_new_policy_goes_through_ci_a_signed_push_and_dry_run_to_enforcement()
     assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = dry.primary.requests();
     assert_eq!(seen.len(), 2, "{seen:?}");
-    assert_eq!(seen[0].header("x-arbiter-dry-run"), Some("deny"), "{seen:?}");
+    assert_eq!(
+        seen[0].header("x-arbiter-dry-run"),
+        Some("deny"),
+        "{seen:?}"
+    );
     assert!(!seen[1].has_header("x-arbiter-dry-run"), "{seen:?}");
     let log = dry.envoy.wait_access_log(2).await?;
     assert_eq!(log[0]["arbiter_outcome"], "dry_run_deny", "{log:?}");

@@ -29,9 +29,7 @@ use super::record::{AuditRecord, Verdict};
 use crate::ai::BodyAttributes;
 use crate::engine::PolicyEngine;
 use crate::identity::JWT_PAYLOAD_KEY;
-use crate::request::{
-    AuthzRequest, TimeSource, ACTION_KEY, DRY_RUN_KEY, ROUTE_KEY, TENANT_HEADER,
-};
+use crate::request::{AuthzRequest, TimeSource, ACTION_KEY, DRY_RUN_KEY, ROUTE_KEY, TENANT_HEADER};
 
 /// Key of the filter's record in an Envoy JSON access-log line.
 pub const ENVOY_RECORD_KEY: &str = "arbiter_record";

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use crate::audit::checkpoint;
 use crate::audit::replay::{self, Recorded, ReplayReport};
-use crate::audit::Verdict;
 use crate::audit::verify::{self, VerifyReport};
+use crate::audit::Verdict;
 use crate::engine::PolicyEngine;
 
 use super::{EXIT_ERROR, EXIT_FOUND, EXIT_OK};

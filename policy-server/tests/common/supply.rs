@@ -8,14 +8,11 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use arbiter_e2e::registry::{
-    free_port, openssl, openssl_key_pair, Registry, TestPki, REGISTRY_BIN,
-};
+use arbiter_e2e::registry::TestPki;
 
 /// A TCP proxy on 127.0.0.1 to `target` that, while stalled, accepts connections and holds
 /// them without a byte either way (a registry that hangs). Stalling closes the connections
