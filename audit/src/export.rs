@@ -440,6 +440,8 @@ pub fn log_record(record: &AuditRecord, line: String) -> LogRecord {
         int_attr("arbiter.audit.seq", record.seq),
         string_attr("arbiter.audit.hash", &record.hash),
         string_attr("arbiter.decision", event.decision.as_str()),
+        // `allow`, `deny` or `dry_run_deny` (not enforced): what happened to the request.
+        string_attr("arbiter.outcome", event.outcome()),
         string_attr("arbiter.policy_version", &event.policy_version),
         string_attr("arbiter.route", &event.route),
         string_attr("arbiter.principal", &event.principal),

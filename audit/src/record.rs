@@ -88,8 +88,15 @@ pub struct AuditEvent {
     pub id: String,
     /// Envoy's `x-request-id` (the CheckRequest's `http.id`).
     pub request_id: String,
-    /// `allow` or `deny`.
+    /// `allow` or `deny`: what policy decided.
     pub decision: Verdict,
+    /// The route was in dry-run (`dry_run: true` in its settings): policy was advisory, so a
+    /// `deny` here was **not enforced** — the request went upstream marked
+    /// `x-arbiter-dry-run: deny`. Written only when true (`"decision":"deny","dry_run":true`);
+    /// absent (false) in every other record and in records written before the field existed,
+    /// whose hashes it therefore leaves unchanged.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dry_run: bool,
     /// `permit`, `forbid` or `default_deny`.
     pub reason: Reason,
     /// Version of the bundle that decided.
@@ -158,6 +165,21 @@ pub struct AuditEvent {
     pub trace_id: Option<String>,
     /// Microseconds from receiving the Check to the decision (the audit write excluded).
     pub latency_us: u64,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+impl AuditEvent {
+    /// What happened to the request: `allow`, `deny`, or `dry_run_deny` (policy denied on a
+    /// dry-run route and the request was let through marked) — the filter's outcome names.
+    pub fn outcome(&self) -> &'static str {
+        match (self.decision, self.dry_run) {
+            (Verdict::Deny, true) => "dry_run_deny",
+            (verdict, _) => verdict.as_str(),
+        }
+    }
 }
 
 /// The line being hashed: the event framed by its place in the chain.
@@ -275,6 +297,7 @@ pub(crate) mod tests {
             id: "0193a1b2-0000-7000-8000-000000000001".into(),
             request_id: "r-1".into(),
             decision: Verdict::Allow,
+            dry_run: false,
             reason: Reason::Permit,
             policy_version: "sha256:0123456789abcdef".into(),
             policy_ids: vec!["routine-chat".into()],
@@ -323,6 +346,46 @@ pub(crate) mod tests {
         let record = parse_line(line).unwrap();
         assert_eq!(record.event, event());
         assert_eq!(record.hash, hash);
+    }
+
+    #[test]
+    fn dry_run_is_written_beside_the_decision_only_when_true() {
+        let mut out = Vec::new();
+        encode(&event(), 1, GENESIS_HASH, &mut out).unwrap();
+        let plain = String::from_utf8(out).unwrap();
+        assert!(!plain.contains("dry_run"), "{plain}");
+        // Without the member, a line is what servers wrote before it existed: it parses as
+        // enforced.
+        let record = parse_line(plain.trim_end().as_bytes()).unwrap();
+        assert!(!record.event.dry_run);
+        assert_eq!(record.event.outcome(), "allow");
+
+        let dry = AuditEvent {
+            decision: Verdict::Deny,
+            reason: Reason::DefaultDeny,
+            dry_run: true,
+            ..event()
+        };
+        let mut out = Vec::new();
+        encode(&dry, 2, GENESIS_HASH, &mut out).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        let line = line.trim_end();
+        assert!(
+            line.contains(r#""decision":"deny","dry_run":true,"reason":"default_deny""#),
+            "{line}"
+        );
+        let record = parse_line(line.as_bytes()).unwrap();
+        assert_eq!(record.event, dry);
+        assert_eq!(record.event.outcome(), "dry_run_deny");
+        for edited in [
+            line.replace(r#","dry_run":true"#, ""),
+            line.replace(r#""dry_run":true"#, r#""dry_run":false"#),
+        ] {
+            assert!(matches!(
+                check_line(edited.as_bytes()),
+                Err(RecordError::HashMismatch { .. })
+            ));
+        }
     }
 
     #[test]

@@ -937,6 +937,7 @@ mod tests {
             id: format!("id-{i}"),
             request_id: format!("r-{i}"),
             decision: Verdict::Allow,
+            dry_run: false,
             reason: Reason::Permit,
             policy_version: "sha256:0".into(),
             policy_ids: vec!["p".into()],

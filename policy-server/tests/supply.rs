@@ -14,9 +14,10 @@ use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::google::protobuf::value::Kind;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
+use arbiter_e2e::registry::{openssl, openssl_key_pair, Registry, TestPki};
 use common::supply::{
-    arbiter, arbiter_fails, htpasswd_auth, openssl, openssl_key_pair, write_docker_config,
-    HttpsRecorder, HttpsServer, Registry, StallProxy, TestPki, TokenServer,
+    arbiter, arbiter_fails, htpasswd_auth, write_docker_config, HttpsRecorder, HttpsServer,
+    StallProxy, TokenServer,
 };
 use common::{check_request, eventually, http_get, metric, Server};
 

@@ -25,6 +25,10 @@ pub const UNKNOWN_ROUTE: &str = "unknown";
 pub const ACTION_KEY: &str = "action";
 /// `context_extensions` key carrying the Envoy route name.
 pub const ROUTE_KEY: &str = "route";
+/// `context_extensions` key the filter sets to `"true"` on a route in dry-run (its route
+/// setting `dry_run`): policy is advisory there and a deny is let through, marked. Audit
+/// records of such decisions say so at top level (`"dry_run": true`).
+pub const DRY_RUN_KEY: &str = "dry_run";
 /// Action for any request that is not a known OpenAI-style call.
 pub const DEFAULT_ACTION: &str = "http.request";
 /// How far a CheckRequest's `request.time` may be from the server's clock, either way, and

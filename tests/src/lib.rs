@@ -30,6 +30,7 @@ pub mod mock_llm;
 mod net;
 pub mod oci;
 mod process;
+pub mod registry;
 pub mod stack;
 pub mod util;
 

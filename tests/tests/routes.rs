@@ -355,13 +355,15 @@ async fn dry_run_lets_a_deny_through_marked_and_records_it() -> Result<()> {
         assert!(!upstream.has_header("x-arbiter-fail-open"));
     }
 
-    // The audit log has both decisions as denies, marked dry-run in the route context, and
-    // the upstream got each record's id.
+    // The audit log has both decisions as denies, marked dry-run (not enforced), and the
+    // upstream got each record's id.
     let records = stack.policy.as_ref().unwrap().audit_records()?;
     let denies: Vec<&Value> = records.iter().filter(|r| r["decision"] == "deny").collect();
     assert_eq!(denies.len(), 2, "{records:?}");
     for (record, upstream) in denies.iter().zip(&seen) {
         assert_eq!(record["route_context"]["dry_run"], "true", "{record}");
+        // Said plainly at top level: this deny was not enforced.
+        assert_eq!(record["dry_run"], true, "{record}");
         assert_eq!(
             upstream.header("x-arbiter-audit-id"),
             record["id"].as_str(),

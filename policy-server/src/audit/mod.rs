@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 pub use arbiter_audit::*;
 
 use crate::engine::Decision;
-use crate::request::AuthzRequest;
+use crate::request::{AuthzRequest, DRY_RUN_KEY};
 
 /// The audit event of `decision` on `req`.
 pub fn event(
@@ -38,6 +38,12 @@ pub fn event(
         id,
         request_id: req.request_id.clone(),
         decision: verdict,
+        // The filter tells the server the route is in dry-run (a context extension only route
+        // settings can set), so the record says plainly that a deny was not enforced.
+        dry_run: req
+            .route_context
+            .get(DRY_RUN_KEY)
+            .is_some_and(|value| value == "true"),
         reason,
         policy_version: decision.policy_version.clone(),
         policy_ids: decision.policy_ids.clone(),

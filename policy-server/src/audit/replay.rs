@@ -29,7 +29,7 @@ use super::record::{AuditRecord, Verdict};
 use crate::ai::BodyAttributes;
 use crate::engine::PolicyEngine;
 use crate::identity::JWT_PAYLOAD_KEY;
-use crate::request::{AuthzRequest, TimeSource, ACTION_KEY, ROUTE_KEY, TENANT_HEADER};
+use crate::request::{AuthzRequest, TimeSource, ACTION_KEY, DRY_RUN_KEY, ROUTE_KEY, TENANT_HEADER};
 
 /// Key of the filter's record in an Envoy JSON access-log line.
 pub const ENVOY_RECORD_KEY: &str = "arbiter_record";
@@ -58,6 +58,9 @@ pub enum Recorded {
     Server {
         /// Its decision.
         decision: Verdict,
+        /// Made on a route in dry-run: a deny was not enforced (the request went upstream
+        /// marked `x-arbiter-dry-run: deny`).
+        dry_run: bool,
         /// Its audit id.
         audit_id: String,
         /// The bundle that decided.
@@ -83,8 +86,10 @@ pub enum Recorded {
 }
 
 impl Recorded {
-    /// Whether the request went upstream.
-    fn let_through(&self) -> bool {
+    /// What a replayed decision is compared with: for a server record, the decision policy
+    /// made — a dry-run deny is a deny, though it went upstream, because replay asks what
+    /// policy decides; for the filter's records, whether the request went upstream.
+    fn allowed(&self) -> bool {
         match self {
             Self::Server { decision, .. } => *decision == Verdict::Allow,
             Self::FailOpen { .. } | Self::Cached { .. } => true,
@@ -94,6 +99,11 @@ impl Recorded {
 
     fn label(&self) -> String {
         match self {
+            Self::Server {
+                decision: Verdict::Deny,
+                dry_run: true,
+                ..
+            } => "deny (dry-run: not enforced, let through marked)".to_owned(),
             Self::Server { decision, .. } => decision.as_str().to_owned(),
             Self::FailOpen {
                 reason,
@@ -169,6 +179,10 @@ pub struct ReplayReport {
     pub policy_version: String,
     /// Server-side decisions.
     pub server: Tally,
+    /// Of those, decisions made on routes in dry-run.
+    pub dry_run: Tally,
+    /// Of those, denies (not enforced: let through marked).
+    pub dry_run_denies: u64,
     /// Envoy-side fail-open records.
     pub fail_open: Tally,
     /// Envoy-side fail-closed records.
@@ -177,6 +191,8 @@ pub struct ReplayReport {
     pub cached: Tally,
     /// Lines that are neither (e.g. access-log lines of decided requests).
     pub skipped: u64,
+    /// Records left out because only dry-run decisions were asked for.
+    pub filtered: u64,
     /// Lines that could not be read as a record, with why.
     pub unreadable: Vec<String>,
     /// Every request decided differently now, in input order.
@@ -187,8 +203,22 @@ pub struct ReplayReport {
     pub incomplete: Vec<Incomplete>,
 }
 
-/// Replays every record in `files` (in the order given) against `engine`.
-pub fn replay(engine: &PolicyEngine, files: &[PathBuf]) -> Result<ReplayReport, ReplayError> {
+/// Which records to replay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Only {
+    /// Every record.
+    #[default]
+    All,
+    /// Server decisions made on routes in dry-run (`"dry_run": true`).
+    DryRun,
+}
+
+/// Replays every record in `files` (in the order given) chosen by `only` against `engine`.
+pub fn replay(
+    engine: &PolicyEngine,
+    files: &[PathBuf],
+    only: Only,
+) -> Result<ReplayReport, ReplayError> {
     if files.is_empty() {
         return Err(ReplayError::NoFiles);
     }
@@ -205,7 +235,7 @@ pub fn replay(engine: &PolicyEngine, files: &[PathBuf]) -> Result<ReplayReport, 
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            replay_line(engine, path, index + 1, line, &mut report);
+            replay_line(engine, path, index + 1, line, only, &mut report);
         }
     }
     Ok(report)
@@ -216,6 +246,7 @@ fn replay_line(
     path: &Path,
     line: usize,
     bytes: &[u8],
+    only: Only,
     report: &mut ReplayReport,
 ) {
     let at = format!("{}:{line}", path.display());
@@ -230,6 +261,11 @@ fn replay_line(
             return;
         }
     };
+    let dry_run = matches!(case.recorded, Recorded::Server { dry_run: true, .. });
+    if only == Only::DryRun && !dry_run {
+        report.filtered += 1;
+        return;
+    }
     let mut req = match AuthzRequest::try_from(case.check) {
         Ok(req) => req,
         Err(e) => {
@@ -253,7 +289,14 @@ fn replay_line(
         Recorded::Cached { .. } => &mut report.cached,
     };
     tally.replayed += 1;
-    if !missing.is_empty() {
+    if dry_run {
+        report.dry_run.replayed += 1;
+        if !case.recorded.allowed() {
+            report.dry_run_denies += 1;
+        }
+    }
+    let incomplete = !missing.is_empty();
+    if incomplete {
         tally.incomplete += 1;
         for fact in &missing {
             *report.missing.entry(fact).or_default() += 1;
@@ -265,10 +308,16 @@ fn replay_line(
             missing: missing.clone(),
         });
     }
-    if case.recorded.let_through() == decision.allowed {
+    if dry_run && incomplete {
+        report.dry_run.incomplete += 1;
+    }
+    if case.recorded.allowed() == decision.allowed {
         return;
     }
     tally.differ += 1;
+    if dry_run {
+        report.dry_run.differ += 1;
+    }
     let replayed = if decision.allowed {
         Verdict::Allow
     } else {
@@ -508,6 +557,12 @@ fn parse(bytes: &[u8]) -> Result<Option<Case>, String> {
 
 fn server_case(record: AuditRecord) -> Case {
     let event = record.event;
+    // Records written before the top-level field kept the marker only in the route context.
+    let dry_run = event.dry_run
+        || event
+            .route_context
+            .get(DRY_RUN_KEY)
+            .is_some_and(|value| value == "true");
     let mut extensions: HashMap<String, String> = event.route_context.into_iter().collect();
     extensions.insert(ROUTE_KEY.into(), event.route);
     // The recorded action is what policy saw, whether derived or set by the route.
@@ -549,6 +604,7 @@ fn server_case(record: AuditRecord) -> Case {
     Case {
         recorded: Recorded::Server {
             decision: event.decision,
+            dry_run,
             audit_id: event.id,
             policy_version: event.policy_version,
         },
@@ -833,6 +889,7 @@ mod tests {
             id: "0193a1b2-0000-7000-8000-000000000001".into(),
             request_id: "r-1".into(),
             decision: crate::audit::Verdict::Allow,
+            dry_run: false,
             reason: crate::audit::Reason::Permit,
             policy_version: "sha256:0123456789abcdef".into(),
             policy_ids: vec!["routine-chat".into()],

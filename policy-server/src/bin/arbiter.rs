@@ -71,7 +71,7 @@ struct TestArgs {
     /// Bundle directory the cases run against.
     #[arg(long)]
     policies: PathBuf,
-    /// Also write the results as JUnit XML to this file.
+    /// Also write the results as JUnit XML to this file (its directory is created).
     #[arg(long, value_name = "FILE")]
     junit: Option<PathBuf>,
     /// Exit 1 when a policy of the bundle is exercised by no case.
@@ -237,7 +237,13 @@ fn run_test(args: &TestArgs) -> ExitCode {
     };
     print!("{}", report.to_text());
     if let Some(path) = &args.junit {
-        let written = report.to_junit().and_then(|xml| std::fs::write(path, xml));
+        // CI steps name a report directory that does not exist yet (`reports/…`).
+        let written = report.to_junit().and_then(|xml| {
+            if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(path, xml)
+        });
         if let Err(e) = written {
             eprintln!("error: cannot write `{}`: {e}", path.display());
             return ExitCode::from(EXIT_ERROR);

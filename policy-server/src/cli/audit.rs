@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::audit::checkpoint;
 use crate::audit::replay::{self, Recorded, ReplayReport};
 use crate::audit::verify::{self, VerifyReport};
+use crate::audit::Verdict;
 use crate::engine::PolicyEngine;
 
 use super::{EXIT_ERROR, EXIT_FOUND, EXIT_OK};
@@ -60,6 +61,10 @@ pub struct ReplayArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Replay only decisions made on routes in dry-run (records with `"dry_run": true`):
+    /// before enforcing a route, which of its dry-run denies does this bundle still deny?
+    #[arg(long)]
+    pub dry_run: bool,
     /// Audit files and/or Envoy JSON access logs.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
@@ -145,7 +150,12 @@ fn run_replay(args: &ReplayArgs, out: &mut impl Write) -> Result<u8, String> {
             error_chain(&e)
         )
     })?;
-    let report = replay::replay(&engine, &args.files).map_err(|e| error_chain(&e))?;
+    let only = if args.dry_run {
+        replay::Only::DryRun
+    } else {
+        replay::Only::All
+    };
+    let report = replay::replay(&engine, &args.files, only).map_err(|e| error_chain(&e))?;
     let printed = if args.json {
         serde_json::to_string_pretty(&report)
             .map_err(|e| e.to_string())
@@ -181,6 +191,13 @@ fn print_replay(
         "  server decisions: {:>6} replayed, {} decided differently now",
         report.server.replayed, report.server.differ
     )?;
+    if report.dry_run.replayed > 0 || args.dry_run {
+        writeln!(
+            out,
+            "    of which on dry-run routes: {} ({} denies, not enforced: let through marked), {} decided differently now",
+            report.dry_run.replayed, report.dry_run_denies, report.dry_run.differ
+        )?;
+    }
     writeln!(
         out,
         "  fail-open:        {:>6} replayed, {} would have been denied",
@@ -209,6 +226,13 @@ fn print_replay(
             facts.join(", ")
         )?;
     }
+    if report.filtered > 0 {
+        writeln!(
+            out,
+            "  left out:         {:>6} records not made on a dry-run route (--dry-run)",
+            report.filtered
+        )?;
+    }
     if report.skipped > 0 {
         writeln!(
             out,
@@ -221,6 +245,12 @@ fn print_replay(
     }
     for d in &report.differences {
         let recorded = match &d.recorded {
+            Recorded::Server {
+                decision: Verdict::Deny,
+                dry_run: true,
+                audit_id,
+                ..
+            } => format!("deny on a dry-run route, not enforced (audit id {audit_id})"),
             Recorded::Server {
                 decision, audit_id, ..
             } => format!("{} (audit id {audit_id})", decision.as_str()),
