@@ -193,6 +193,9 @@ async fn the_route_table_reads_the_authority_and_method_as_envoy_routes_them() -
 /// `{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`, gzip-compressed.
 const GZIPPED_CHAT: &[u8] = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03\xab\x56\xca\xcd\x4f\x49\xcd\x51\xb2\x52\x4a\x2f\x28\xd1\x35\xc9\x57\xd2\x51\xca\x4d\x2d\x2e\x4e\x4c\x4f\x2d\x56\xb2\x8a\xae\x56\x2a\xca\xcf\x49\x05\x4a\x96\x16\xa7\x16\x01\xa5\x92\xf3\xf3\x4a\x52\xf3\x4a\x80\x02\x19\x99\x4a\xb5\xb1\xb5\x00\x58\x65\xf9\xa3\x3e\x00\x00\x00";
 
+/// One body case: what it is, the body, extra request headers.
+type Case = (&'static str, Vec<u8>, Vec<(&'static str, &'static str)>);
+
 /// A body route that refuses what it cannot read (`t_body_strict`, max_body_bytes 1024).
 const STRICT: &str = "/t/strict-body/v1/chat/completions";
 
@@ -216,7 +219,7 @@ async fn policy_reads_the_model_the_provider_reads_or_refuses_the_body() -> Resu
     );
     let mut bom = b"\xef\xbb\xbf".to_vec();
     bom.extend(chat("gpt-4o-mini"));
-    let unreadable: Vec<(&str, Vec<u8>, Vec<(&str, &str)>)> = vec![
+    let unreadable: Vec<Case> = vec![
         (
             "`MODEL` after `model`",
             format!(r#"{{"model":"gpt-4o-mini","MODEL":"gpt-4o",{messages}}}"#).into_bytes(),
@@ -229,7 +232,7 @@ async fn policy_reads_the_model_the_provider_reads_or_refuses_the_body() -> Resu
         ),
         (
             "`meſſages` (U+017F folds to `s`)",
-            format!(r#"{{"model":"gpt-4o-mini","meſſages":[]}}"#).into_bytes(),
+            r#"{"model":"gpt-4o-mini","meſſages":[]}"#.as_bytes().to_vec(),
             vec![],
         ),
         (
