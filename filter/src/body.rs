@@ -3,8 +3,10 @@
 //! decided sees the facts the server would have seen. Mirrors the server's `ai.rs`
 //! (`BodyAttributes::from_body`); `body_facts_match_the_servers_rules` pins the cases.
 
-use serde::de::IgnoredAny;
-use serde::Deserialize;
+use std::fmt;
+
+use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 /// The body's facts as the server derives them from the CheckRequest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,18 +29,91 @@ pub struct BodyFacts {
     pub message_count: Option<i64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default)]
 struct OpenAiBody {
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
     max_tokens: Option<i64>,
-    #[serde(default)]
     max_completion_tokens: Option<i64>,
-    #[serde(default)]
     messages: Option<Vec<IgnoredAny>>,
+}
+
+/// The top-level keys read, as the server's `ai.rs` reads them.
+const FIELDS: [&str; 5] = [
+    "model",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "messages",
+];
+
+/// A key that is not one of [`FIELDS`] but that a provider may read as one: the same
+/// letters in another case, as Go's `encoding/json` matches keys (Unicode simple folding,
+/// so `ſ` U+017F is an `s` and the Kelvin sign U+212A a `k`).
+fn folds_to_field(key: &str) -> bool {
+    let fold = |c: char| match c {
+        '\u{17f}' => 's',
+        '\u{212a}' => 'k',
+        c => c.to_ascii_lowercase(),
+    };
+    FIELDS
+        .iter()
+        .any(|field| key.chars().map(fold).eq(field.chars()))
+}
+
+impl<'de> Deserialize<'de> for OpenAiBody {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(OpenAiBodyVisitor)
+    }
+}
+
+struct OpenAiBodyVisitor;
+
+/// Reads one known field once; a second copy is ambiguous (parsers differ on which wins).
+fn once<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    map: &mut A,
+    seen: &mut bool,
+    name: &'static str,
+) -> Result<Option<T>, A::Error> {
+    if std::mem::replace(seen, true) {
+        return Err(A::Error::duplicate_field(name));
+    }
+    map.next_value()
+}
+
+impl<'de> Visitor<'de> for OpenAiBodyVisitor {
+    type Value = OpenAiBody;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an OpenAI-style JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OpenAiBody, A::Error> {
+        let mut body = OpenAiBody::default();
+        let mut seen = [false; FIELDS.len()];
+        let [model, stream, max_tokens, max_completion_tokens, messages] = &mut seen;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "model" => body.model = once(&mut map, model, "model")?,
+                "stream" => body.stream = once(&mut map, stream, "stream")?,
+                "max_tokens" => body.max_tokens = once(&mut map, max_tokens, "max_tokens")?,
+                "max_completion_tokens" => {
+                    body.max_completion_tokens =
+                        once(&mut map, max_completion_tokens, "max_completion_tokens")?
+                }
+                "messages" => body.messages = once(&mut map, messages, "messages")?,
+                other if folds_to_field(other) => {
+                    return Err(A::Error::custom(
+                        "a key that differs from a known field only in case",
+                    ))
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(body)
+    }
 }
 
 /// The facts of `body` (what policy is sent, `None` on routes that send none), with the
@@ -97,12 +172,26 @@ mod tests {
             &b"[]"[..],
             b"nope",
             br#"{"model":"a","model":"b"}"#,
+            br#"{"model":"a","model":null}"#,
             br#"{"stream":1}"#,
+            br#"{"model":"a","MODEL":"b"}"#,
+            br#"{"Model":"b"}"#,
+            "{\"model\":\"a\",\"max_to\u{212a}ens\":1}".as_bytes(),
+            "{\"model\":\"a\",\"\u{17f}tream\":true}".as_bytes(),
+            br#"{"model":"a","MESSAGES":[]}"#,
         ] {
             let f = body_facts(Some(bad), None, false);
             assert!(f.parse_error, "{}", String::from_utf8_lossy(bad));
             assert_eq!((f.model, f.stream), (None, None));
         }
+        // Keys of other lengths or letters are the prompt's business; an escaped key is
+        // the key itself.
+        let f = body_facts(
+            Some(br#"{"m\u006fdel":"a","models":1,"mode":2,"model_":3,"Temperature":1}"#),
+            None,
+            false,
+        );
+        assert_eq!((f.model.as_deref(), f.parse_error), (Some("a"), false));
         // Cut at the limit: nothing read; the size exact only when announced.
         let f = body_facts(Some(&chat[..10]), None, true);
         assert_eq!(

@@ -48,7 +48,7 @@ pub struct RouteMatch {
     pub authority: Option<AuthorityPattern>,
     /// Prefix of the request path, without its query.
     pub path_prefix: Option<String>,
-    /// HTTP method, exact.
+    /// HTTP method, upper case; a request's method is compared ignoring case.
     pub method: Option<String>,
 }
 
@@ -310,7 +310,12 @@ impl RouteMatch {
             Some(NamePattern::Prefix(p)) => r.route_name.starts_with(p.as_str()),
         };
         route_name
-            && self.method.as_deref().is_none_or(|m| r.method == m)
+            // Ignoring case: HTTP/2 lets a client send `post`, which Envoy routes and
+            // forwards as it is; it gets the `POST` entry's settings, not the next entry's.
+            && self
+                .method
+                .as_deref()
+                .is_none_or(|m| r.method.eq_ignore_ascii_case(m))
             && self
                 .path_prefix
                 .as_deref()
@@ -365,8 +370,10 @@ impl AuthorityPattern {
             Some(p) => Some(port(p).ok_or_else(invalid)?),
             None => None,
         };
+        // Literal, as Envoy's virtual host `domains` are: `api.example.com.` is another
+        // name to Envoy's router (unless the connection manager strips the dot, and then
+        // the filter sees the request's host without it too).
         let host = host.to_ascii_lowercase();
-        let host = host.strip_suffix('.').unwrap_or(&host).to_owned();
         let dns_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
         let dns = |h: &str| {
             !h.is_empty() && h.bytes().all(dns_char) && !h.starts_with('.') && !h.contains("..")
@@ -399,8 +406,11 @@ impl AuthorityPattern {
         })
     }
 
-    /// Case-insensitive host, one trailing dot ignored; a pattern without a port matches
-    /// any port, one with a port only that port.
+    /// The host as Envoy's router picks a virtual host with `ignore_port_in_host_matching`
+    /// (set by Istio and Envoy Gateway): case-insensitive, everything after the last `:`
+    /// (outside `[…]`) is the port, and a trailing dot is part of the name, so a table entry
+    /// never applies to a request the router sent to another virtual host. A pattern without
+    /// a port matches any port, one with a port only that port.
     fn matches(&self, authority: &str) -> bool {
         let Some((host, port_str)) = split_authority(authority) else {
             return false;
@@ -410,7 +420,6 @@ impl AuthorityPattern {
                 return false;
             }
         }
-        let host = host.strip_suffix('.').unwrap_or(host);
         match &self.host {
             HostPattern::Any => true,
             HostPattern::Exact(h) => host.eq_ignore_ascii_case(h),
@@ -544,7 +553,10 @@ mod tests {
         for (authority, want) in [
             ("api.example.com", Some("exact")),
             ("Api.Example.Com:443", Some("exact")),
-            ("api.example.com.", Some("exact")),
+            // Envoy's router does not take `api.example.com.` for `api.example.com`.
+            ("api.example.com.", None),
+            ("a.example.com.", None),
+            ("API.example.com:", Some("exact")),
             ("admin.example.com:8443", Some("port")),
             ("admin.example.com", Some("wild")),
             ("admin.example.com:9000", Some("wild")),
@@ -563,6 +575,38 @@ mod tests {
         }
         let any = table(json!([{"name": "any", "match": {"authority": "*"}}]));
         assert!(found(&any, key("", "whatever:1", "/", "GET")).is_some());
+    }
+
+    #[test]
+    fn the_table_reads_a_request_as_envoys_router_does() {
+        let t = table(json!([
+            {"name": "docs", "match": {"authority": "docs.example.com"}, "settings": {"disabled": true}},
+            {"name": "dotted", "match": {"authority": "Dotted.example.com."}},
+            {"name": "chat", "match": {"path_prefix": "/v1/chat/", "method": "POST"}},
+        ]));
+        for (authority, method, want) in [
+            ("docs.example.com", "GET", Some("docs")),
+            // Another virtual host to Envoy (without `strip_trailing_host_dot`, which the
+            // filter would see applied): never the `docs` entry.
+            ("docs.example.com.", "POST", Some("chat")),
+            ("docs.example.com.:443", "POST", Some("chat")),
+            // Envoy ignores the port (Istio, Envoy Gateway), whatever it is.
+            ("DOCS.example.com:8443", "POST", Some("docs")),
+            ("docs.example.com:x", "POST", Some("docs")),
+            ("dotted.example.com.", "GET", Some("dotted")),
+            ("dotted.example.com", "GET", None),
+            // HTTP/2 carries `post` as it is, and Envoy forwards it.
+            ("api.example.com", "post", Some("chat")),
+            ("api.example.com", "Post", Some("chat")),
+            ("api.example.com", "GET", None),
+            ("api.example.com", "POSTX", None),
+        ] {
+            assert_eq!(
+                found(&t, key("", authority, "/v1/chat/completions", method)).as_deref(),
+                want,
+                "{method} {authority}"
+            );
+        }
     }
 
     #[test]

@@ -167,6 +167,13 @@ fn json_object() -> impl Strategy<Value = serde_json::Map<String, Json>> {
 fn expected(
     object: &serde_json::Map<String, Json>,
 ) -> Option<(Option<String>, bool, Option<i64>, Option<i64>)> {
+    // A key a provider may take for a known one (same letters, another case) is ambiguous.
+    if object
+        .keys()
+        .any(|k| !BODY_FIELDS.contains(&k.as_str()) && folded(k).is_some())
+    {
+        return None;
+    }
     let field = |name: &str| object.get(name).filter(|v| !v.is_null());
     let model = match field("model") {
         None => None,
@@ -293,6 +300,92 @@ fn prop_body_reader_agrees_with_serde_json_value() {
                         prop_assert_eq!(a.model, None);
                     }
                 }
+                Ok(())
+            },
+        );
+    });
+}
+
+/// The fields the body reader reads.
+const BODY_FIELDS: [&str; 5] = [
+    "model",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "messages",
+];
+
+/// The field `key` is to a parser that matches keys ignoring case with Unicode simple
+/// folding (Go's `encoding/json`): `ſ` (U+017F) is `s`, the Kelvin sign (U+212A) is `k`.
+fn folded(key: &str) -> Option<&'static str> {
+    let lower: String = key
+        .chars()
+        .map(|c| match c {
+            '\u{17f}' => 's',
+            '\u{212a}' => 'k',
+            c if c.is_ascii() => c.to_ascii_lowercase(),
+            c => c,
+        })
+        .collect();
+    BODY_FIELDS.iter().copied().find(|f| *f == lower)
+}
+
+/// `name` spelled another way a case-insensitive parser still reads as `name`: letters
+/// flipped to upper case, `s` as `ſ` and `k` as the Kelvin sign, chosen by `mask` (never
+/// `name` itself).
+fn case_variant(name: &str, mask: u64) -> String {
+    let variant: String = name
+        .chars()
+        .enumerate()
+        .map(|(i, c)| match (c, (mask >> ((2 * i) % 64)) & 3) {
+            ('s', 2) => '\u{17f}',
+            ('k', 2) => '\u{212a}',
+            (c, 1 | 2) => c.to_ascii_uppercase(),
+            (c, _) => c,
+        })
+        .collect();
+    if variant == name {
+        name.to_ascii_uppercase()
+    } else {
+        variant
+    }
+}
+
+#[test]
+fn prop_body_reader_case_variants_of_known_keys_are_parse_errors() {
+    on_big_stack(|| {
+        check(
+            "prop_body_reader_case_variants_of_known_keys_are_parse_errors",
+            (
+                proptest::sample::select(&BODY_FIELDS[..]),
+                json_value(),
+                any::<u64>(),
+                any::<bool>(),
+                json_object(),
+                any::<prop::sample::Index>(),
+            ),
+            |(name, value, mask, escape, others, at)| {
+                // The variant alone, or beside the field itself, anywhere among the others.
+                let variant = case_variant(name, mask);
+                prop_assert_eq!(folded(&variant), Some(name));
+                let mut members: Vec<String> = others
+                    .iter()
+                    .map(|(k, v)| format!("{}:{}", Json::String(k.clone()), v))
+                    .collect();
+                let spelled = if escape {
+                    escaped(&variant, mask)
+                } else {
+                    variant.clone()
+                };
+                members.insert(
+                    at.index(members.len() + 1),
+                    format!("\"{spelled}\":{value}"),
+                );
+                let body = format!("{{{}}}", members.join(","));
+                let a = BodyAttributes::from_body(body.as_bytes(), body.len() as i64, false);
+                prop_assert!(a.parse_error, "{}", body);
+                prop_assert_eq!(a.model, None);
+                prop_assert_eq!(a.stream, None);
                 Ok(())
             },
         );

@@ -6,8 +6,10 @@
 //! (`truncated`; never parsed, since a prefix can say anything). The size is exact or
 //! marked unknown (`size_known`), never guessed. Nothing here fails.
 
-use serde::de::IgnoredAny;
-use serde::Deserialize;
+use std::fmt;
+
+use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 
 /// Header Envoy (and the Arbiter filter) set on a CheckRequest whose body was cut at the
@@ -28,7 +30,8 @@ pub struct BodyAttributes {
     /// The body was cut at the route's `max_body_bytes`; no attribute was read from it.
     pub truncated: bool,
     /// A complete body was received but is not an OpenAI-style JSON object (not UTF-8 JSON,
-    /// not an object, a known field of the wrong type, or a known field twice).
+    /// not an object, a known field of the wrong type, a known field twice, or a key that
+    /// differs from a known field only in case).
     pub parse_error: bool,
     /// `model`.
     pub model: Option<String>,
@@ -44,19 +47,93 @@ pub struct BodyAttributes {
 }
 
 /// The fields policy reads; everything else (the prompt) is skipped without being kept.
-#[derive(Deserialize)]
+#[derive(Default)]
 struct OpenAiBody {
-    #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
     max_tokens: Option<i64>,
-    #[serde(default)]
     max_completion_tokens: Option<i64>,
     // `IgnoredAny` is zero-sized: counting messages allocates nothing per message.
-    #[serde(default)]
     messages: Option<Vec<IgnoredAny>>,
+}
+
+/// The top-level keys policy reads.
+const FIELDS: [&str; 5] = [
+    "model",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "messages",
+];
+
+/// A key that is not one of [`FIELDS`] but that a provider may read as one: the same
+/// letters in another case. Go's `encoding/json` (behind Ollama and many gateways) matches
+/// keys that way, with Unicode simple folding (`ſ` U+017F is an `s`, the Kelvin sign U+212A
+/// a `k`), and the last match wins: `{"model":"cheap","MODEL":"dear"}` is `dear` there.
+fn folds_to_field(key: &str) -> bool {
+    let fold = |c: char| match c {
+        '\u{17f}' => 's',
+        '\u{212a}' => 'k',
+        c => c.to_ascii_lowercase(),
+    };
+    FIELDS
+        .iter()
+        .any(|field| key.chars().map(fold).eq(field.chars()))
+}
+
+impl<'de> Deserialize<'de> for OpenAiBody {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(OpenAiBodyVisitor)
+    }
+}
+
+struct OpenAiBodyVisitor;
+
+/// Reads one known field once; a second copy is ambiguous (parsers differ on which wins).
+fn once<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    map: &mut A,
+    seen: &mut bool,
+    name: &'static str,
+) -> Result<Option<T>, A::Error> {
+    if std::mem::replace(seen, true) {
+        return Err(A::Error::duplicate_field(name));
+    }
+    map.next_value()
+}
+
+impl<'de> Visitor<'de> for OpenAiBodyVisitor {
+    type Value = OpenAiBody;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an OpenAI-style JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OpenAiBody, A::Error> {
+        let mut body = OpenAiBody::default();
+        let mut seen = [false; FIELDS.len()];
+        let [model, stream, max_tokens, max_completion_tokens, messages] = &mut seen;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "model" => body.model = once(&mut map, model, "model")?,
+                "stream" => body.stream = once(&mut map, stream, "stream")?,
+                "max_tokens" => body.max_tokens = once(&mut map, max_tokens, "max_tokens")?,
+                "max_completion_tokens" => {
+                    body.max_completion_tokens =
+                        once(&mut map, max_completion_tokens, "max_completion_tokens")?
+                }
+                "messages" => body.messages = once(&mut map, messages, "messages")?,
+                other if folds_to_field(other) => {
+                    return Err(A::Error::custom(
+                        "a key that differs from a known field only in case",
+                    ))
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(body)
+    }
 }
 
 impl BodyAttributes {
@@ -144,6 +221,27 @@ mod tests {
         let a = BodyAttributes::from_body(br#"{"model":"cheap","model":"dear"}"#, 0, false);
         assert!(a.parse_error);
         assert_eq!(a.model, None);
+        // So is a key a provider may take for a known one: Go's `encoding/json` matches
+        // keys ignoring case (Unicode folding included), and the last match wins there.
+        for ambiguous in [
+            r#"{"model":"cheap","MODEL":"dear"}"#,
+            r#"{"Model":"dear"}"#,
+            "{\"model\":\"cheap\",\"max_to\u{212a}ens\":100000}",
+            "{\"\u{17f}tream\":true}",
+            r#"{"model":"cheap","Messages":[]}"#,
+            r#"{"model":"cheap","model":null}"#,
+        ] {
+            let a = BodyAttributes::from_body(ambiguous.as_bytes(), 0, false);
+            assert!(a.parse_error, "{ambiguous}");
+            assert_eq!(a.model, None, "{ambiguous}");
+        }
+        // Other keys are the prompt's business; an escaped key is the key itself.
+        let a = BodyAttributes::from_body(
+            br#"{"m\u006fdel":"cheap","models":1,"mode":2,"model_":3,"Temperature":1}"#,
+            0,
+            false,
+        );
+        assert_eq!((a.model.as_deref(), a.parse_error), (Some("cheap"), false));
     }
 
     #[test]

@@ -630,6 +630,12 @@ impl H2Conn {
         })
     }
 
+    /// Sends `authority` as the `:authority` of the streams opened from now on.
+    pub fn authority(mut self, authority: &str) -> H2Conn {
+        authority.clone_into(&mut self.authority);
+        self
+    }
+
     /// Connects to the stack's Envoy listener.
     pub async fn to(stack: &Stack) -> Result<H2Conn> {
         H2Conn::connect(SocketAddr::from(([127, 0, 0, 1], stack.envoy.port()?))).await
