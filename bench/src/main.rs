@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use arbiter_bench::runner::{self, Kind, Plan, Section};
 use arbiter_bench::soak::{self, SoakPlan};
-use arbiter_bench::{procfs, profile, readme, svg};
+use arbiter_bench::{h2load, procfs, profile, readme, svg};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -65,6 +65,12 @@ enum Command {
     },
     /// The filter's per-request host calls and native cost.
     Profile,
+    /// Writes the gRPC-framed CheckRequest the `h2load` cross-check sends, to drive the
+    /// server by hand (`h2load --data`, profiling; see README "Where the time goes").
+    CheckFrame {
+        /// The file to write.
+        out: PathBuf,
+    },
     /// Regenerates the results section of the README from the newest results files.
     Readme {
         /// Directory holding `<date>.json` (and `soak-<date>.json`).
@@ -207,6 +213,11 @@ async fn command(
         Command::Profile => {
             let profile = profile::run().await?;
             println!("{}", profile.markdown());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckFrame { out } => {
+            std::fs::write(&out, h2load::grpc_frame()?)
+                .with_context(|| format!("writing {}", out.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Readme { results, readme } => {
