@@ -434,7 +434,7 @@ async fn claims_off_the_allow_list_appear_in_no_record_log_line_or_span() {
     assert_eq!(record["identity"]["jwt_claims_withheld"], 3);
 
     let audit = std::fs::read_to_string(&server.audit).unwrap();
-    let log = server.log();
+    let log = server.decisions_logged().await;
     assert!(
         log.contains("req-masked"),
         "the decision was not logged:\n{log}"

@@ -114,8 +114,7 @@ pub struct PolicyServer {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     audit_log: Option<PathBuf>,
-    /// `--policies`; `None`: the bundle comes from the extra arguments (`--bundle-url`).
-    policies: Option<PathBuf>,
+    policies: PathBuf,
     extra_args: Vec<String>,
     dir: RunDir,
 }
@@ -131,22 +130,6 @@ impl PolicyServer {
         let mut attempt = 1;
         loop {
             match Self::start_on(loopback(free_port()?), policies.as_ref(), extra_args).await {
-                Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
-    }
-
-    /// Starts the server on a free loopback port like [`PolicyServer::start`] but without
-    /// `--policies`: the bundle comes from `extra_args` (`--bundle-url …`, pulled from a
-    /// registry or an HTTPS server).
-    pub async fn start_remote(extra_args: &[String]) -> Result<PolicyServer> {
-        let mut attempt = 1;
-        loop {
-            let addr = loopback(free_port()?);
-            match Self::launch(addr, None, extra_args, None, true).await {
                 Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
                     attempt += 1;
                 }
@@ -185,21 +168,11 @@ impl PolicyServer {
         dir: Option<&Path>,
         audit_log: bool,
     ) -> Result<PolicyServer> {
+        let bin = policy_server_bin()?;
         let policies = template_path(policies);
         if !policies.is_dir() {
             bail!("policy bundle {} does not exist", policies.display());
         }
-        Self::launch(addr, Some(policies), extra_args, dir, audit_log).await
-    }
-
-    async fn launch(
-        addr: SocketAddr,
-        policies: Option<PathBuf>,
-        extra_args: &[String],
-        dir: Option<&Path>,
-        audit_log: bool,
-    ) -> Result<PolicyServer> {
-        let bin = policy_server_bin()?;
         let dir = RunDir::new("arbiter-policy-", dir)?;
         // DESIGN §5 flags the server may not implement yet: pass them only when `--help`
         // lists them, so the harness works at every stage of the server.
@@ -231,10 +204,11 @@ impl PolicyServer {
 
     async fn spawn(&mut self) -> Result<()> {
         let mut command = Command::new(&self.bin);
-        command.arg("--listen").arg(self.addr.to_string());
-        if let Some(policies) = &self.policies {
-            command.arg("--policies").arg(policies);
-        }
+        command
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--policies")
+            .arg(&self.policies);
         if let Some(audit_log) = &self.audit_log {
             command.arg("--audit-log").arg(audit_log);
         }
@@ -387,6 +361,27 @@ impl PolicyServer {
                 .map(std::ffi::OsStr::new)
                 .chain(files.iter().map(|f| f.as_os_str())),
         )
+    }
+
+    /// The server's log once the decision line of every record in the audit log is in it.
+    /// The server's log thread writes decision lines shortly after the answer leaves, so a
+    /// test that reads them polls (generously: a loaded machine may delay that thread).
+    pub async fn decisions_logged(&self) -> Result<String> {
+        eventually(
+            Duration::from_secs(30),
+            "the decision line of every audit record in the policy server log",
+            || async {
+                let log = self.log();
+                let records = self.audit_records().ok()?;
+                records
+                    .iter()
+                    .filter_map(|record| record["id"].as_str())
+                    .all(|id| log.contains(id))
+                    .then_some(log)
+            },
+        )
+        .await
+        .with_context(|| self.log())
     }
 
     /// The server's log (stdout and stderr) so far.

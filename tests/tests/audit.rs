@@ -318,7 +318,8 @@ async fn secrets_and_prompts_stay_out_of_the_audit_log_and_envoy_logs() -> Resul
     for file in policy.audit_files()? {
         texts.push((file.display().to_string(), std::fs::read_to_string(file)?));
     }
-    texts.push(("policy server log".into(), policy.log()));
+    // The decision's own line included: the secrets must not be in it either.
+    texts.push(("policy server log".into(), policy.decisions_logged().await?));
     texts.push(("envoy log".into(), stack.envoy.log()));
     texts.push((
         "access log".into(),

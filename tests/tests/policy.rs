@@ -75,7 +75,7 @@ async fn api_keys_identify_callers_on_the_regulated_route() -> Result<()> {
 
     // Only the two allowed requests reached a provider.
     assert_eq!(stack.upstream_requests(), 2);
-    let log = stack.policy()?.log();
+    let log = stack.policy()?.decisions_logged().await?;
     assert!(
         log.contains("\"identity_source\":\"api_key\"")
             || log.contains("identity_source=\"api_key\"")
@@ -131,7 +131,7 @@ async fn request_bodies_reach_policy_through_envoy() -> Result<()> {
     assert_eq!(policy_ids(&reply), json!(["body-must-be-readable"]));
 
     assert_eq!(stack.upstream_requests(), 2);
-    let log = stack.policy()?.log();
+    let log = stack.policy()?.decisions_logged().await?;
     assert!(
         !log.contains("the prompt") && !log.contains("xxxxxxxx"),
         "prompt text reached the log"
@@ -291,7 +291,7 @@ async fn jwt_claims_verified_by_jwt_authn_identify_callers() -> Result<()> {
     assert_eq!(policy_ids(&reply), json!(["tenant-isolation"]));
 
     assert_eq!(stack.upstream_requests(), 2);
-    let log = stack.policy()?.log();
+    let log = stack.policy()?.decisions_logged().await?;
     assert!(log.contains(&format!("{ISSUER}#alice")), "{log}");
     assert!(
         !log.contains(&approved) && !log.contains(&premium),

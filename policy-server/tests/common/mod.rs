@@ -382,6 +382,30 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The server's log once the decision line of every record in the audit log is in it.
+    /// The server's log thread writes decision lines shortly after the answer, so a test
+    /// that reads them polls (generously: a loaded machine may delay that thread).
+    pub async fn decisions_logged(&self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            let records = audit_lines(&self.audit);
+            let missing: Vec<&str> = records
+                .iter()
+                .filter_map(|record| record["id"].as_str())
+                .filter(|id| !log.contains(id))
+                .collect();
+            if missing.is_empty() {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no decision line for {missing:?} in the log:\n{log}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGKILL, like a crash.
     pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
