@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use arbiter_bench::runner::{self, Kind, Plan, Section};
-use arbiter_bench::soak::{self, SoakPlan};
+use arbiter_bench::soak::{self, SoakPlan, SoakStack};
 use arbiter_bench::{h2load, procfs, profile, readme, svg};
 use clap::{Parser, Subcommand};
 
@@ -62,6 +62,10 @@ enum Command {
         /// Output directory.
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
+        /// The Envoy under load: `arbiter` (judged), or `no-auth` / `ext-authz` baselines
+        /// for telling Envoy's own memory behaviour from the filter's.
+        #[arg(long, value_enum, default_value_t = SoakStack::Arbiter)]
+        stack: SoakStack,
     },
     /// The filter's per-request host calls and native cost.
     Profile,
@@ -188,11 +192,17 @@ async fn command(
                 Ok(ExitCode::FAILURE)
             }
         }
-        Command::Soak { minutes, rate, out } => {
+        Command::Soak {
+            minutes,
+            rate,
+            out,
+            stack,
+        } => {
             let mut plan = Plan::full();
             plan.client_cpus = client_cpus;
             plan.server_cpus = server_cpus;
             let soak_plan = SoakPlan {
+                stack,
                 duration: Duration::from_secs_f64(minutes.max(0.05) * 60.0),
                 rate,
                 warmup: Duration::from_secs(20).min(Duration::from_secs_f64(minutes * 60.0)),

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use arbiter_e2e::stack::{DEFAULT_POLICIES, DEMO_TEMPLATE};
+use arbiter_e2e::stack::{
+    DEFAULT_POLICIES, DEMO_TEMPLATE, EXT_AUTHZ_TEMPLATE, PASSTHROUGH_TEMPLATE,
+};
 use arbiter_e2e::util::workspace_root;
 use arbiter_e2e::MockLlm;
 use bytes::Bytes;
@@ -24,9 +26,42 @@ use crate::report::{fmt_rate, TargetLine};
 use crate::runner::{detect_audit_support, start_envoy, start_server, AuditMode, Plan};
 use crate::CHAT_BODY;
 
+/// Which Envoy the soak runs: the arbiter scenario (`make soak`, judged), or a baseline to
+/// tell Envoy's own memory behaviour under the same load from the filter's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SoakStack {
+    /// The arbiter filter (`envoy/arbiter.yaml.tmpl`).
+    #[default]
+    Arbiter,
+    /// Envoy routing straight to the upstream (`tests/envoy/passthrough.yaml.tmpl`).
+    NoAuth,
+    /// Envoy's native ext_authz calling the same server (`tests/envoy/ext_authz.yaml.tmpl`).
+    ExtAuthz,
+}
+
+impl SoakStack {
+    fn template(self) -> &'static str {
+        match self {
+            SoakStack::Arbiter => DEMO_TEMPLATE,
+            SoakStack::NoAuth => PASSTHROUGH_TEMPLATE,
+            SoakStack::ExtAuthz => EXT_AUTHZ_TEMPLATE,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            SoakStack::Arbiter => "arbiter",
+            SoakStack::NoAuth => "no-auth",
+            SoakStack::ExtAuthz => "native ext_authz",
+        }
+    }
+}
+
 /// Soak settings.
 #[derive(Debug, Clone)]
 pub struct SoakPlan {
+    /// The Envoy under load.
+    pub stack: SoakStack,
     /// Measured time.
     pub duration: Duration,
     /// Requests per second.
@@ -47,6 +82,10 @@ pub struct SoakSample {
     pub envoy: Memory,
     /// Policy server memory.
     pub server: Memory,
+    /// Downstream connections Envoy accepted since it started (`downstream_cx_total`): the
+    /// open loop opens a connection whenever every open one is busy, so a stall shows here.
+    #[serde(default)]
+    pub envoy_connections: u64,
     /// Latency and counts of the chunk.
     pub summary: Summary,
 }
@@ -110,7 +149,7 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     let backup = MockLlm::start("backup").await?;
     let server = start_server(&workspace_root().join(DEFAULT_POLICIES), mode, plan).await?;
     let envoy = start_envoy(
-        DEMO_TEMPLATE,
+        soak.stack.template(),
         Some(server.addr().port()),
         &primary,
         &backup,
@@ -131,10 +170,11 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     };
 
     println!(
-        "soak: {} rps for {:.0} s after {:.0} s warm-up (arbiter, {})",
+        "soak: {} rps for {:.0} s after {:.0} s warm-up ({}, {})",
         fmt_rate(soak.rate),
         soak.duration.as_secs_f64(),
         soak.warmup.as_secs_f64(),
+        soak.stack.label(),
         mode.label()
     );
     let warm = open_loop(Arc::clone(&target), &config(soak.warmup)).await;
@@ -159,12 +199,14 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
             t_s: started.elapsed().as_secs_f64(),
             envoy: procfs::memory(envoy_pid)?,
             server: procfs::memory(server_pid)?,
+            envoy_connections: envoy_connections(&envoy).await,
             summary: result.summary,
         };
         println!(
-            "  t={:>5.0} s  Envoy RSS {:>7.1} MiB  server RSS {:>6.1} MiB  p99 {:.3} ms  errors {}",
+            "  t={:>5.0} s  Envoy RSS {:>7.1} MiB  connections {:>5}  server RSS {:>6.1} MiB  p99 {:.3} ms  errors {}",
             sample.t_s,
             sample.envoy.rss_mib,
+            sample.envoy_connections,
             sample.server.rss_mib,
             sample.summary.p99_ms,
             sample.summary.errors
@@ -229,6 +271,12 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
         },
     ];
     targets.push(match audit_records {
+        _ if soak.stack != SoakStack::Arbiter => TargetLine {
+            target: "audit records = decided requests".to_owned(),
+            measured: "not measured".to_owned(),
+            verdict: "N/A".to_owned(),
+            note: Some(format!("a {} baseline soak", soak.stack.label())),
+        },
         Some(records) => TargetLine {
             target: "audit records = decided requests".to_owned(),
             measured: format!("{records} records, {decided} decided"),
@@ -266,6 +314,16 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
         samples,
         targets,
     })
+}
+
+/// `http.ingress.downstream_cx_total`, 0 when the admin interface does not answer.
+async fn envoy_connections(envoy: &arbiter_e2e::Envoy) -> u64 {
+    envoy
+        .stats()
+        .await
+        .ok()
+        .and_then(|stats| stats.get("http.ingress.downstream_cx_total").copied())
+        .unwrap_or(0)
 }
 
 /// `0.25 1.14 1.40`, or `unknown`.
@@ -339,13 +397,14 @@ impl SoakReport {
             self.server_rss_mib[0],
             self.server_rss_mib[1]
         );
-        md.push_str("| t (s) | Envoy RSS MiB | server RSS MiB | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("| t (s) | Envoy RSS MiB | Envoy connections accepted | server RSS MiB | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|---:|---:|\n");
         for s in &self.samples {
             let _ = writeln!(
                 md,
-                "| {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {} |",
+                "| {:.0} | {:.1} | {} | {:.1} | {:.3} | {:.3} | {} |",
                 s.t_s,
                 s.envoy.rss_mib,
+                s.envoy_connections,
                 s.server.rss_mib,
                 s.summary.p50_ms,
                 s.summary.p99_ms,

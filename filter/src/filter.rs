@@ -39,7 +39,7 @@ const PROBE_GRACE: Duration = Duration::from_secs(1);
 
 /// Distinct route metadata values remembered per VM (routes are few; this bounds memory
 /// if something generates metadata per request).
-const ROUTE_CACHE_LIMIT: usize = 512;
+pub(crate) const ROUTE_CACHE_LIMIT: usize = 512;
 
 /// A route's settings, parsed and judged when this VM first saw them (route metadata) or
 /// when the plugin configuration was loaded (route table, plugin defaults).
@@ -87,6 +87,13 @@ impl Shared {
             policy_version: RefCell::new(None),
             breaker,
         }
+    }
+
+    /// Distinct route metadata values this VM holds parsed (bounded by
+    /// `ROUTE_CACHE_LIMIT`).
+    #[cfg(test)]
+    pub(crate) fn cached_routes(&self) -> usize {
+        self.routes.borrow().len()
     }
 
     /// Last policy version the server reported to this VM.
@@ -242,9 +249,10 @@ impl<H: Host> Filter<H> {
         self.ended = end_of_stream;
         // Remove forged markers before anything else reads the headers, and the caller's
         // gateway credential before anything can go upstream (policy still sees it).
-        let mut headers = Vec::new();
+        let sent = self.host.request_headers();
+        let mut headers = Vec::with_capacity(sent.len());
         let mut removed: Vec<String> = Vec::new();
-        for (name, value) in self.host.request_headers() {
+        for (name, value) in sent {
             let reserved = is_reserved_header(&name);
             if (reserved || self.shared.config.credential_headers.contains(&name))
                 && !removed.contains(&name)
@@ -253,7 +261,7 @@ impl<H: Host> Filter<H> {
                 removed.push(name.clone());
             }
             if !reserved {
-                headers.push((name, String::from_utf8_lossy(&value).into_owned()));
+                headers.push((name, lossy_string(value)));
             }
         }
 
@@ -324,7 +332,8 @@ impl<H: Host> Filter<H> {
             self.mark_undecided();
             return Flow::Pause;
         }
-        self.decide(pending)
+        // The clock read for the route is this request's time: no second read.
+        self.decide(pending, now)
     }
 
     /// A chunk of request body arrived (Envoy keeps buffering while this pauses).
@@ -396,12 +405,13 @@ impl<H: Host> Filter<H> {
         pending.body_partial = buffered > limit;
         pending.body = Some(body);
         // Returning Continue from a body or trailers callback releases what was paused.
-        self.decide(pending)
+        // The body may have taken a while: the breaker and the cache judge at this moment.
+        let now = self.host.now();
+        self.decide(pending, now)
     }
 
-    /// Cache, breaker, then the policy call.
-    fn decide(&mut self, pending: Box<Pending>) -> Flow {
-        let now = self.host.now();
+    /// Cache, breaker, then the policy call, judged at `now`.
+    fn decide(&mut self, pending: Box<Pending>, now: SystemTime) -> Flow {
         let metadata_bytes = pending.metadata.as_ref().map(|m| m.encode_to_vec());
         let cache_key = pending.route.cache_ttl.map(|_| {
             cache::key(
@@ -977,10 +987,14 @@ impl<H: Host> Filter<H> {
     }
 
     fn string_property(&self, path: &[&str]) -> Option<String> {
-        self.host
-            .property(path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+        self.host.property(path).map(lossy_string)
     }
+}
+
+/// The bytes as text, invalid UTF-8 replaced; valid text (nearly always) keeps its buffer
+/// instead of being copied.
+fn lossy_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// The audit id in a deny body (`{"error":{"audit_id":…}}`), when it is a plain token

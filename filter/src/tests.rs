@@ -34,6 +34,7 @@ struct Recorded {
     local: Option<LocalReply>,
     resumed: u32,
     now: Option<SystemTime>,
+    clock_reads: u32,
     logs: Vec<(Level, String)>,
     metrics: HashMap<Metric, u64>,
     latencies: Vec<u64>,
@@ -190,9 +191,9 @@ impl Host for MockHost {
         self.0.borrow_mut().resumed += 1;
     }
     fn now(&self) -> SystemTime {
-        self.0
-            .borrow()
-            .now
+        let mut r = self.0.borrow_mut();
+        r.clock_reads += 1;
+        r.now
             .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000))
     }
     fn log(&self, level: Level, message: &str) {
@@ -342,6 +343,45 @@ fn allow_applies_server_headers_and_strips_forged_markers() {
     assert_eq!(metric(&host, Metric::Outcome(Outcome::Allow)), 1);
     assert_eq!(host.0.borrow().latencies.len(), 1);
     assert_eq!(host.0.borrow().log_fields["arbiter_outcome"], "allow");
+}
+
+#[test]
+fn an_allowed_request_reads_the_clock_once_per_step() {
+    // Each clock read is a host call (a crossing of the VM boundary in Envoy): the route,
+    // the breaker and the CheckRequest's time share one read, the latency takes another.
+    let (mut f, host) = request("chat", None, &[]);
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
+    assert_eq!(host.0.borrow().clock_reads, 1);
+    host.0.borrow_mut().response_body = Some(ok_response());
+    assert_eq!(f.on_check_response(MockHost::TOKEN, 0, 10), Flow::Continue);
+    assert_eq!(host.0.borrow().clock_reads, 2);
+    assert_eq!(metric(&host, Metric::Outcome(Outcome::Allow)), 1);
+}
+
+#[test]
+fn route_settings_are_parsed_once_and_their_cache_stays_bounded() {
+    let shared = Rc::new(Shared::new(
+        FilterConfig::parse(br#"{"policy_cluster":"arbiter_policy","timeout_ms":100}"#).unwrap(),
+    ));
+    // The same metadata twice: one entry.
+    for _ in 0..2 {
+        let md = metadata(&[("fail_mode", Kind::StringValue("open".into()))]);
+        let (mut f, _host) = request_with(Rc::clone(&shared), "chat", Some(md), &[]);
+        assert_eq!(f.on_request_headers(true), Flow::Pause);
+    }
+    assert_eq!(shared.cached_routes(), 1);
+    // Metadata that differs on every request (a generated config) never grows it past its
+    // bound, and every request still gets its own settings.
+    for i in 0..(crate::filter::ROUTE_CACHE_LIMIT * 2 + 3) {
+        let md = metadata(&[("timeout_ms", Kind::NumberValue(100.0 + i as f64))]);
+        let (mut f, host) = request_with(Rc::clone(&shared), "chat", Some(md), &[]);
+        assert_eq!(f.on_request_headers(true), Flow::Pause);
+        assert_eq!(
+            host.0.borrow().dispatched[0].2,
+            Duration::from_millis(100 + i as u64)
+        );
+        assert!(shared.cached_routes() <= crate::filter::ROUTE_CACHE_LIMIT);
+    }
 }
 
 #[test]
