@@ -62,6 +62,7 @@ fn event(i: usize) -> AuditEvent {
         id: format!("id-{i}"),
         request_id: format!("r-{i}"),
         decision: Verdict::Allow,
+        dry_run: false,
         reason: Reason::Permit,
         policy_version: "sha256:0123456789abcdef".into(),
         policy_ids: vec!["routine-chat".into()],
@@ -1049,6 +1050,19 @@ async fn otlp_export_survives_receiver_and_server_outages() {
         assert_eq!(line["seq"], 1);
         assert_eq!(traced.event_name, "arbiter.decision");
         assert!(traced.time_unix_nano > 0);
+        // Searchable by what happened to the request (`dry_run_deny` for a deny on a dry-run
+        // route).
+        let outcome = traced
+            .attributes
+            .iter()
+            .find(|a| a.key == "arbiter.outcome")
+            .and_then(|a| a.value.as_ref()?.value.as_ref());
+        assert_eq!(
+            outcome,
+            Some(&any_value::Value::StringValue(
+                line["decision"].as_str().unwrap().into()
+            ))
+        );
     }
 
     // The receiver goes away: decisions go on, nothing is lost.
@@ -1434,6 +1448,173 @@ fn replay_decides_at_the_records_time_and_names_missing_facts() {
     );
     assert!(
         out.contains("would have been denied: request e-cached on route batch by anonymous: POST /v1/chat/completions (chat.completions): recorded cached (allowed by decision id-0); policies max-tokens-cap-on-batch"),
+        "{out}"
+    );
+}
+
+/// A record as servers before the top-level `dry_run` field wrote a deny on a dry-run route
+/// (the marker only in `route_context`), framed and hashed as they did.
+fn old_dry_run_deny_line() -> String {
+    let content = format!(
+        concat!(
+            r#"{{"v":1,"seq":1,"ts":"2026-11-29T10:00:00.000001Z","request_time":"2026-11-29T10:00:00.000000Z","#,
+            r#""id":"0193a1b2-0000-7000-8000-0000000000aa","request_id":"old-1","decision":"deny","reason":"forbid","#,
+            r#""policy_version":"ai-gateway@sha256:0123456789abcdef","policy_ids":["regulated-requires-identity"],"#,
+            r#""principal":"anonymous","action":"chat.completions","route":"rollout","#,
+            r#""route_context":{{"classification":"regulated","dry_run":"true"}},"method":"POST","scheme":"http","#,
+            r#""host":"gw","path":"/v1/chat/completions","source":"127.0.0.1:4000","#,
+            r#""identity":{{"source":"none","jwt":null,"api_key_sha256":null}},"headers":{{}},"model":null,"#,
+            r#""body_bytes":0,"body_size_known":true,"body_truncated":false,"body_parse_error":false,"#,
+            r#""stream":null,"max_tokens":null,"message_count":null,"prompt_sha256":null,"trace_id":null,"#,
+            r#""latency_us":40,"prev_hash":"{}"}}"#
+        ),
+        "0".repeat(64)
+    );
+    let hash = hex::encode(Sha256::digest(&content));
+    format!("{},\"hash\":\"{hash}\"}}", &content[..content.len() - 1])
+}
+
+/// The audit record says plainly, at top level, that a deny on a dry-run route was not
+/// enforced; the field is covered by the hash; logs written before it existed still verify
+/// (and the new server continues their chain); replay decides such a record as policy did
+/// and names it dry-run.
+#[tokio::test]
+async fn a_dry_run_deny_is_recorded_as_not_enforced_and_older_logs_still_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = server_audit(&dir);
+    // A log the previous version wrote: it verifies as it is.
+    write_lines(&path, &[old_dry_run_deny_line()]);
+    let (code, out) = cli(&["audit", "verify"], [&path]);
+    assert_eq!(code, 0, "{out}");
+
+    // The new server continues that chain: a deny and an allow on a dry-run route (the
+    // filter's `dry_run` context extension), then a deny on an enforcing route.
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let regulated_dry = [
+        ("route", "rollout"),
+        ("classification", "regulated"),
+        ("dry_run", "true"),
+    ];
+    for (method, path, extensions) in [
+        ("POST", "/v1/chat/completions", &regulated_dry[..]),
+        (
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "rollout"), ("dry_run", "true")][..],
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            &[("route", "regulated"), ("classification", "regulated")][..],
+        ),
+    ] {
+        client
+            .check(check_request("", method, path, extensions))
+            .await
+            .unwrap();
+    }
+    server.kill().await;
+
+    let lines = lines_of(&path);
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[0], old_dry_run_deny_line());
+    assert!(
+        lines[1].contains(r#""decision":"deny","dry_run":true,"reason":"#),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].contains(r#""decision":"allow","dry_run":true,"#),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].contains(r#""decision":"deny","reason":"#),
+        "{}",
+        lines[3]
+    );
+    assert!(!lines[3].contains("dry_run"), "{}", lines[3]);
+    let (code, out) = cli(&["audit", "verify"], [&path]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 4 records"), "{out}");
+
+    // The field is covered by the hash: dropping it (a dry-run deny made to look enforced) or
+    // adding it (an enforced deny made to look advisory) is caught.
+    let target = dir.path().join("tampered.jsonl");
+    for (line, from, to) in [
+        (1, ",\"dry_run\":true", ""),
+        (1, "\"dry_run\":true", "\"dry_run\":false"),
+        (
+            3,
+            "\"decision\":\"deny\"",
+            "\"decision\":\"deny\",\"dry_run\":true",
+        ),
+    ] {
+        let mut tampered = lines.clone();
+        tampered[line] = tampered[line].replacen(from, to, 1);
+        assert_ne!(tampered[line], lines[line]);
+        write_lines(&target, &tampered);
+        let (code, out) = cli(&["audit", "verify"], [&target]);
+        assert_eq!(code, 1, "{out}");
+        assert!(
+            out.contains(&format!("tampered.jsonl:{}: hash mismatch", line + 1)),
+            "{out}"
+        );
+    }
+
+    // Replay decides a dry-run deny as policy did (deny: no difference) and counts it as
+    // not enforced, the older record (marker in `route_context`) included.
+    let policies = common::example_bundle();
+    let policies = policies.to_str().unwrap();
+    let (code, out) = cli(&["audit", "replay", "--policies", policies], [&path]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("server decisions:      4 replayed, 0 decided differently now"),
+        "{out}"
+    );
+    assert!(
+        out.contains("of which on dry-run routes: 3 (2 denies, not enforced: let through marked), 0 decided differently now"),
+        "{out}"
+    );
+    let (code, out) = cli(
+        &[
+            "audit",
+            "replay",
+            "--dry-run",
+            "--json",
+            "--policies",
+            policies,
+        ],
+        [&path],
+    );
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["server"]["replayed"], 3, "{report}");
+    assert_eq!(report["dry_run_denies"], 2, "{report}");
+    assert_eq!(report["filtered"], 1, "{report}");
+
+    // A bundle without the regulated rules allows those requests now: the differences name
+    // the denies as not enforced.
+    let open = bundle_with(dir.path(), "");
+    std::fs::remove_file(open.join("regulated.cedar")).unwrap();
+    let (code, out) = cli(
+        &[
+            "audit",
+            "replay",
+            "--dry-run",
+            "--policies",
+            open.to_str().unwrap(),
+        ],
+        [&path],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("recorded deny on a dry-run route, not enforced (audit id 0193a1b2-0000-7000-8000-0000000000aa)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("left out:              1 records not made on a dry-run route"),
         "{out}"
     );
 }

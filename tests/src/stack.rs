@@ -114,7 +114,8 @@ pub struct PolicyServer {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     audit_log: Option<PathBuf>,
-    policies: PathBuf,
+    /// `--policies`; `None`: the bundle comes from the extra arguments (`--bundle-url`).
+    policies: Option<PathBuf>,
     extra_args: Vec<String>,
     dir: RunDir,
 }
@@ -130,6 +131,22 @@ impl PolicyServer {
         let mut attempt = 1;
         loop {
             match Self::start_on(loopback(free_port()?), policies.as_ref(), extra_args).await {
+                Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Starts the server on a free loopback port like [`PolicyServer::start`] but without
+    /// `--policies`: the bundle comes from `extra_args` (`--bundle-url …`, pulled from a
+    /// registry or an HTTPS server).
+    pub async fn start_remote(extra_args: &[String]) -> Result<PolicyServer> {
+        let mut attempt = 1;
+        loop {
+            let addr = loopback(free_port()?);
+            match Self::launch(addr, None, extra_args, None, true).await {
                 Err(e) if attempt < 5 && format!("{e:#}").contains("Address already in use") => {
                     attempt += 1;
                 }
@@ -168,11 +185,21 @@ impl PolicyServer {
         dir: Option<&Path>,
         audit_log: bool,
     ) -> Result<PolicyServer> {
-        let bin = policy_server_bin()?;
         let policies = template_path(policies);
         if !policies.is_dir() {
             bail!("policy bundle {} does not exist", policies.display());
         }
+        Self::launch(addr, Some(policies), extra_args, dir, audit_log).await
+    }
+
+    async fn launch(
+        addr: SocketAddr,
+        policies: Option<PathBuf>,
+        extra_args: &[String],
+        dir: Option<&Path>,
+        audit_log: bool,
+    ) -> Result<PolicyServer> {
+        let bin = policy_server_bin()?;
         let dir = RunDir::new("arbiter-policy-", dir)?;
         // DESIGN §5 flags the server may not implement yet: pass them only when `--help`
         // lists them, so the harness works at every stage of the server.
@@ -204,11 +231,10 @@ impl PolicyServer {
 
     async fn spawn(&mut self) -> Result<()> {
         let mut command = Command::new(&self.bin);
-        command
-            .arg("--listen")
-            .arg(self.addr.to_string())
-            .arg("--policies")
-            .arg(&self.policies);
+        command.arg("--listen").arg(self.addr.to_string());
+        if let Some(policies) = &self.policies {
+            command.arg("--policies").arg(policies);
+        }
         if let Some(audit_log) = &self.audit_log {
             command.arg("--audit-log").arg(audit_log);
         }
