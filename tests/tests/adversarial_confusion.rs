@@ -72,8 +72,13 @@ async fn h2_with_authority(stack: &Stack, method: &[u8], authority: &str) -> Res
     }
     .content_length(body.len());
     let mut stream = h2.open(&head, false).await?;
-    stream.data(&body, true)?;
-    stream.answer().await
+    // Envoy may answer on the headers alone (the docs host's direct response) and end the
+    // stream before the body goes out; a client then reads that answer, as this one does.
+    let sent = stream.data(&body, true);
+    stream.answer().await.map_err(|answer| match sent {
+        Err(sent) => sent.context(format!("and then no answer: {answer:#}")),
+        Ok(()) => answer,
+    })
 }
 
 /// The table picks the entry of the route Envoy takes, not a weaker one: a host with a
