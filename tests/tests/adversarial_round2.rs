@@ -385,3 +385,73 @@ async fn odd_http1_request_forms_never_pass_undecided() -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// The audit log under the server's feet
+
+/// Someone (a careless cleanup, a log shipper) deletes the active audit log while the
+/// server runs. The server held it open and went on appending to the deleted file:
+/// decisions were answered and enforced while their records went into a file no one can
+/// read, lost for good when the process ends. Now the next batch starts a new file at the
+/// configured path and continues the chain: every decision answered after the deletion is
+/// in it, and `arbiter audit verify` says where the chain now starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_audit_log_loses_no_later_decision() -> Result<()> {
+    let mut stack = patient_stack().start().await?;
+    let req = || Req::post(&path("/t/closed"), chat("gpt-4o-mini"));
+    let reply = send_ok(&stack, Proto::H1, &req()).await?;
+    assert_allowed(&reply, "before the deletion");
+    let policy = stack.policy()?;
+    let audit_path = policy.audit_log_path().context("no audit log")?.to_owned();
+    let before = policy.audit_log()?;
+    let last_seq = before
+        .last()
+        .and_then(|r| r["seq"].as_u64())
+        .context("no record")?;
+    std::fs::remove_file(&audit_path)?;
+
+    for proto in [Proto::H1, Proto::H2, Proto::H1] {
+        let reply = send_ok(&stack, proto, &req()).await?;
+        assert_allowed(&reply, "after the deletion");
+    }
+    // Each answered decision names its record; each record is in the file at the path.
+    let ids: Vec<String> = stack
+        .primary
+        .requests()
+        .iter()
+        .rev()
+        .take(3)
+        .map(|r| {
+            r.header("x-arbiter-audit-id")
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    let records = eventually(
+        Duration::from_secs(15),
+        "the decisions after the deletion in the new audit file",
+        || async {
+            let records = stack.policy.as_ref()?.audit_log().ok()?;
+            (records.len() >= 3).then_some(records)
+        },
+    )
+    .await?;
+    assert_eq!(records.len(), 3, "{records:?}");
+    let seqs: Vec<u64> = records.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert_eq!(seqs, vec![last_seq + 1, last_seq + 2, last_seq + 3]);
+    for id in &ids {
+        assert!(
+            records.iter().any(|r| r["id"] == id.as_str()),
+            "answered decision {id} has no record: {records:?}"
+        );
+    }
+    // The chain after the deletion verifies, and the verifier names where it starts: the
+    // records before it are missing.
+    let (code, out) = stack.policy()?.verify_audit()?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("chain starts at seq {}", last_seq + 1)),
+        "{out}"
+    );
+    Ok(())
+}
