@@ -500,12 +500,34 @@ impl Writer {
         if self.sync == AuditSync::Fsync {
             file.sync_data()?;
         }
+        // Removed while these records were written: they are in no file, so they are not
+        // acknowledged (`prepare` starts a new file for the next batch).
+        if deleted(file) {
+            return Err(io::Error::other(
+                "the audit log was deleted while records were written to it",
+            ));
+        }
         Ok(())
     }
 
     /// Makes the active file ready to append: open, free of half-written bytes, rotated if
     /// it is full.
     fn prepare(&mut self) -> io::Result<()> {
+        if self.file.as_ref().is_some_and(deleted) {
+            // Someone removed the active file: what it held is gone, and records appended
+            // to it now would be too (answered, yet in no file anyone can read). Start a new
+            // file at the path; the chain goes on from the last record, so a verifier shows
+            // the gap where the removed records were.
+            tracing::error!(
+                path = %self.path.display(),
+                next_seq = self.next_seq,
+                "the audit log was deleted while open; its records went with it; continuing the chain in a new file"
+            );
+            self.file = None;
+            self.len = 0;
+            self.first_seq = None;
+            self.dirty = false;
+        }
         if self.file.is_none() {
             self.open()?;
         }
@@ -721,6 +743,12 @@ fn lock(path: &Path) -> Result<File, AuditError> {
         .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
         .map_err(open_error)?;
     Ok(file)
+}
+
+/// Whether `file` has been removed from its directory (no name links to it any more).
+fn deleted(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    file.metadata().is_ok_and(|m| m.nlink() == 0)
 }
 
 /// Makes a rename or a new file in `path`'s directory durable.
@@ -983,6 +1011,22 @@ mod tests {
             value("audit_batch_records_count"),
             value("audit_records_written_total"),
         )
+    }
+
+    #[tokio::test]
+    async fn a_deleted_active_file_is_replaced_before_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&AuditConfig::new(&path), AuditMetrics::default()).unwrap();
+        log.append(event(0)).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // Acknowledged only once it is in a file at the path, the chain going on.
+        let written = log.append(event(1)).await.unwrap();
+        assert_eq!(written.seq, 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("\"seq\":2"), "{text}");
     }
 
     #[tokio::test]

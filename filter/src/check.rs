@@ -74,6 +74,21 @@ pub fn content_length(info: &RequestInfo) -> Option<u64> {
     v.parse().ok()
 }
 
+/// Longest request id the filter passes to the policy server as gRPC metadata.
+pub const MAX_METADATA_REQUEST_ID: usize = 256;
+
+/// Whether `id` (the client's `x-request-id`) may travel as the policy call's gRPC
+/// metadata. The id always reaches policy whole, in the CheckRequest; the metadata copy only
+/// names the call in logs. The server's HTTP/2 stack refuses a header block over 16 KiB and
+/// a value with control bytes: a call refused for an id the client chose would be a
+/// failure the client caused, letting an `open` route through and tripping the breaker.
+/// Only a short id of visible ASCII (and spaces) is sent.
+pub fn metadata_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_METADATA_REQUEST_ID
+        && id.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+}
+
 /// Encodes the CheckRequest for `info` on a route with `context`.
 pub fn encode_check_request(
     info: &RequestInfo,
@@ -185,6 +200,21 @@ mod tests {
             protocol: Some("HTTP/1.1".into()),
             body_size: None,
         }
+    }
+
+    #[test]
+    fn only_short_visible_request_ids_travel_as_metadata() {
+        assert!(metadata_request_id("0b8e1c6a-5c1f-4f4e-9a57-2a4f0c1d7e55"));
+        assert!(metadata_request_id("trace 42"));
+        assert!(metadata_request_id(&"r".repeat(MAX_METADATA_REQUEST_ID)));
+        assert!(!metadata_request_id(""));
+        assert!(!metadata_request_id(
+            &"r".repeat(MAX_METADATA_REQUEST_ID + 1)
+        ));
+        assert!(!metadata_request_id("rid\u{1}ctl"));
+        assert!(!metadata_request_id("rid\u{7f}del"));
+        assert!(!metadata_request_id("rid\ttab"));
+        assert!(!metadata_request_id("rid\u{fffd}"));
     }
 
     #[test]

@@ -14,7 +14,9 @@ use time::OffsetDateTime;
 
 use crate::breaker::{Admit, Breaker, Transition};
 use crate::cache::{self, CacheKey, Entry};
-use crate::check::{build_check_request, content_length, is_reserved_header, RequestInfo};
+use crate::check::{
+    build_check_request, content_length, is_reserved_header, metadata_request_id, RequestInfo,
+};
 use crate::config::FilterConfig;
 use crate::host::{Host, Level, Metric, Outcome};
 use crate::outcome::{self, FailAction, HeaderOp, Reason, Verdict};
@@ -472,10 +474,10 @@ impl<H: Host> Filter<H> {
         let grpc_metadata: [(&str, &[u8]); 1] = [("x-request-id", pending.request_id.as_bytes())];
         match self.host.dispatch_check(
             &self.shared.config.policy_upstream,
-            if pending.request_id.is_empty() {
-                &[]
-            } else {
+            if metadata_request_id(&pending.request_id) {
                 &grpc_metadata
+            } else {
+                &[]
             },
             &message,
             pending.route.timeout,

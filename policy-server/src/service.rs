@@ -158,17 +158,21 @@ impl AuthorizationService {
         for error in &decision.errors {
             tracing::debug!(target: DECISION_TARGET, id = %audit_id, %error, "policy skipped");
         }
+        // Values a client (or a token's issuer) chooses are recorded as strings, not
+        // `%` (Display): the plain format then quotes and escapes them, so an
+        // `x-request-id` of `r1 decision=allow` cannot read as a second `decision` field of
+        // this line; the JSON format writes them as JSON strings either way.
         tracing::info!(
             target: DECISION_TARGET,
             id = %audit_id,
-            request_id = %req.request_id,
+            request_id = req.request_id.as_str(),
             decision = outcome(&decision),
             policy_ids = %decision.policy_ids.join(","),
-            principal = %decision.principal,
+            principal = decision.principal.as_str(),
             identity_source = decision.identity_source.as_str(),
             route = %req.route,
             method = %req.method,
-            path = %req.path,
+            path = req.path.as_str(),
             policy_version = %decision.policy_version,
             model = req.body.model.as_deref(),
             shadow_decision = decision.shadow.as_ref().map(|s| s.outcome()),
