@@ -14,11 +14,11 @@ use time::OffsetDateTime;
 
 use crate::breaker::{Admit, Breaker, Transition};
 use crate::cache::{self, CacheKey, Entry};
-use crate::check::{build_check_request, content_length, is_reserved_header, RequestInfo};
+use crate::check::{content_length, encode_check, is_reserved_header, CheckExtras, RequestInfo};
 use crate::config::FilterConfig;
 use crate::host::{Host, Level, Metric, Outcome};
 use crate::outcome::{self, FailAction, HeaderOp, Reason, Verdict};
-use crate::route::{Resolved, RouteSettings, DRY_RUN_CONTEXT_KEY};
+use crate::route::{Resolved, RouteSettings};
 use crate::table::RequestKey;
 
 pub use crate::check::PARTIAL_BODY_HEADER;
@@ -535,41 +535,21 @@ impl<H: Host> Filter<H> {
         body_len: usize,
         partial: bool,
     ) -> Vec<u8> {
-        let mut request =
-            build_check_request(&pending.info, &pending.settings.settings.context, now);
-        if let Some(attrs) = request.attributes.as_mut() {
-            if pending.route.dry_run {
-                attrs
-                    .context_extensions
-                    .insert(DRY_RUN_CONTEXT_KEY.to_owned(), "true".to_owned());
-            }
-            if let Some(md) = &pending.metadata {
-                attrs.metadata_context = Some(arbiter_proto::envoy::config::core::v3::Metadata {
-                    filter_metadata: md
-                        .fields
-                        .iter()
-                        .filter_map(|(ns, v)| match &v.kind {
-                            Some(prost_types::value::Kind::StructValue(s)) => {
-                                Some((ns.clone(), s.clone()))
-                            }
-                            _ => None,
-                        })
-                        .collect(),
-                    ..Default::default()
-                });
-            }
-            if let (Some(body), Some(http)) = (
-                &pending.body,
-                attrs.request.as_mut().and_then(|r| r.http.as_mut()),
-            ) {
-                http.raw_body = body.get(..body_len).unwrap_or(body).to_vec();
-                if partial {
-                    http.headers
-                        .insert(PARTIAL_BODY_HEADER.to_owned(), "true".to_owned());
-                }
-            }
-        }
-        request.encode_to_vec()
+        let extras = CheckExtras {
+            dry_run: pending.route.dry_run,
+            metadata: pending.metadata.as_ref(),
+            body: pending
+                .body
+                .as_deref()
+                .map(|body| body.get(..body_len).unwrap_or(body)),
+            partial,
+        };
+        encode_check(
+            &pending.info,
+            &pending.settings.settings.context,
+            now,
+            &extras,
+        )
     }
 
     /// The policy call finished. `status_code` is the gRPC status Envoy passed to the
