@@ -794,3 +794,57 @@ fn prop_direct_check_encoding_matches_prost() {
         },
     );
 }
+
+/// A cache slot holds what was stored, whatever the headers' bytes: an entry comes back
+/// exactly, only for its digest, version and lifetime; and any bytes in a slot (another
+/// format, cut, garbage) are a miss or an entry, never a panic.
+#[test]
+fn prop_cache_entry_round_trips_and_garbage_misses() {
+    use crate::cache::Entry;
+    let ops = || vec(("\\PC{0,12}", "\\PC{0,16}", any::<bool>()), 0..4);
+    check(
+        "prop_cache_entry_round_trips_and_garbage_misses",
+        (
+            ("[0-9a-f]{0,64}", any::<u64>(), "\\PC{0,12}"),
+            (ops(), vec("\\PC{0,12}", 0..3), ops()),
+            vec(any::<u8>(), 0..200),
+            0usize..400,
+        ),
+        |((digest, expires_ms, version), (headers, remove, response_headers), garbage, cut)| {
+            let entry = Entry {
+                digest: digest.clone(),
+                expires_ms,
+                policy_version: version.clone(),
+                headers,
+                remove,
+                response_headers,
+            };
+            let bytes = entry.encode();
+            let before =
+                SystemTime::UNIX_EPOCH + Duration::from_millis(expires_ms.saturating_sub(1));
+            let at_expiry = SystemTime::UNIX_EPOCH + Duration::from_millis(expires_ms);
+            if expires_ms > 0 {
+                prop_assert_eq!(
+                    Entry::lookup(&bytes, &digest, Some(&version), before),
+                    Some(entry.clone())
+                );
+            }
+            prop_assert!(Entry::lookup(&bytes, &digest, Some(&version), at_expiry).is_none());
+            prop_assert!(
+                Entry::lookup(&bytes, &(digest.clone() + "x"), Some(&version), before).is_none()
+            );
+            prop_assert!(
+                Entry::lookup(&bytes, &digest, Some(&(version.clone() + "x")), before).is_none()
+            );
+            prop_assert!(Entry::lookup(&bytes, &digest, None, before).is_none());
+            let cut = cut.min(bytes.len());
+            if cut < bytes.len() {
+                prop_assert!(
+                    Entry::lookup(&bytes[..cut], &digest, Some(&version), before).is_none()
+                );
+            }
+            let _ = Entry::lookup(&garbage, &digest, Some(&version), before);
+            Ok(())
+        },
+    );
+}
