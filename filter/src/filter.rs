@@ -1119,7 +1119,7 @@ mod record_tests {
 
     fn pending(config: &FilterConfig, variant: usize) -> Pending {
         let mut settings = RouteSettings::default();
-        if variant % 2 == 0 {
+        if variant.is_multiple_of(2) {
             settings.context = vec![
                 ("tier".into(), "gold".into()),
                 ("classification".into(), "regulated".into()),
@@ -1133,7 +1133,7 @@ mod record_tests {
             (":scheme".into(), "https".into()),
             ("x-tenant-id".into(), "t1".into()),
         ];
-        if variant % 3 == 0 {
+        if variant.is_multiple_of(3) {
             headers.push(("x-api-key".into(), "sk-123".into()));
         }
         let claims = prost_types::Struct {
@@ -1175,7 +1175,7 @@ mod record_tests {
                 destination_address: None,
                 peer_principal: (variant % 2 == 1).then(|| "spiffe://a".to_owned()),
                 protocol: Some("HTTP/1.1".into()),
-                body_size: (variant % 5 != 0).then_some(67),
+                body_size: (!variant.is_multiple_of(5)).then_some(67),
             },
             route: settings.resolve(config, SystemTime::UNIX_EPOCH),
             settings: Rc::new(CachedRoute { settings }),
