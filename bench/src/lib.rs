@@ -13,6 +13,7 @@
 //! Like the end-to-end harness it builds on (`arbiter_e2e`), this is test tooling: errors are
 //! `anyhow` and go to the operator running it.
 
+pub mod filter_cpu;
 pub mod grpc;
 pub mod h2load;
 pub mod http;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use arbiter_bench::filter_cpu::{self, FilterCpuPlan, RouteKind};
 use arbiter_bench::runner::{self, Kind, Plan, Section};
 use arbiter_bench::soak::{self, SoakPlan, SoakStack};
 use arbiter_bench::{h2load, procfs, profile, readme, svg};
@@ -69,6 +70,28 @@ enum Command {
     },
     /// The filter's per-request host calls and native cost.
     Profile,
+    /// Envoy CPU µs per request through one or more builds of the wasm module, by route
+    /// (fixed request count, closed loop, interleaved repeats; see `src/filter_cpu.rs`).
+    FilterCpu {
+        /// `label=path` of a module (repeat to compare builds).
+        #[arg(long = "wasm", required = true, value_parser = parse_module)]
+        modules: Vec<(String, PathBuf)>,
+        /// Routes to measure (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [RouteKind::Checked, RouteKind::Cached, RouteKind::Disabled])]
+        routes: Vec<RouteKind>,
+        /// Requests per measured run.
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        /// Connections (closed-loop workers).
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Repeats of every module and route.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Record the first repeat with `perf record -e cpu-clock` into this directory.
+        #[arg(long)]
+        perf: Option<PathBuf>,
+    },
     /// Writes the gRPC-framed CheckRequest the `h2load` cross-check sends, to drive the
     /// server by hand (`h2load --data`, profiling; see README "Where the time goes").
     CheckFrame {
@@ -225,6 +248,32 @@ async fn command(
             println!("{}", profile.markdown());
             Ok(ExitCode::SUCCESS)
         }
+        Command::FilterCpu {
+            modules,
+            routes,
+            requests,
+            connections,
+            repeats,
+            perf,
+        } => {
+            let mut plan = Plan::full();
+            plan.client_cpus = client_cpus;
+            plan.server_cpus = server_cpus;
+            let cpu_plan = FilterCpuPlan {
+                modules,
+                routes,
+                requests: requests.max(1),
+                connections,
+                repeats: repeats.max(1),
+                perf,
+            };
+            let md = filter_cpu::run(&cpu_plan, &plan).await?;
+            if let Some(note) = pin_note {
+                println!("{note}");
+            }
+            println!("\n{md}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckFrame { out } => {
             std::fs::write(&out, h2load::grpc_frame()?)
                 .with_context(|| format!("writing {}", out.display()))?;
@@ -269,6 +318,16 @@ fn pinning(cli: &Cli) -> (Option<String>, Option<String>, Option<String>) {
             None,
             Some("processes not pinned: only one CPU".to_owned()),
         ),
+    }
+}
+
+/// `label=path` of `--wasm`.
+fn parse_module(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((label, path)) if !label.is_empty() && !path.is_empty() => {
+            Ok((label.to_owned(), PathBuf::from(path)))
+        }
+        _ => Err(format!("expected label=path, got `{s}`")),
     }
 }
 

@@ -19,7 +19,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::check::RequestInfo;
@@ -120,7 +119,7 @@ pub fn key(
 }
 
 /// What a slot holds: one allow decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// Full request digest.
     pub digest: String,
@@ -163,23 +162,66 @@ impl Entry {
         }
     }
 
-    /// Serialised slot value.
+    /// Serialised slot value: [`ENTRY_MAGIC`], then the digest, the expiry and the policy
+    /// version, then the header lists, each string length-prefixed (no JSON to parse on
+    /// every hit; the slot is only ever read by this module).
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let ops = |v: &[(String, String, bool)]| {
+            v.iter()
+                .map(|(n, val, _)| n.len() + val.len() + 9)
+                .sum::<usize>()
+        };
+        let mut out = Vec::with_capacity(
+            64 + self.digest.len()
+                + self.policy_version.len()
+                + ops(&self.headers)
+                + ops(&self.response_headers)
+                + self.remove.iter().map(|r| r.len() + 4).sum::<usize>(),
+        );
+        out.extend_from_slice(ENTRY_MAGIC);
+        put_str(&mut out, &self.digest);
+        out.extend_from_slice(&self.expires_ms.to_le_bytes());
+        put_str(&mut out, &self.policy_version);
+        put_ops(&mut out, &self.headers);
+        put_len(&mut out, self.remove.len());
+        for name in &self.remove {
+            put_str(&mut out, name);
+        }
+        put_ops(&mut out, &self.response_headers);
+        out
     }
 
-    /// The entry in `slot` if it answers `digest` under `version` at `now`.
+    /// The entry in `slot` if it answers `digest` under `version` at `now`. The digest,
+    /// version and expiry are judged before the header lists are read; a slot that does not
+    /// parse (another format, cut, garbage) is a miss.
     pub fn lookup(
         slot: &[u8],
         digest: &str,
         version: Option<&str>,
         now: SystemTime,
     ) -> Option<Self> {
-        let entry: Entry = serde_json::from_slice(slot).ok()?;
-        (entry.digest == digest
-            && Some(entry.policy_version.as_str()) == version
-            && millis(now) < entry.expires_ms)
-            .then_some(entry)
+        let mut r = Reader(slot.strip_prefix(ENTRY_MAGIC)?);
+        if r.str()? != digest {
+            return None;
+        }
+        let expires_ms = r.u64()?;
+        let policy_version = r.str()?;
+        if Some(policy_version) != version || millis(now) >= expires_ms {
+            return None;
+        }
+        let headers = r.ops()?;
+        let remove = (0..r.len()?)
+            .map(|_| r.str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()?;
+        let response_headers = r.ops()?;
+        r.0.is_empty().then(|| Entry {
+            digest: digest.to_owned(),
+            expires_ms,
+            policy_version: policy_version.to_owned(),
+            headers,
+            remove,
+            response_headers,
+        })
     }
 
     /// Header operations to replay.
@@ -191,6 +233,83 @@ impl Entry {
                 append: *append,
             })
             .collect()
+    }
+}
+
+/// First bytes of a slot value in the current format.
+const ENTRY_MAGIC: &[u8] = b"arbiter-cache-1\0";
+
+fn put_len(out: &mut Vec<u8>, len: usize) {
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Header names and values are far below 4 GiB; a longer one could not be stored whole,
+    // so it is cut to an empty string and the entry no longer parses (a miss).
+    match u32::try_from(s.len()) {
+        Ok(_) => {
+            put_len(out, s.len());
+            out.extend_from_slice(s.as_bytes());
+        }
+        Err(_) => put_len(out, usize::MAX),
+    }
+}
+
+fn put_ops(out: &mut Vec<u8>, ops: &[(String, String, bool)]) {
+    put_len(out, ops.len());
+    for (name, value, append) in ops {
+        put_str(out, name);
+        put_str(out, value);
+        out.push(u8::from(*append));
+    }
+}
+
+/// Reads a slot value; every read is bounds-checked (`None` past the end).
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn len(&mut self) -> Option<usize> {
+        let b: [u8; 4] = self.take(4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(b)).ok()
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        let b: [u8; 8] = self.take(8)?.try_into().ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        let n = self.len()?;
+        std::str::from_utf8(self.take(n)?).ok()
+    }
+
+    fn ops(&mut self) -> Option<Vec<(String, String, bool)>> {
+        let n = self.len()?;
+        // Each op takes at least 9 bytes: a count beyond what is left is garbage.
+        if n > self.0.len() / 9 {
+            return None;
+        }
+        let mut ops = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = self.str()?.to_owned();
+            let value = self.str()?.to_owned();
+            let append = match self.take(1)? {
+                [0] => false,
+                [1] => true,
+                _ => return None,
+            };
+            ops.push((name, value, append));
+        }
+        Some(ops)
     }
 }
 
@@ -338,6 +457,17 @@ mod tests {
             "expired"
         );
         assert!(Entry::lookup(b"garbage", "d", Some("v1"), now).is_none());
+        // The JSON slots of earlier module versions (shared data outlives a module reload)
+        // are misses, not errors.
+        let json = br#"{"digest":"d","expires_ms":100500,"policy_version":"v1","headers":[],"remove":[],"response_headers":[]}"#;
+        assert!(Entry::lookup(json, "d", Some("v1"), now).is_none());
+        // A cut slot is a miss.
+        for n in 0..bytes.len() {
+            assert!(
+                Entry::lookup(&bytes[..n], "d", Some("v1"), now).is_none(),
+                "{n}"
+            );
+        }
     }
 
     #[test]

@@ -8,19 +8,19 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use prost::Message;
-use serde_json::json;
+use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::breaker::{Admit, Breaker, Transition};
 use crate::cache::{self, CacheKey, Entry};
 use crate::check::{
-    build_check_request, content_length, is_reserved_header, metadata_request_id, RequestInfo,
+    content_length, encode_check, is_reserved_header, metadata_request_id, CheckExtras, RequestInfo,
 };
 use crate::config::FilterConfig;
 use crate::host::{Host, Level, Metric, Outcome};
 use crate::outcome::{self, FailAction, HeaderOp, Reason, Verdict};
-use crate::route::{Resolved, RouteSettings, DRY_RUN_CONTEXT_KEY};
+use crate::route::{Resolved, RouteSettings};
 use crate::table::RequestKey;
 
 pub use crate::check::PARTIAL_BODY_HEADER;
@@ -537,41 +537,21 @@ impl<H: Host> Filter<H> {
         body_len: usize,
         partial: bool,
     ) -> Vec<u8> {
-        let mut request =
-            build_check_request(&pending.info, &pending.settings.settings.context, now);
-        if let Some(attrs) = request.attributes.as_mut() {
-            if pending.route.dry_run {
-                attrs
-                    .context_extensions
-                    .insert(DRY_RUN_CONTEXT_KEY.to_owned(), "true".to_owned());
-            }
-            if let Some(md) = &pending.metadata {
-                attrs.metadata_context = Some(arbiter_proto::envoy::config::core::v3::Metadata {
-                    filter_metadata: md
-                        .fields
-                        .iter()
-                        .filter_map(|(ns, v)| match &v.kind {
-                            Some(prost_types::value::Kind::StructValue(s)) => {
-                                Some((ns.clone(), s.clone()))
-                            }
-                            _ => None,
-                        })
-                        .collect(),
-                    ..Default::default()
-                });
-            }
-            if let (Some(body), Some(http)) = (
-                &pending.body,
-                attrs.request.as_mut().and_then(|r| r.http.as_mut()),
-            ) {
-                http.raw_body = body.get(..body_len).unwrap_or(body).to_vec();
-                if partial {
-                    http.headers
-                        .insert(PARTIAL_BODY_HEADER.to_owned(), "true".to_owned());
-                }
-            }
-        }
-        request.encode_to_vec()
+        let extras = CheckExtras {
+            dry_run: pending.route.dry_run,
+            metadata: pending.metadata.as_ref(),
+            body: pending
+                .body
+                .as_deref()
+                .map(|body| body.get(..body_len).unwrap_or(body)),
+            partial,
+        };
+        encode_check(
+            &pending.info,
+            &pending.settings.settings.context,
+            now,
+            &extras,
+        )
     }
 
     /// The policy call finished. `status_code` is the gRPC status Envoy passed to the
@@ -854,7 +834,8 @@ impl<H: Host> Filter<H> {
 
     /// One JSON line an auditor can replay: the request's shape and caller, never secrets
     /// or prompt text (an API key only as its SHA-256, the path without its query), and
-    /// what the server would have read from the body.
+    /// what the server would have read from the body. Serialised straight from the
+    /// request ([`Record`]), without building a JSON tree first.
     fn record(
         &self,
         outcome: Outcome,
@@ -865,22 +846,57 @@ impl<H: Host> Filter<H> {
     ) -> String {
         let header = |name: &str| p.info.header(name);
         let ts = OffsetDateTime::from(self.host.now()).format(&Rfc3339).ok();
-        let path = header(":path").map(|path| path.split('?').next().unwrap_or_default());
         let api_key_sha256 = header("x-api-key").map(|k| {
             use sha2::Digest;
             hex::encode(sha2::Sha256::digest(k.as_bytes()))
         });
         let body = crate::body::body_facts(p.body.as_deref(), p.info.body_size, p.body_partial);
-        let context: serde_json::Map<String, serde_json::Value> = p
+        // Later duplicates win, as in a JSON object.
+        let context: std::collections::BTreeMap<&str, &str> = p
             .settings
             .settings
             .context
             .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        // The `jwt_authn` namespace as `audit replay` puts it back, with only the claims
-        // `record_jwt_claims` keeps (claims can carry personal data); how many were left out
-        // is recorded, their names are not.
+        let (metadata, withheld) = self.recorded_claims(p);
+        let record = Record {
+            api_key_sha256,
+            audit_id,
+            body_bytes: body.bytes,
+            body_parse_error: body.parse_error,
+            body_size_known: body.size_known,
+            body_truncated: body.truncated,
+            context,
+            host: header(":authority"),
+            jwt_claims_withheld: (withheld > 0).then_some(withheld),
+            max_tokens: body.max_tokens,
+            message_count: body.message_count,
+            metadata,
+            method: header(":method"),
+            model: body.model,
+            outcome: outcome.as_str(),
+            override_active,
+            path: header(":path").map(|path| path.split('?').next().unwrap_or_default()),
+            policy_version: self.shared.policy_version(),
+            principal: p.info.peer_principal.as_deref(),
+            reason: reason.map(Reason::as_str),
+            request_id: &p.request_id,
+            route: &p.info.route_name,
+            scheme: header(":scheme"),
+            source: p.info.source_address.as_deref(),
+            stream: body.stream,
+            tenant: header("x-tenant-id"),
+            ts,
+            v: 1,
+        };
+        serde_json::to_string(&record).unwrap_or_default()
+    }
+
+    /// The `jwt_authn` namespace as `audit replay` puts it back, with only the claims
+    /// `record_jwt_claims` keeps (claims can carry personal data), and how many were left
+    /// out (their names are not recorded).
+    fn recorded_claims(&self, p: &Pending) -> (Option<serde_json::Value>, usize) {
         let mut withheld = 0usize;
         let claims = p
             .metadata
@@ -905,37 +921,7 @@ impl<H: Host> Filter<H> {
                 }
                 ns
             });
-        json!({
-            "v": 1,
-            "ts": ts,
-            "outcome": outcome.as_str(),
-            "reason": reason.map(Reason::as_str),
-            "override": override_active,
-            "audit_id": audit_id,
-            "route": p.info.route_name,
-            "request_id": p.request_id,
-            "method": header(":method"),
-            "path": path,
-            "host": header(":authority"),
-            "scheme": header(":scheme"),
-            "source": p.info.source_address,
-            "principal": p.info.peer_principal,
-            "metadata": claims,
-            "jwt_claims_withheld": (withheld > 0).then_some(withheld),
-            "api_key_sha256": api_key_sha256,
-            "tenant": header("x-tenant-id"),
-            "context": context,
-            "model": body.model,
-            "body_bytes": body.bytes,
-            "body_size_known": body.size_known,
-            "body_truncated": body.truncated,
-            "body_parse_error": body.parse_error,
-            "stream": body.stream,
-            "max_tokens": body.max_tokens,
-            "message_count": body.message_count,
-            "policy_version": self.shared.policy_version(),
-        })
-        .to_string()
+        (claims, withheld)
     }
 
     /// Counts the outcome and exposes it to the access log.
@@ -993,6 +979,41 @@ impl<H: Host> Filter<H> {
     }
 }
 
+/// The Envoy-side record of a request (`arbiter_record`). Fields in alphabetical order:
+/// the order a JSON object built with `serde_json::json!` prints them in.
+#[derive(Serialize)]
+struct Record<'a> {
+    api_key_sha256: Option<String>,
+    audit_id: Option<&'a str>,
+    body_bytes: u64,
+    body_parse_error: bool,
+    body_size_known: bool,
+    body_truncated: bool,
+    context: std::collections::BTreeMap<&'a str, &'a str>,
+    host: Option<&'a str>,
+    jwt_claims_withheld: Option<usize>,
+    max_tokens: Option<i64>,
+    message_count: Option<i64>,
+    metadata: Option<serde_json::Value>,
+    method: Option<&'a str>,
+    model: Option<String>,
+    outcome: &'a str,
+    #[serde(rename = "override")]
+    override_active: bool,
+    path: Option<&'a str>,
+    policy_version: Option<String>,
+    principal: Option<&'a str>,
+    reason: Option<&'a str>,
+    request_id: &'a str,
+    route: &'a str,
+    scheme: Option<&'a str>,
+    source: Option<&'a str>,
+    stream: Option<bool>,
+    tenant: Option<&'a str>,
+    ts: Option<String>,
+    v: u32,
+}
+
 /// The bytes as text, invalid UTF-8 replaced; valid text (nearly always) keeps its buffer
 /// instead of being copied.
 fn lossy_string(bytes: Vec<u8>) -> String {
@@ -1006,4 +1027,195 @@ fn deny_audit_id(body: &[u8]) -> Option<String> {
     let id = v.get("error")?.get("audit_id")?.as_str()?;
     (!id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()))
         .then(|| id.to_owned())
+}
+
+#[cfg(test)]
+mod record_tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::tests::MockHost;
+
+    /// The record as it was built before [`Record`]: a `json!` tree.
+    fn reference(
+        this: &Filter<MockHost>,
+        outcome: Outcome,
+        reason: Option<Reason>,
+        override_active: bool,
+        p: &Pending,
+        audit_id: Option<&str>,
+    ) -> serde_json::Value {
+        let header = |name: &str| p.info.header(name);
+        let ts = OffsetDateTime::from(this.host.now()).format(&Rfc3339).ok();
+        let path = header(":path").map(|path| path.split('?').next().unwrap_or_default());
+        let api_key_sha256 = header("x-api-key").map(|k| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(k.as_bytes()))
+        });
+        let body = crate::body::body_facts(p.body.as_deref(), p.info.body_size, p.body_partial);
+        let context: serde_json::Map<String, serde_json::Value> = p
+            .settings
+            .settings
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        // The `jwt_authn` namespace as `audit replay` puts it back, with only the claims
+        // `record_jwt_claims` keeps (claims can carry personal data); how many were left out
+        // is recorded, their names are not.
+        let mut withheld = 0usize;
+        let claims = p
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(crate::config::JWT_AUTHN_NAMESPACE))
+            .and_then(|ns| match &ns.kind {
+                Some(prost_types::value::Kind::StructValue(s)) => {
+                    Some(crate::route::struct_to_json(s))
+                }
+                _ => None,
+            })
+            .map(|mut ns| {
+                if let serde_json::Value::Object(payloads) = &mut ns {
+                    for payload in payloads.values_mut() {
+                        if let serde_json::Value::Object(claims) = payload {
+                            let before = claims.len();
+                            claims
+                                .retain(|name, _| this.shared.config.record_jwt_claims.keeps(name));
+                            withheld += before - claims.len();
+                        }
+                    }
+                }
+                ns
+            });
+        json!({
+            "v": 1,
+            "ts": ts,
+            "outcome": outcome.as_str(),
+            "reason": reason.map(Reason::as_str),
+            "override": override_active,
+            "audit_id": audit_id,
+            "route": p.info.route_name,
+            "request_id": p.request_id,
+            "method": header(":method"),
+            "path": path,
+            "host": header(":authority"),
+            "scheme": header(":scheme"),
+            "source": p.info.source_address,
+            "principal": p.info.peer_principal,
+            "metadata": claims,
+            "jwt_claims_withheld": (withheld > 0).then_some(withheld),
+            "api_key_sha256": api_key_sha256,
+            "tenant": header("x-tenant-id"),
+            "context": context,
+            "model": body.model,
+            "body_bytes": body.bytes,
+            "body_size_known": body.size_known,
+            "body_truncated": body.truncated,
+            "body_parse_error": body.parse_error,
+            "stream": body.stream,
+            "max_tokens": body.max_tokens,
+            "message_count": body.message_count,
+            "policy_version": this.shared.policy_version(),
+        })
+    }
+
+    fn pending(config: &FilterConfig, variant: usize) -> Pending {
+        let mut settings = RouteSettings::default();
+        if variant.is_multiple_of(2) {
+            settings.context = vec![
+                ("tier".into(), "gold".into()),
+                ("classification".into(), "regulated".into()),
+                ("tier".into(), "silver".into()),
+            ];
+        }
+        let mut headers: Vec<(String, String)> = vec![
+            (":method".into(), "POST".into()),
+            (":path".into(), "/v1/chat/completions?key=secret".into()),
+            (":authority".into(), "llm.local".into()),
+            (":scheme".into(), "https".into()),
+            ("x-tenant-id".into(), "t1".into()),
+        ];
+        if variant.is_multiple_of(3) {
+            headers.push(("x-api-key".into(), "sk-123".into()));
+        }
+        let claims = prost_types::Struct {
+            fields: [("sub", "u1"), ("email", "a@b.c")]
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_owned(),
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::StringValue(v.into())),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let nest = |s: prost_types::Struct| prost_types::Value {
+            kind: Some(prost_types::value::Kind::StructValue(s)),
+        };
+        let metadata = (variant % 4 != 1).then(|| prost_types::Struct {
+            fields: [(
+                crate::config::JWT_AUTHN_NAMESPACE.to_owned(),
+                nest(prost_types::Struct {
+                    fields: [("issuer".to_owned(), nest(claims))].into_iter().collect(),
+                }),
+            )]
+            .into_iter()
+            .collect(),
+        });
+        let body: Option<Vec<u8>> = match variant % 3 {
+            0 => None,
+            1 => Some(br#"{"model":"m","messages":[1,2],"max_tokens":5,"stream":true}"#.to_vec()),
+            _ => Some(b"not json".to_vec()),
+        };
+        Pending {
+            info: RequestInfo {
+                headers,
+                route_name: "chat".into(),
+                source_address: Some("10.0.0.1:1234".into()),
+                destination_address: None,
+                peer_principal: (variant % 2 == 1).then(|| "spiffe://a".to_owned()),
+                protocol: Some("HTTP/1.1".into()),
+                body_size: (!variant.is_multiple_of(5)).then_some(67),
+            },
+            route: settings.resolve(config, SystemTime::UNIX_EPOCH),
+            settings: Rc::new(CachedRoute { settings }),
+            request_id: format!("rid-{variant}"),
+            metadata,
+            body,
+            body_partial: variant % 7 == 3,
+            received: 0,
+        }
+    }
+
+    #[test]
+    fn the_record_is_the_json_the_tree_gave() {
+        for claims in [r#""record_jwt_claims":["sub"],"#, ""] {
+            let config =
+                FilterConfig::parse(format!(r#"{{{claims}"policy_cluster":"p"}}"#).as_bytes())
+                    .map_err(|e| e.to_string());
+            let Ok(config) = config else {
+                panic!("config: {config:?}")
+            };
+            let shared = Rc::new(Shared::new(config.clone()));
+            let filter = Filter::new(MockHost::default(), Rc::clone(&shared));
+            for variant in 0..24 {
+                let p = pending(&config, variant);
+                if variant == 5 {
+                    *shared.policy_version.borrow_mut() = Some("v9".into());
+                }
+                for (outcome, reason, override_active, audit_id) in [
+                    (Outcome::Cached, None, false, Some("audit-1")),
+                    (Outcome::FailOpen, Some(Reason::Timeout), true, None),
+                    (Outcome::FailClosed, Some(Reason::BreakerOpen), false, None),
+                ] {
+                    let got = filter.record(outcome, reason, override_active, &p, audit_id);
+                    let want = reference(&filter, outcome, reason, override_active, &p, audit_id);
+                    let parsed: serde_json::Value = serde_json::from_str(&got).unwrap();
+                    assert_eq!(parsed, want, "variant {variant}");
+                }
+            }
+        }
+    }
 }

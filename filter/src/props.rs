@@ -710,3 +710,141 @@ fn prop_route_table_is_valid_or_refused_and_first_match_wins() {
         },
     );
 }
+
+/// Whatever the request and route, the CheckRequest the filter encodes directly decodes to
+/// the message the prost build gives (`check::reference_check_request`), at the same length
+/// (so the size limit judges both alike).
+#[test]
+fn prop_direct_check_encoding_matches_prost() {
+    let request = (
+        vec(
+            ("(:method|:path|x-request-id|accept|a|x-envoy-auth-partial-body|[a-z-]{0,6})", "\\PC{0,12}"),
+            0..12,
+        ),
+        "\\PC{0,8}",
+        proptest::option::of(
+            "(127\\.0\\.0\\.1:[0-9]{1,5}|\\[::1\\]:80|\\[::ffff:1.2.3.4\\]:1|\\[0:0::2\\]:9|\\PC{0,8})",
+        ),
+        proptest::option::of("(10\\.0\\.0\\.2:443|\\PC{0,4})"),
+        proptest::option::of("\\PC{0,10}"),
+        proptest::option::of("(HTTP/1\\.1|HTTP/2|)"),
+        proptest::option::of(any::<u64>()),
+    );
+    let route = (
+        vec(("(route|dry_run|[a-z]{0,4})", "\\PC{0,6}"), 0..4),
+        any::<bool>(),
+        proptest::option::of(vec(any::<u8>(), 0..300)),
+        any::<bool>(),
+        any::<bool>(),
+        (0u64..4_000_000_000, 0u32..1_000_000_000, any::<bool>()),
+    );
+    check(
+        "prop_direct_check_encoding_matches_prost",
+        (request, route),
+        |(
+            (headers, route_name, source, destination, principal, protocol, body_size),
+            (context, dry_run, body, partial, with_metadata, (secs, nanos, before_epoch)),
+        )| {
+            let info = crate::check::RequestInfo {
+                headers,
+                route_name,
+                source_address: source,
+                destination_address: destination,
+                peer_principal: principal,
+                protocol,
+                body_size,
+            };
+            let now = if before_epoch {
+                SystemTime::UNIX_EPOCH - Duration::new(secs.max(1), nanos)
+            } else {
+                SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)
+            };
+            let metadata = prost_types::Struct {
+                fields: [(
+                    "jwt_authn".to_owned(),
+                    prost_types::Value {
+                        kind: Some(Kind::StructValue(prost_types::Struct {
+                            fields: [(
+                                "sub".to_owned(),
+                                prost_types::Value {
+                                    kind: Some(Kind::StringValue(info.route_name.clone())),
+                                },
+                            )]
+                            .into_iter()
+                            .collect(),
+                        })),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            };
+            let extras = crate::check::CheckExtras {
+                dry_run,
+                metadata: with_metadata.then_some(&metadata),
+                body: body.as_deref(),
+                partial,
+            };
+            let want = crate::check::reference_check_request(&info, &context, now, &extras);
+            let got = crate::check::encode_check(&info, &context, now, &extras);
+            let decoded =
+                arbiter_proto::envoy::service::auth::v3::CheckRequest::decode(got.as_slice());
+            prop_assert_eq!(decoded.ok(), Some(want.clone()));
+            prop_assert_eq!(got.len(), want.encoded_len());
+            Ok(())
+        },
+    );
+}
+
+/// A cache slot holds what was stored, whatever the headers' bytes: an entry comes back
+/// exactly, only for its digest, version and lifetime; and any bytes in a slot (another
+/// format, cut, garbage) are a miss or an entry, never a panic.
+#[test]
+fn prop_cache_entry_round_trips_and_garbage_misses() {
+    use crate::cache::Entry;
+    let ops = || vec(("\\PC{0,12}", "\\PC{0,16}", any::<bool>()), 0..4);
+    check(
+        "prop_cache_entry_round_trips_and_garbage_misses",
+        (
+            ("[0-9a-f]{0,64}", any::<u64>(), "\\PC{0,12}"),
+            (ops(), vec("\\PC{0,12}", 0..3), ops()),
+            vec(any::<u8>(), 0..200),
+            0usize..400,
+        ),
+        |((digest, expires_ms, version), (headers, remove, response_headers), garbage, cut)| {
+            let entry = Entry {
+                digest: digest.clone(),
+                expires_ms,
+                policy_version: version.clone(),
+                headers,
+                remove,
+                response_headers,
+            };
+            let bytes = entry.encode();
+            let before =
+                SystemTime::UNIX_EPOCH + Duration::from_millis(expires_ms.saturating_sub(1));
+            let at_expiry = SystemTime::UNIX_EPOCH + Duration::from_millis(expires_ms);
+            if expires_ms > 0 {
+                prop_assert_eq!(
+                    Entry::lookup(&bytes, &digest, Some(&version), before),
+                    Some(entry.clone())
+                );
+            }
+            prop_assert!(Entry::lookup(&bytes, &digest, Some(&version), at_expiry).is_none());
+            prop_assert!(
+                Entry::lookup(&bytes, &(digest.clone() + "x"), Some(&version), before).is_none()
+            );
+            prop_assert!(
+                Entry::lookup(&bytes, &digest, Some(&(version.clone() + "x")), before).is_none()
+            );
+            prop_assert!(Entry::lookup(&bytes, &digest, None, before).is_none());
+            let cut = cut.min(bytes.len());
+            if cut < bytes.len() {
+                prop_assert!(
+                    Entry::lookup(&bytes[..cut], &digest, Some(&version), before).is_none()
+                );
+            }
+            let _ = Entry::lookup(&garbage, &digest, Some(&version), before);
+            Ok(())
+        },
+    );
+}
