@@ -12,6 +12,17 @@
 //! core that is one wake-up of the writer per round of decisions instead of one per
 //! decision; nothing is answered before its record is written, as before.
 //!
+//! Nothing on the path of a decision waits for a sync it does not need. A file rotated out
+//! is synced (and, in `write` mode, its rename made durable) by a second thread,
+//! `arbiter-audit-sync`, while the writer goes on in the new file: in `fsync` mode every
+//! record of the old file was already synced before it was acknowledged, and in `write` mode
+//! they were only ever promised to the operating system. The same thread keeps `write`
+//! mode's dirty backlog small: every [`WRITE_BACK_BYTES`] written, it syncs the active file
+//! through a file description of its own, so the kernel never holds minutes of the log in
+//! memory for one large write-out (at rotation, on `sync`, or when its dirty limits are
+//! reached) and a power loss takes at most about that much. Its jobs run in order, so the
+//! old file is synced before anything of the new one is.
+//!
 //! One writer per log: [`AuditLog::open`] takes an exclusive advisory lock (`flock`) on
 //! `.<name>.lock` beside the log before reading anything, and holds it until the writer
 //! thread has finished, so a second server on the same log refuses to start instead of
@@ -23,6 +34,7 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -44,6 +56,9 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 const PROBE_BYTES: usize = 2048;
 /// Digits of the first seq in a rotated file's name, so names sort in chain order.
 const SEQ_DIGITS: usize = 20;
+/// In `write` mode, the active file is synced in the background after this many bytes
+/// (see the module doc): like RocksDB's `bytes_per_sync`.
+pub const WRITE_BACK_BYTES: u64 = 1024 * 1024;
 
 /// Why the audit log cannot be opened or a record was not written.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -157,6 +172,7 @@ impl AuditLog {
         // covered by the next one.
         let signed = check_against_checkpoint(&config.path, last_seq, &chain.last_hash)?;
         let unsigned = last_seq - signed.min(last_seq);
+        let syncer = Syncer::start(&config.path);
         let (writable_tx, writable) = watch::channel(true);
         let (written_tx, written) = watch::channel(last_seq);
         metrics.writable.set(1);
@@ -165,6 +181,9 @@ impl AuditLog {
             sync: config.sync,
             max_bytes: config.max_bytes,
             file: None,
+            write_back: None,
+            unsynced: 0,
+            syncer,
             len: chain.active_len,
             dirty: false,
             first_seq: chain.active_first_seq,
@@ -355,6 +374,14 @@ struct Writer {
     sync: AuditSync,
     max_bytes: u64,
     file: Option<File>,
+    /// `write` mode: a second file description of the active file, synced by the sync
+    /// thread (its own description, so a write-back error it sees is still reported to the
+    /// writer's own syncs, e.g. before a checkpoint).
+    write_back: Option<Arc<File>>,
+    /// `write` mode: bytes written to the active file since its last background sync.
+    unsynced: u64,
+    /// The background sync thread (`None`: it could not start; the writer syncs inline).
+    syncer: Option<Syncer>,
     /// Length of the complete records in the active file.
     len: u64,
     /// Bytes past `len` may exist (a write failed half-way).
@@ -411,6 +438,10 @@ impl Writer {
                 tracing::warn!(path = %self.path.display(), "audit log sync at shutdown failed: {e}");
             }
         }
+        // Files rotated out are synced before the lock is released.
+        if let Some(syncer) = self.syncer.take() {
+            syncer.finish();
+        }
     }
 
     fn commit(&mut self, batch: &mut Vec<Job>) {
@@ -460,6 +491,7 @@ impl Writer {
                 for (done, seq) in accepted {
                     let _ = done.send(Ok(Written { seq }));
                 }
+                self.write_back(self.buf.len() as u64);
                 self.unsigned += count;
                 self.unsigned_since.get_or_insert_with(Instant::now);
                 if self
@@ -570,7 +602,33 @@ impl Writer {
             sync_dir(&self.path)?;
         }
         self.file = Some(file);
+        self.unsynced = 0;
+        self.write_back = None;
+        if self.sync == AuditSync::Write && self.syncer.is_some() {
+            // Only a way to keep the backlog small: without it, the log works as before.
+            match OpenOptions::new().append(true).open(&self.path) {
+                Ok(file) => self.write_back = Some(Arc::new(file)),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), "audit log: no background write-back ({e})")
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// `write` mode: `bytes` more were written; past [`WRITE_BACK_BYTES`], the sync thread
+    /// syncs the active file (one such job waiting at a time). Never waits for it.
+    fn write_back(&mut self, bytes: u64) {
+        let (Some(file), Some(syncer)) = (&self.write_back, &self.syncer) else {
+            return;
+        };
+        self.unsynced += bytes;
+        if self.unsynced < WRITE_BACK_BYTES || syncer.write_back_queued.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.unsynced = 0;
+        syncer.send(SyncJob::WriteBack(Arc::clone(file)));
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -584,12 +642,12 @@ impl Writer {
                 target.display()
             )));
         }
-        if let Some(file) = &self.file {
-            file.sync_all()?;
-        }
+        // A checkpoint (when configured) covers the file's last record; it syncs the file
+        // first, as every checkpoint does.
         self.checkpoint(CheckpointReason::Rotation);
         std::fs::rename(&self.path, &target)?;
-        self.file = None;
+        let old = self.file.take();
+        self.write_back = None;
         self.len = 0;
         self.first_seq = None;
         self.metrics.rotations.inc();
@@ -599,8 +657,25 @@ impl Writer {
             next_seq = self.next_seq,
             "audit log rotated"
         );
-        self.open()?;
-        sync_dir(&self.path)
+        // The old file's sync is not this batch's business (see the module doc): in `fsync`
+        // mode its records are synced already, in `write` mode they were never promised to
+        // the disk. It goes to the sync thread, ahead of anything of the new file.
+        if let Some(old) = old {
+            let job = SyncJob::Retire {
+                file: old,
+                rotated: target,
+                // `fsync` mode makes the rename durable below, before any record of the new
+                // file is acknowledged.
+                sync_dir: self.sync == AuditSync::Write,
+            };
+            match &self.syncer {
+                Some(syncer) => syncer.send(job),
+                None => job.run(),
+            }
+        }
+        // Creates the new file; in `fsync` mode also syncs the directory (the rename and
+        // the new name).
+        self.open()
     }
 
     /// While the log is not writable: write about a record's worth of bytes past the end
@@ -680,6 +755,160 @@ impl Writer {
                 "audit log not writable, refusing decisions (UNAVAILABLE) until it is: {e}"
             ),
             _ => tracing::info!(path = %self.path.display(), "audit log writable again"),
+        }
+    }
+}
+
+/// A job of the sync thread.
+enum SyncJob {
+    /// `write` mode: sync the active file (through the writer's second description).
+    WriteBack(Arc<File>),
+    /// Sync a file just rotated out, then close it.
+    Retire {
+        file: File,
+        /// Its name now.
+        rotated: PathBuf,
+        /// Also sync its directory (the rename), in `write` mode.
+        sync_dir: bool,
+    },
+}
+
+impl SyncJob {
+    fn run(self) {
+        match self {
+            SyncJob::WriteBack(file) => {
+                if let Err(e) = file.sync_data() {
+                    // The writer's own description still sees the error at its next sync.
+                    tracing::warn!("audit log background write-back failed: {e}");
+                }
+            }
+            SyncJob::Retire {
+                file,
+                rotated,
+                sync_dir: dir,
+            } => {
+                #[cfg(test)]
+                test_gate::before_retire(&rotated);
+                let started = Instant::now();
+                let synced =
+                    file.sync_all()
+                        .and_then(|()| if dir { sync_dir(&rotated) } else { Ok(()) });
+                drop(file);
+                match synced {
+                    Ok(()) => tracing::info!(
+                        rotated = %rotated.display(),
+                        sync_ms = started.elapsed().as_millis() as u64,
+                        "rotated audit file synced"
+                    ),
+                    Err(e) => tracing::error!(
+                        rotated = %rotated.display(),
+                        "cannot sync the rotated audit file: {e}"
+                    ),
+                }
+                #[cfg(test)]
+                test_gate::after_retire(&rotated);
+            }
+        }
+    }
+}
+
+/// The sync thread (`arbiter-audit-sync`) and its queue.
+struct Syncer {
+    tx: mpsc::Sender<SyncJob>,
+    handle: JoinHandle<()>,
+    /// A [`SyncJob::WriteBack`] is queued or running.
+    write_back_queued: Arc<AtomicBool>,
+}
+
+impl Syncer {
+    /// `None` if the thread cannot start: the writer then syncs rotated files itself.
+    fn start(path: &Path) -> Option<Syncer> {
+        let (tx, rx) = mpsc::channel::<SyncJob>();
+        let write_back_queued = Arc::new(AtomicBool::new(false));
+        let queued = Arc::clone(&write_back_queued);
+        let spawned = std::thread::Builder::new()
+            .name("arbiter-audit-sync".into())
+            .spawn(move || {
+                for job in rx {
+                    let write_back = matches!(job, SyncJob::WriteBack(_));
+                    job.run();
+                    if write_back {
+                        queued.store(false, Ordering::Release);
+                    }
+                }
+            });
+        match spawned {
+            Ok(handle) => Some(Syncer {
+                tx,
+                handle,
+                write_back_queued,
+            }),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot start the audit sync thread, rotated files are synced inline: {e}");
+                None
+            }
+        }
+    }
+
+    /// Queues `job`; runs it here if the thread is gone.
+    fn send(&self, job: SyncJob) {
+        if let Err(mpsc::SendError(job)) = self.tx.send(job) {
+            job.run();
+        }
+    }
+
+    /// Runs what is queued and ends the thread.
+    fn finish(self) {
+        drop(self.tx);
+        let _ = self.handle.join();
+    }
+}
+
+/// Lets a test hold a rotated file's background sync, to show that decisions do not wait
+/// for it.
+#[cfg(test)]
+mod test_gate {
+    use std::path::{Path, PathBuf};
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    /// Per log directory: released by the test; told when the sync is done.
+    type Gate = (PathBuf, mpsc::Receiver<()>, mpsc::Sender<PathBuf>);
+
+    static GATES: Mutex<Vec<Gate>> = Mutex::new(Vec::new());
+
+    /// Holds the next rotated-file sync of a log in `dir` until `release` is sent (or
+    /// dropped); `synced` gets the rotated file's path after its sync.
+    pub(super) fn hold(dir: &Path) -> (mpsc::Sender<()>, mpsc::Receiver<PathBuf>) {
+        let (release, gate) = mpsc::channel();
+        let (done, synced) = mpsc::channel();
+        GATES.lock().unwrap().push((dir.to_owned(), gate, done));
+        (release, synced)
+    }
+
+    fn take(rotated: &Path) -> Option<Gate> {
+        let mut gates = GATES.lock().unwrap();
+        let index = gates
+            .iter()
+            .position(|(dir, _, _)| Some(dir.as_path()) == rotated.parent())?;
+        Some(gates.remove(index))
+    }
+
+    thread_local! {
+        static DONE: std::cell::RefCell<Option<mpsc::Sender<PathBuf>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    pub(super) fn before_retire(rotated: &Path) {
+        if let Some((_, gate, done)) = take(rotated) {
+            let _ = gate.recv();
+            DONE.with(|d| *d.borrow_mut() = Some(done));
+        }
+    }
+
+    pub(super) fn after_retire(rotated: &Path) {
+        if let Some(done) = DONE.with(|d| d.borrow_mut().take()) {
+            let _ = done.send(rotated.to_owned());
         }
     }
 }
@@ -1107,6 +1336,109 @@ mod tests {
         .await
         .expect("the pending record is written when the log goes away");
         assert_eq!(metrics.queue_depth.get(), 0);
+    }
+
+    /// The sync of a file rotated out is not on any decision's path: with that sync held,
+    /// decisions after the rotation are written to the new file and answered; the held sync
+    /// still runs, before the log is closed; the chain is whole. In both sync modes.
+    #[tokio::test]
+    async fn decisions_go_on_in_the_new_file_while_the_rotated_one_is_synced() {
+        for sync in [AuditSync::Write, AuditSync::Fsync] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.jsonl");
+            let config = AuditConfig {
+                path: path.clone(),
+                sync,
+                max_bytes: 2048,
+                checkpoints: None,
+            };
+            let metrics = AuditMetrics::default();
+            let (release, synced) = test_gate::hold(dir.path());
+            let log = AuditLog::open(&config, metrics.clone()).unwrap();
+            // One batch after another until the file is full (a record is ~600 bytes).
+            let mut i = 0;
+            while std::fs::metadata(&path).unwrap().len() < 2048 {
+                log.append(event(i)).await.unwrap();
+                i += 1;
+            }
+            let first_file = i as u64;
+            // The next batch rotates; sixteen decisions during the held sync.
+            let tasks: Vec<_> = (i..i + 16)
+                .map(|i| {
+                    let log = log.clone();
+                    tokio::spawn(async move { log.append(event(i)).await })
+                })
+                .collect();
+            for task in tasks {
+                let written = tokio::time::timeout(Duration::from_secs(30), task)
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("{sync:?}: a decision waited for the rotated file's sync")
+                    })
+                    .unwrap()
+                    .unwrap();
+                assert!(written.seq > first_file, "{sync:?}: {written:?}");
+            }
+            assert_eq!(metrics.rotations.get(), 1, "{sync:?}");
+            let rotated = rotated_name(&path, 1);
+            assert_eq!(
+                std::fs::read_to_string(&rotated).unwrap().lines().count() as u64,
+                first_file,
+                "{sync:?}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap().lines().count(),
+                16,
+                "{sync:?}: the decisions are in the new file"
+            );
+            assert!(
+                matches!(synced.try_recv(), Err(mpsc::TryRecvError::Empty)),
+                "{sync:?}: the rotated file's sync ran before it was released"
+            );
+            release.send(()).unwrap();
+            assert_eq!(
+                synced.recv_timeout(Duration::from_secs(30)).unwrap(),
+                rotated,
+                "{sync:?}"
+            );
+            drop(log);
+            let report = crate::verify::verify(&[rotated, path.clone()]).unwrap();
+            assert!(report.ok(), "{sync:?}: {report:?}");
+            assert_eq!(
+                (report.first_seq, report.last_seq, report.records),
+                (Some(1), Some(first_file + 16), first_file + 16),
+                "{sync:?}"
+            );
+        }
+    }
+
+    /// Closing the log waits for a rotated file's sync still queued: the writer's last
+    /// handle gone means every file synced and the lock free.
+    #[tokio::test]
+    async fn closing_the_log_waits_for_the_rotated_files_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let config = AuditConfig {
+            path: path.clone(),
+            sync: AuditSync::Write,
+            max_bytes: 600,
+            checkpoints: None,
+        };
+        let (release, synced) = test_gate::hold(dir.path());
+        let log = AuditLog::open(&config, AuditMetrics::default()).unwrap();
+        for i in 0..3 {
+            log.append(event(i)).await.unwrap();
+        }
+        let closing = std::thread::spawn(move || drop(log));
+        // While the sync is held the writer still holds the lock (a second open waits for
+        // it, then refuses).
+        let err = AuditLog::open(&config, AuditMetrics::default()).unwrap_err();
+        assert!(matches!(err, AuditError::Locked { .. }), "{err}");
+        assert!(!closing.is_finished());
+        release.send(()).unwrap();
+        closing.join().unwrap();
+        assert_eq!(synced.try_recv().unwrap(), rotated_name(&path, 1));
+        AuditLog::open(&config, AuditMetrics::default()).unwrap();
     }
 
     #[tokio::test]

@@ -1,6 +1,11 @@
 //! `make soak`: the arbiter scenario at a steady open-loop rate for minutes, watching Envoy's
 //! memory (wasm memory growth is a known failure in the field), errors, and — once the
 //! server has an audit log — that every decided request left exactly one audit record.
+//!
+//! The policy server's log of the run (timestamped) is kept under
+//! `target/soak/policy-server-<start>.log`; its lines other than the per-request decision
+//! lines (rotations, warnings, …) are in the report with their time on the soak's clock, next
+//! to the worst chunk.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,7 +16,7 @@ use anyhow::{Context, Result};
 use arbiter_e2e::stack::{
     DEFAULT_POLICIES, DEMO_TEMPLATE, EXT_AUTHZ_TEMPLATE, PASSTHROUGH_TEMPLATE,
 };
-use arbiter_e2e::util::workspace_root;
+use arbiter_e2e::util::{target_dir, workspace_root};
 use arbiter_e2e::MockLlm;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -133,11 +138,48 @@ pub struct SoakReport {
     pub audit_records: Option<u64>,
     /// Requests the server decided (filter `allow` + `deny`), warm-up included.
     pub decided: u64,
+    /// Requests the filter gave up on after the route's timeout (`no_decision.timeout`),
+    /// warm-up included: the server may still have decided (and recorded) them.
+    #[serde(default)]
+    pub timeouts: u64,
+    /// The chunk with the most errors (the highest p99 among equals), if any chunk ran.
+    #[serde(default)]
+    pub worst_chunk: Option<WorstChunk>,
+    /// Where the policy server's log of the run was saved.
+    #[serde(default)]
+    pub server_log: Option<String>,
+    /// The server's log lines other than decisions, on the soak's clock.
+    #[serde(default)]
+    pub server_events: Vec<ServerEvent>,
     /// Memory and latency per chunk.
     pub samples: Vec<SoakSample>,
     /// PASS/MISS per soak target.
     pub targets: Vec<TargetLine>,
 }
+
+/// The soak's worst chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorstChunk {
+    /// End of the chunk, seconds since the measured start.
+    pub t_s: f64,
+    /// Requests not answered 200 in it.
+    pub errors: u64,
+    /// Its p99, ms.
+    pub p99_ms: f64,
+}
+
+/// A line of the policy server's log that is not a decision.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerEvent {
+    /// Seconds since the measured start (negative: before it, e.g. warm-up); `None` when
+    /// the line has no readable timestamp.
+    pub t_s: Option<f64>,
+    /// The line.
+    pub line: String,
+}
+
+/// Server events kept in the report at most (the whole log is in the saved file).
+const MAX_SERVER_EVENTS: usize = 200;
 
 /// Runs the soak.
 pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
@@ -186,6 +228,7 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     let mut first_error = warm.first_error;
     let mut ok = 0;
     let started = Instant::now();
+    let started_wall = OffsetDateTime::now_utc();
     while started.elapsed() < soak.duration {
         let left = soak.duration.saturating_sub(started.elapsed());
         let result = open_loop(Arc::clone(&target), &config(soak.chunk.min(left))).await;
@@ -226,10 +269,16 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     let count = |name: &str| counters.get(name).copied().unwrap_or(0);
     let decided =
         count("wasmcustom.arbiter.checks.allow") + count("wasmcustom.arbiter.checks.deny");
+    let timeouts = count("wasmcustom.arbiter.no_decision.timeout");
     let audit_records = match server.audit_log_path() {
         Some(path) => Some(count_audit_records(path)?),
         None => None,
     };
+    let log = server.log();
+    let server_log = save_server_log(&log, now);
+    let server_events = server_events(&log, started_wall);
+    drop(log);
+    let worst_chunk = worst_chunk(&samples);
 
     let growth = if envoy_start.rss_mib > 0.0 {
         (envoy_end.rss_mib - envoy_start.rss_mib) / envoy_start.rss_mib * 100.0
@@ -272,19 +321,24 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     ];
     targets.push(match audit_records {
         _ if soak.stack != SoakStack::Arbiter => TargetLine {
-            target: "audit records = decided requests".to_owned(),
+            target: AUDIT_TARGET.to_owned(),
             measured: "not measured".to_owned(),
             verdict: "N/A".to_owned(),
             note: Some(format!("a {} baseline soak", soak.stack.label())),
         },
         Some(records) => TargetLine {
-            target: "audit records = decided requests".to_owned(),
-            measured: format!("{records} records, {decided} decided"),
-            verdict: verdict(records == decided),
-            note: None,
+            target: AUDIT_TARGET.to_owned(),
+            measured: format!("{records} records, {decided} decided, {timeouts} timed out"),
+            verdict: verdict(audit_count_ok(records, decided, timeouts)),
+            note: (records > decided).then(|| {
+                format!(
+                    "{} decided after the filter's timeout (answered too late, recorded)",
+                    records - decided
+                )
+            }),
         },
         None => TargetLine {
-            target: "audit records = decided requests".to_owned(),
+            target: AUDIT_TARGET.to_owned(),
             measured: "not measured".to_owned(),
             verdict: "N/A".to_owned(),
             note: Some("the policy server has no --audit-log yet".to_owned()),
@@ -311,9 +365,79 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
         counters,
         audit_records,
         decided,
+        timeouts,
+        worst_chunk,
+        server_log,
+        server_events,
         samples,
         targets,
     })
+}
+
+/// The audit count's target line.
+const AUDIT_TARGET: &str = "decided ≤ audit records ≤ decided + timed out";
+
+/// Every decided request has its record; a record more is allowed only for a request the
+/// filter gave up on (`timeout`), which the server may still have decided and recorded
+/// after the filter applied the route's fail mode. Anything else is a miss: a decision
+/// without a record, or records nobody asked for.
+fn audit_count_ok(records: u64, decided: u64, timeouts: u64) -> bool {
+    records >= decided && records - decided <= timeouts
+}
+
+/// The chunk with the most errors, the highest p99 among equals.
+fn worst_chunk(samples: &[SoakSample]) -> Option<WorstChunk> {
+    samples
+        .iter()
+        .max_by(|a, b| {
+            a.summary
+                .errors
+                .cmp(&b.summary.errors)
+                .then(a.summary.p99_ms.total_cmp(&b.summary.p99_ms))
+        })
+        .map(|s| WorstChunk {
+            t_s: s.t_s,
+            errors: s.summary.errors,
+            p99_ms: s.summary.p99_ms,
+        })
+}
+
+/// Saves the server's log as `target/soak/policy-server-<start>.log`; its path, or `None`
+/// (with a warning) if it cannot be written: a soak is not lost over its log.
+fn save_server_log(log: &str, started: OffsetDateTime) -> Option<String> {
+    let dir = target_dir().join("soak");
+    let stamp = started
+        .format(&Rfc3339)
+        .unwrap_or_default()
+        .replace(':', "-");
+    let path = dir.join(format!("policy-server-{stamp}.log"));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, log)) {
+        Ok(()) => Some(path.display().to_string()),
+        Err(e) => {
+            eprintln!(
+                "soak: cannot save the policy server's log to {}: {e}",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// The log lines that are not per-request decisions (target `arbiter::decision`), with the
+/// time of their RFC 3339 timestamp (the first word of the line) relative to `started`.
+fn server_events(log: &str, started: OffsetDateTime) -> Vec<ServerEvent> {
+    log.lines()
+        .filter(|line| !line.trim().is_empty() && !line.contains(" arbiter::decision"))
+        .take(MAX_SERVER_EVENTS)
+        .map(|line| ServerEvent {
+            t_s: line
+                .split_whitespace()
+                .next()
+                .and_then(|ts| OffsetDateTime::parse(ts, &Rfc3339).ok())
+                .map(|at| (at - started).as_seconds_f64()),
+            line: line.to_owned(),
+        })
+        .collect()
 }
 
 /// `http.ingress.downstream_cx_total`, 0 when the admin interface does not answer.
@@ -397,6 +521,36 @@ impl SoakReport {
             self.server_rss_mib[0],
             self.server_rss_mib[1]
         );
+        let no_decision: Vec<String> = self
+            .counters
+            .iter()
+            .filter_map(|(name, n)| {
+                let reason = name.strip_prefix("wasmcustom.arbiter.no_decision.")?;
+                (*n > 0).then(|| format!("{n} {reason}"))
+            })
+            .collect();
+        if let Some(w) = self.worst_chunk.as_ref().filter(|w| w.errors > 0) {
+            let _ = writeln!(
+                md,
+                "Worst chunk: the one ending at t = {:.0} s, {} errors, p99 {:.3} ms. Requests without a decision over the run (filter counters, warm-up included): {}.\n",
+                w.t_s,
+                w.errors,
+                w.p99_ms,
+                if no_decision.is_empty() { "none".to_owned() } else { no_decision.join(", ") }
+            );
+        } else if let Some(w) = &self.worst_chunk {
+            let _ = writeln!(
+                md,
+                "Worst chunk: the one ending at t = {:.0} s, no errors, p99 {:.3} ms.\n",
+                w.t_s, w.p99_ms
+            );
+        }
+        if let Some(log) = &self.server_log {
+            let _ = writeln!(
+                md,
+                "Policy server log of the run: `{log}` (not committed).\n"
+            );
+        }
         md.push_str("| t (s) | Envoy RSS MiB | Envoy connections accepted | server RSS MiB | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|---:|---:|\n");
         for s in &self.samples {
             let _ = writeln!(
@@ -411,6 +565,14 @@ impl SoakReport {
                 s.summary.errors
             );
         }
+        if !self.server_events.is_empty() {
+            md.push_str("\nPolicy server log lines other than decisions (t on the soak's clock; negative: before the measured start):\n\n```\n");
+            for e in &self.server_events {
+                let t = e.t_s.map_or("?".to_owned(), |t| format!("{t:.1}"));
+                let _ = writeln!(md, "t={t:>7} s  {}", e.line);
+            }
+            md.push_str("```\n\n");
+        }
         md
     }
 }
@@ -418,6 +580,68 @@ impl SoakReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_records_may_exceed_decisions_only_by_timed_out_requests() {
+        // The 2026-11-30 soak: 15 requests timed out and were decided and recorded late.
+        assert!(audit_count_ok(308_423, 308_408, 15));
+        assert!(audit_count_ok(100, 100, 0));
+        assert!(audit_count_ok(100, 100, 7));
+        // A decision without its record.
+        assert!(!audit_count_ok(99, 100, 15));
+        // More records than even the timed-out requests explain.
+        assert!(!audit_count_ok(116, 100, 15));
+        assert!(!audit_count_ok(101, 100, 0));
+    }
+
+    #[test]
+    fn the_worst_chunk_has_the_most_errors_then_the_highest_p99() {
+        let chunk = |t_s: f64, errors: u64, p99_ms: f64| SoakSample {
+            t_s,
+            summary: Summary {
+                errors,
+                p99_ms,
+                ..Summary::default()
+            },
+            ..SoakSample::default()
+        };
+        assert_eq!(worst_chunk(&[]), None);
+        let samples = [
+            chunk(10.0, 0, 108.0),
+            chunk(20.0, 3, 20.0),
+            chunk(30.0, 3, 59.0),
+            chunk(40.0, 0, 4.0),
+        ];
+        assert_eq!(
+            worst_chunk(&samples),
+            Some(WorstChunk {
+                t_s: 30.0,
+                errors: 3,
+                p99_ms: 59.0
+            })
+        );
+        assert_eq!(worst_chunk(&samples[..1]).unwrap().t_s, 10.0);
+    }
+
+    #[test]
+    fn server_events_skip_decisions_and_are_put_on_the_soaks_clock() {
+        let started = OffsetDateTime::parse("2026-11-30T10:00:00Z", &Rfc3339).unwrap();
+        let log = "\
+2026-11-30T09:59:50.000000Z  INFO arbiter_policy_server: listening addr=127.0.0.1:1
+2026-11-30T10:06:31.250000Z  INFO arbiter::decision: decision id=1 decision=allow
+2026-11-30T10:06:31.500000Z  INFO arbiter_audit::writer: audit log rotated next_seq=206001
+
+not a timestamp: a panic message
+";
+        let events = server_events(log, started);
+        let times: Vec<Option<f64>> = events.iter().map(|e| e.t_s).collect();
+        assert_eq!(times, [Some(-10.0), Some(391.5), None]);
+        assert!(events[0].line.ends_with("listening addr=127.0.0.1:1"));
+        assert!(events[1]
+            .line
+            .ends_with("audit log rotated next_seq=206001"));
+        assert_eq!(events[2].line, "not a timestamp: a panic message");
+    }
 
     #[test]
     fn audit_records_of_rotated_files_count_and_other_files_do_not() {
