@@ -494,8 +494,9 @@ impl<H: Host> Filter<H> {
                 Flow::Pause
             }
             Err(e) => {
-                // The call could not even start (e.g. the cluster is not defined): nobody
-                // can answer, which is what `unreachable` means to the route's fail mode.
+                // The call could not even start (the cluster is not defined, or Envoy shed it
+                // because the policy cluster's own circuit breaker is full): nobody can
+                // answer, which is what `unreachable` means to the route's fail mode.
                 self.host.log(
                     Level::Error,
                     &format!(
@@ -503,7 +504,13 @@ impl<H: Host> Filter<H> {
                         pending.info.route_name, self.shared.config.policy_cluster, e.0
                     ),
                 );
-                self.breaker_failure(now);
+                // Not a mark against the server: such a call made no request wait, which is
+                // all the breaker saves, and counting it would let a burst that fills
+                // Envoy's circuit breaker hold this one open for its whole cool-down (every
+                // `open` route unchecked even after the burst). A probe slot is handed back.
+                if admit == Admit::Probe {
+                    self.shared.breaker.borrow_mut().release_probe();
+                }
                 self.no_decision(Reason::Unreachable, &pending)
             }
         }

@@ -1159,6 +1159,56 @@ fn a_cancelled_request_has_its_own_outcome() {
 }
 
 #[test]
+fn calls_envoy_cannot_start_leave_the_breaker_alone() {
+    // Envoy sheds a call at once when the policy cluster's circuit breaker is full (and
+    // when the cluster is not defined): no request waited, so the breaker must not count
+    // it, or a burst that fills Envoy's breaker would hold this one open for its cool-down.
+    let shared =
+        shared_with(r#"{"policy_cluster":"p","breaker_threshold":2,"breaker_cooldown_ms":1000}"#);
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut hosts = Vec::new();
+    for i in 0..10 {
+        let md = metadata(&[("fail_mode", Kind::StringValue("open".into()))]);
+        let (mut f, host) = request_with(Rc::clone(&shared), "chat", Some(md), &[]);
+        host.0.borrow_mut().now = Some(at(i));
+        host.0.borrow_mut().dispatch_fails = true;
+        assert_eq!(f.on_request_headers(true), Flow::Continue);
+        assert_eq!(
+            header(&host, "x-arbiter-fail-open").as_deref(),
+            Some("unreachable")
+        );
+        hosts.push(host);
+    }
+    assert!(hosts.iter().all(|h| metric(h, Metric::BreakerOpened) == 0));
+    // The next request is checked as usual.
+    let (mut f, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(20));
+    assert_eq!(f.on_request_headers(true), Flow::Pause);
+    assert_eq!(
+        host.0.borrow().dispatched.len(),
+        1,
+        "called, not breaker_open"
+    );
+
+    // A probe that cannot start hands its slot back: the next request probes.
+    for _ in 0..2 {
+        let (mut f, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+        host.0.borrow_mut().now = Some(at(30));
+        f.on_request_headers(true);
+        f.on_check_response(7, 14, 0);
+    }
+    let (mut probe, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(1030));
+    host.0.borrow_mut().dispatch_fails = true;
+    probe.on_request_headers(true);
+    let (mut next, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+    host.0.borrow_mut().now = Some(at(1031));
+    assert_eq!(next.on_request_headers(true), Flow::Pause);
+    assert_eq!(host.0.borrow().dispatched.len(), 1, "the slot came back");
+}
+
+#[test]
 fn a_cancelled_probe_does_not_wedge_the_breaker() {
     let shared =
         shared_with(r#"{"policy_cluster":"p","breaker_threshold":1,"breaker_cooldown_ms":1000}"#);

@@ -134,8 +134,12 @@ async fn a_request_id_the_policy_server_cannot_take_never_opens_a_route() -> Res
 /// hold the one slot while two more requests arrive.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_open_route_fails_open_when_envoy_sheds_the_policy_call() -> Result<()> {
+    // One worker with the filter's breaker on (three failures open it), so the one breaker
+    // sees every shed call: shed calls made no request wait and must not count.
     let stack = patient_stack()
-        // The held call must outlast the two requests sent behind it on a loaded box.
+        .plugin_config(BREAKER_ON)
+        .concurrency(1)
+        // The held call must outlast the requests sent behind it on a loaded box.
         .var("TIMEOUT_MS", "8000")
         .edit_template("max_requests: 4096", "max_requests: 1")
         .start()
@@ -181,13 +185,16 @@ async fn an_open_route_fails_open_when_envoy_sheds_the_policy_call() -> Result<(
     )
     .await?;
 
-    let open = send_ok(
-        &stack,
-        Proto::H1,
-        &Req::post(&path("/t/open"), chat("gpt-4o-mini")),
-    )
-    .await?;
-    assert_allowed(&open, "open route, call shed");
+    // More shed calls than the breaker's threshold.
+    for i in 0..4 {
+        let open = send_ok(
+            &stack,
+            Proto::H1,
+            &Req::post(&path("/t/open"), chat("gpt-4o-mini")),
+        )
+        .await?;
+        assert_allowed(&open, &format!("open route, call {i} shed"));
+    }
     let closed = send_ok(
         &stack,
         Proto::H1,
@@ -200,8 +207,13 @@ async fn an_open_route_fails_open_when_envoy_sheds_the_policy_call() -> Result<(
     assert_eq!(body["error"]["reason"], "unreachable", "{body}");
     assert_eq!(
         overflow().await? - overflow_before,
-        2,
-        "both calls were shed by Envoy's circuit breaker"
+        5,
+        "every call behind the held one was shed by Envoy's circuit breaker"
+    );
+    assert_eq!(
+        filter_stat(&stack, "breaker.opened").await?,
+        0,
+        "shed calls are no mark against the server"
     );
     // The held request times out: a call the server got and never answered.
     let held = held.await?.context("held request")?.reply()?;
@@ -210,7 +222,7 @@ async fn an_open_route_fails_open_when_envoy_sheds_the_policy_call() -> Result<(
         .settle(
             &stack,
             "overflow",
-            Outcomes::none().fail_open(1).fail_closed(2),
+            Outcomes::none().fail_open(4).fail_closed(2),
         )
         .await?;
     assert_eq!(
@@ -225,7 +237,7 @@ async fn an_open_route_fails_open_when_envoy_sheds_the_policy_call() -> Result<(
         .collect();
     assert_eq!(
         reasons.iter().filter(|r| **r == "unreachable").count(),
-        2,
+        5,
         "{reasons:?}"
     );
     assert_eq!(
@@ -233,6 +245,9 @@ async fn an_open_route_fails_open_when_envoy_sheds_the_policy_call() -> Result<(
         1,
         "{reasons:?}"
     );
+    // One timeout, four shed calls and one more shed on the closed route: below the
+    // threshold of three *failures*, so the breaker is still closed.
+    assert_eq!(filter_stat(&stack, "breaker.opened").await?, 0);
     Ok(())
 }
 
