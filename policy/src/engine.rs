@@ -257,44 +257,49 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
             .map(|(k, v)| (k.as_str(), string(v))),
         None,
     );
+    // In key order (the optional keys at their places), so the record is built without
+    // sorting.
     let mut pairs: Vec<(&str, Value)> = Vec::with_capacity(20);
     pairs.extend([
-        ("route", string(&req.route)),
-        ("route_context", route_context),
-        ("method", string(&req.method)),
-        ("path", string(&req.path)),
-        ("host", string(&req.host)),
-        ("scheme", string(&req.scheme)),
-        ("source", string(&req.source)),
-        ("request_id", string(&req.request_id)),
-        ("time", memo::datetime(cedar_datetime(req.time))?),
-        ("identity_source", string(source.as_str())),
         (
             "body_bytes",
             Value::from(i64::try_from(body.bytes).unwrap_or(i64::MAX)),
         ),
+        ("body_parse_error", Value::from(body.parse_error)),
         ("body_size_known", Value::from(body.size_known)),
         ("body_truncated", Value::from(body.truncated)),
-        ("body_parse_error", Value::from(body.parse_error)),
+        ("host", string(&req.host)),
+        ("identity_source", string(source.as_str())),
     ]);
-    if let Some(ip) = source_ip(&req.source) {
-        pairs.push(("source_ip", memo::ip(ip)?));
-    }
-    if let Some(tenant) = &req.requested_tenant {
-        pairs.push(("requested_tenant", string(tenant)));
-    }
-    if let Some(model) = &body.model {
-        pairs.push(("model", string(model)));
-    }
-    if let Some(stream) = body.stream {
-        pairs.push(("stream", Value::from(stream)));
-    }
     if let Some(max_tokens) = body.max_tokens {
         pairs.push(("max_tokens", Value::from(max_tokens)));
     }
     if let Some(count) = body.message_count {
         pairs.push(("message_count", Value::from(count)));
     }
+    pairs.push(("method", string(&req.method)));
+    if let Some(model) = &body.model {
+        pairs.push(("model", string(model)));
+    }
+    pairs.push(("path", string(&req.path)));
+    pairs.push(("request_id", string(&req.request_id)));
+    if let Some(tenant) = &req.requested_tenant {
+        pairs.push(("requested_tenant", string(tenant)));
+    }
+    pairs.extend([
+        ("route", string(&req.route)),
+        ("route_context", route_context),
+        ("scheme", string(&req.scheme)),
+        ("source", string(&req.source)),
+    ]);
+    if let Some(ip) = source_addr(&req.source) {
+        pairs.push(("source_ip", memo::ip(ip)?));
+    }
+    if let Some(stream) = body.stream {
+        pairs.push(("stream", Value::from(stream)));
+    }
+    pairs.push(("time", memo::datetime(cedar_datetime_nanos(req.time))?));
+    debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0));
     let attrs = pairs.into_iter().map(|(k, v)| (k.into(), v)).collect();
     Ok(Context::from(cedar_policy_core::ast::Context::Value(
         Arc::new(attrs),
@@ -380,6 +385,7 @@ fn context_from_expressions(
 mod memo {
     use std::cell::RefCell;
     use std::collections::HashMap;
+    use std::net::IpAddr;
 
     use cedar_policy::{Context, RestrictedExpression};
     use cedar_policy_core::ast::{self, Value};
@@ -391,8 +397,9 @@ mod memo {
 
     #[derive(Default)]
     struct Memo {
-        time: Option<(String, Value)>,
-        ips: HashMap<String, Value>,
+        /// The last time, by its millisecond (what `datetime` keeps of it).
+        time: Option<(i128, Value)>,
+        ips: HashMap<IpAddr, Value>,
     }
 
     thread_local! {
@@ -410,20 +417,22 @@ mod memo {
         .ok_or_else(|| EngineError::Request("context value not evaluated".to_owned()))
     }
 
-    /// `datetime(at)`.
-    pub fn datetime(at: String) -> Result<Value, EngineError> {
+    /// `datetime(…)` of the time `nanos` from 1970 (within `CEDAR_DATETIME_NANOS`).
+    pub fn datetime(nanos: i128) -> Result<Value, EngineError> {
+        let millis = nanos.div_euclid(1_000_000);
         MEMO.with_borrow_mut(|memo| match &memo.time {
-            Some((last, value)) if *last == at => Ok(value.clone()),
+            Some((last, value)) if *last == millis => Ok(value.clone()),
             _ => {
-                let value = evaluate(RestrictedExpression::new_datetime(&at))?;
-                memo.time = Some((at, value.clone()));
+                let text = super::format_cedar_datetime(nanos);
+                let value = evaluate(RestrictedExpression::new_datetime(&text))?;
+                memo.time = Some((millis, value.clone()));
                 Ok(value)
             }
         })
     }
 
     /// `ip(addr)`.
-    pub fn ip(addr: String) -> Result<Value, EngineError> {
+    pub fn ip(addr: IpAddr) -> Result<Value, EngineError> {
         MEMO.with_borrow_mut(|memo| {
             if let Some(value) = memo.ips.get(&addr) {
                 return Ok(value.clone());
@@ -431,7 +440,7 @@ mod memo {
             if memo.ips.len() >= MAX_IPS {
                 memo.ips.clear();
             }
-            let value = evaluate(RestrictedExpression::new_ip(&addr))?;
+            let value = evaluate(RestrictedExpression::new_ip(&addr.to_string()))?;
             memo.ips.insert(addr, value.clone());
             Ok(value)
         })
@@ -445,17 +454,30 @@ mod memo {
         fn remembered_values_equal_fresh_ones() {
             let fresh_time = |at: &str| evaluate(RestrictedExpression::new_datetime(at)).unwrap();
             let fresh_ip = |addr: &str| evaluate(RestrictedExpression::new_ip(addr)).unwrap();
-            let at = "2026-11-22T07:00:00.123Z".to_owned();
-            assert_eq!(datetime(at.clone()).unwrap(), fresh_time(&at));
-            assert_eq!(datetime(at.clone()).unwrap(), fresh_time(&at));
-            let later = "2026-11-22T07:00:00.124Z".to_owned();
-            assert_eq!(datetime(later.clone()).unwrap(), fresh_time(&later));
-            assert_ne!(fresh_time(&at), fresh_time(&later));
+            // 2026-11-22T07:00:00.123Z, then 0.4 ms later (same millisecond), then 1 ms later.
+            let at = 1_795_330_800_123_000_000i128;
+            assert_eq!(datetime(at).unwrap(), fresh_time("2026-11-22T07:00:00.123Z"));
+            assert_eq!(
+                datetime(at + 400_000).unwrap(),
+                fresh_time("2026-11-22T07:00:00.123Z")
+            );
+            assert_eq!(
+                datetime(at + 1_000_000).unwrap(),
+                fresh_time("2026-11-22T07:00:00.124Z")
+            );
+            assert_eq!(datetime(-1).unwrap(), fresh_time("1969-12-31T23:59:59.999Z"));
+            assert_ne!(
+                fresh_time("2026-11-22T07:00:00.123Z"),
+                fresh_time("2026-11-22T07:00:00.124Z")
+            );
             for n in 0..(MAX_IPS + 10) {
                 let addr = format!("10.0.{}.{}", n / 256, n % 256);
-                assert_eq!(ip(addr.clone()).unwrap(), fresh_ip(&addr));
+                assert_eq!(ip(addr.parse().unwrap()).unwrap(), fresh_ip(&addr));
             }
-            assert_eq!(ip("10.0.0.1".into()).unwrap(), fresh_ip("10.0.0.1"));
+            assert_eq!(
+                ip("10.0.0.1".parse().unwrap()).unwrap(),
+                fresh_ip("10.0.0.1")
+            );
             assert_ne!(fresh_ip("10.0.0.1"), fresh_ip("10.0.0.2"));
             MEMO.with_borrow(|memo| assert!(memo.ips.len() <= MAX_IPS));
         }
@@ -469,10 +491,15 @@ mod memo {
 /// is the IPv4 address it maps, and `source_ip.isInRange(ip("10.0.0.0/8"))` must match it.
 /// (Rust writes no other IPv6 address with dots.)
 fn source_ip(source: &str) -> Option<String> {
+    source_addr(source).map(|ip| ip.to_string())
+}
+
+/// The address [`source_ip`] writes.
+fn source_addr(source: &str) -> Option<std::net::IpAddr> {
     source
         .parse::<std::net::SocketAddr>()
         .ok()
-        .map(|addr| addr.ip().to_canonical().to_string())
+        .map(|addr| addr.ip().to_canonical())
 }
 
 /// The first and last instants a Cedar `datetime` can name (four-digit years), in
@@ -487,11 +514,20 @@ const CEDAR_DATETIME_NANOS: std::ops::RangeInclusive<i128> =
 /// there ([`crate::request::request_time`] keeps `context.time` near the server's clock);
 /// this only guarantees that no time can panic the handler.
 pub fn cedar_datetime(at: SystemTime) -> String {
+    format_cedar_datetime(cedar_datetime_nanos(at))
+}
+
+/// `at` in nanoseconds from 1970, within [`CEDAR_DATETIME_NANOS`].
+fn cedar_datetime_nanos(at: SystemTime) -> i128 {
     let nanos = match at.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(after) => i128::try_from(after.as_nanos()).unwrap_or(i128::MAX),
         Err(before) => i128::try_from(before.duration().as_nanos()).map_or(i128::MIN, |n| -n),
     };
-    let nanos = nanos.clamp(*CEDAR_DATETIME_NANOS.start(), *CEDAR_DATETIME_NANOS.end());
+    nanos.clamp(*CEDAR_DATETIME_NANOS.start(), *CEDAR_DATETIME_NANOS.end())
+}
+
+/// [`cedar_datetime`] of a time in [`CEDAR_DATETIME_NANOS`].
+fn format_cedar_datetime(nanos: i128) -> String {
     let at = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
