@@ -333,7 +333,7 @@ fn context_from_expressions(
         ("request_id", string(&req.request_id)),
         (
             "time",
-            RestrictedExpression::new_datetime(&cedar_datetime(req.time)),
+            RestrictedExpression::new_datetime(cedar_datetime(req.time)),
         ),
         ("identity_source", string(source.as_str())),
         (
@@ -354,7 +354,7 @@ fn context_from_expressions(
         ),
     ];
     if let Some(ip) = source_ip(&req.source) {
-        pairs.push(("source_ip", RestrictedExpression::new_ip(&ip)));
+        pairs.push(("source_ip", RestrictedExpression::new_ip(ip)));
     }
     if let Some(tenant) = &req.requested_tenant {
         pairs.push(("requested_tenant", string(tenant)));
@@ -440,7 +440,7 @@ mod memo {
             if memo.ips.len() >= MAX_IPS {
                 memo.ips.clear();
             }
-            let value = evaluate(RestrictedExpression::new_ip(&addr.to_string()))?;
+            let value = evaluate(RestrictedExpression::new_ip(addr.to_string()))?;
             memo.ips.insert(addr, value.clone());
             Ok(value)
         })
@@ -456,7 +456,10 @@ mod memo {
             let fresh_ip = |addr: &str| evaluate(RestrictedExpression::new_ip(addr)).unwrap();
             // 2026-11-22T07:00:00.123Z, then 0.4 ms later (same millisecond), then 1 ms later.
             let at = 1_795_330_800_123_000_000i128;
-            assert_eq!(datetime(at).unwrap(), fresh_time("2026-11-22T07:00:00.123Z"));
+            assert_eq!(
+                datetime(at).unwrap(),
+                fresh_time("2026-11-22T07:00:00.123Z")
+            );
             assert_eq!(
                 datetime(at + 400_000).unwrap(),
                 fresh_time("2026-11-22T07:00:00.123Z")
@@ -465,7 +468,10 @@ mod memo {
                 datetime(at + 1_000_000).unwrap(),
                 fresh_time("2026-11-22T07:00:00.124Z")
             );
-            assert_eq!(datetime(-1).unwrap(), fresh_time("1969-12-31T23:59:59.999Z"));
+            assert_eq!(
+                datetime(-1).unwrap(),
+                fresh_time("1969-12-31T23:59:59.999Z")
+            );
             assert_ne!(
                 fresh_time("2026-11-22T07:00:00.123Z"),
                 fresh_time("2026-11-22T07:00:00.124Z")
@@ -490,11 +496,12 @@ mod memo {
 /// IPv4 embedded in IPv6 (`::ffff:a.b.c.d`), which made every such request undecidable. It
 /// is the IPv4 address it maps, and `source_ip.isInRange(ip("10.0.0.0/8"))` must match it.
 /// (Rust writes no other IPv6 address with dots.)
+#[cfg(test)]
 fn source_ip(source: &str) -> Option<String> {
     source_addr(source).map(|ip| ip.to_string())
 }
 
-/// The address [`source_ip`] writes.
+/// The address `source_ip` writes: the source's IP, IPv4 when it maps one.
 fn source_addr(source: &str) -> Option<std::net::IpAddr> {
     source
         .parse::<std::net::SocketAddr>()
@@ -1053,7 +1060,10 @@ mod tests {
         use proptest::prelude::*;
         use proptest::test_runner::{Config, TestRunner};
 
-        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/ai-gateway/policies");
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/ai-gateway/policies"
+        );
         let dir = tempfile::tempdir().unwrap();
         for entry in std::fs::read_dir(example).unwrap() {
             let path = entry.unwrap().path();
@@ -1127,8 +1137,12 @@ mod tests {
             let req = AuthzRequest {
                 principal: String::new(),
                 identity,
-                action: ["chat.completions", "embeddings", "models.list", "http.request"]
-                    [action]
+                action: [
+                    "chat.completions",
+                    "embeddings",
+                    "models.list",
+                    "http.request",
+                ][action]
                     .into(),
                 route,
                 method,

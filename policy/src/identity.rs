@@ -252,7 +252,9 @@ impl Directory<'_> {
         }
         let uid = EntityTypes::uid(&self.types.anonymous, ANONYMOUS_ID);
         Ok(Principal {
-            entity: Arc::new(cedar_policy_core::ast::Entity::with_uid(uid.as_ref().clone())),
+            entity: Arc::new(cedar_policy_core::ast::Entity::with_uid(
+                uid.as_ref().clone(),
+            )),
             uid,
             source: IdentitySource::None,
             ancestors: Vec::new(),
