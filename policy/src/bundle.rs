@@ -17,6 +17,7 @@ use std::fmt;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{
     Entities, Entity, EntityUid, Policy, PolicyId, PolicySet, Schema, ValidationMode, Validator,
@@ -262,10 +263,11 @@ pub struct Bundle {
     /// API-key hash → caller.
     pub(crate) api_keys: HashMap<String, EntityUid>,
     /// Entities named literally in policies (their attributes must be readable), with the
-    /// request's action added per request.
-    pub(crate) literal_entities: Vec<Entity>,
-    /// Action entities of the schema, by uid (with their groups as ancestors).
-    pub(crate) actions: HashMap<EntityUid, Entity>,
+    /// request's action added per request. Shared (`Arc`) with every request's store, and
+    /// transitively closed like [`Self::entities`].
+    pub(crate) literal_entities: Vec<Arc<cedar_policy_core::ast::Entity>>,
+    /// Action entities of the schema, by uid (with their groups as ancestors, closed).
+    pub(crate) actions: HashMap<EntityUid, Arc<cedar_policy_core::ast::Entity>>,
     pub(crate) types: EntityTypes,
     pub(crate) config: BundleConfig,
     origins: HashMap<String, PolicyOrigin>,
@@ -316,9 +318,9 @@ impl Bundle {
         let types = EntityTypes::new().map_err(|e| BundleError::Internal(e.to_string()))?;
         let api_keys = api_key_index(&entities, &types)?;
 
-        let actions: HashMap<EntityUid, Entity> = action_entities
+        let actions: HashMap<EntityUid, Arc<cedar_policy_core::ast::Entity>> = action_entities
             .iter()
-            .map(|e| (e.uid(), e.clone()))
+            .map(|e| (e.uid(), Arc::new(e.as_ref().clone())))
             .collect();
         let index = PolicyIndex::new(&policies, |group| {
             actions
@@ -347,7 +349,7 @@ impl Bundle {
                 let has_attributes = !Entity::clone(entity).into_inner().1.is_empty();
                 has_parents || has_attributes
             })
-            .cloned()
+            .map(|entity| Arc::new(entity.as_ref().clone()))
             .collect();
 
         let origins = origins

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use cedar_policy::{
-    Authorizer, Context, Entities, Entity, EntityUid, Request, RestrictedExpression,
-};
+#[cfg(test)]
+use cedar_policy::RestrictedExpression;
+use cedar_policy::{Authorizer, Context, Entities, EntityUid, Request};
 
 use crate::bundle::Bundle;
 pub use crate::bundle::BundleError;
@@ -155,7 +155,7 @@ impl Bundle {
             None,
         )
         .map_err(|e| EngineError::Request(e.to_string()))?;
-        let entities = self.request_entities(principal.entity.clone(), &action)?;
+        let entities = self.request_entities(&principal.entity, &action)?;
         #[cfg(test)]
         if UNINDEXED.with(std::cell::Cell::get) {
             let response = authorizer.is_authorized(&request, &self.policies, &entities);
@@ -203,27 +203,34 @@ impl Bundle {
     /// its action groups) and the entities policies name literally. Only these can be read
     /// by a policy: the schema gives groups and routes no attributes, and bundles cannot
     /// add entity types.
-    fn request_entities(
+    ///
+    /// Every entity here is already transitively closed (the bundle's entities and the
+    /// schema's actions are closed when the bundle loads; a JWT principal's groups come with
+    /// their ancestors, see [`crate::identity`]), so the store is not closed again per
+    /// request, and the bundle's entities are shared with it, not copied.
+    pub(crate) fn request_entities(
         &self,
-        principal: Entity,
+        principal: &Arc<cedar_policy_core::ast::Entity>,
         action: &EntityUid,
     ) -> Result<Entities, EngineError> {
         let principal_uid = principal.uid();
-        let mut entities = Vec::with_capacity(self.literal_entities.len() + 2);
-        entities.push(principal);
-        if let Some(action) = self.actions.get(action) {
-            entities.push(action.clone());
-        }
-        entities.extend(
-            self.literal_entities
-                .iter()
-                .filter(|e| {
-                    let uid = e.uid();
-                    uid != principal_uid && &uid != action
-                })
-                .cloned(),
-        );
-        Entities::from_entities(entities, None).map_err(|e| EngineError::Entities(e.to_string()))
+        let action_entity = self.actions.get(action);
+        let literals = self.literal_entities.iter().filter(|e| {
+            let uid = e.uid();
+            uid != principal_uid && uid != action.as_ref()
+        });
+        let store = cedar_policy_core::entities::Entities::new()
+            .add_entities(
+                std::iter::once(principal)
+                    .chain(action_entity)
+                    .chain(literals)
+                    .cloned(),
+                None::<&cedar_policy_core::entities::NoEntitiesSchema>,
+                cedar_policy_core::entities::TCComputation::AssumeAlreadyComputed,
+                cedar_policy_core::extensions::Extensions::all_available(),
+            )
+            .map_err(|e| EngineError::Entities(e.to_string()))?;
+        Ok(Entities::from(store))
     }
 }
 
@@ -233,8 +240,79 @@ thread_local! {
     pub(crate) static UNINDEXED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The Cedar context record (`Arbiter::RequestContext`).
+/// The Cedar context record (`Arbiter::RequestContext`), built from values.
+///
+/// `Context::from_pairs` takes expressions and evaluates them (a record of literals, and the
+/// `datetime` / `ip` extension calls, whose strings Cedar parses again each time): a fifth of
+/// a decision in the profile (bench/README.md). The values are built here directly instead,
+/// the extension values remembered per thread ([`memo`]); `prop_context_equals_cedars` checks
+/// the result equals `Context::from_pairs` of the same expressions.
 fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, EngineError> {
+    use cedar_policy_core::ast::Value;
+    let string = |s: &str| Value::from(s);
+    let body = &req.body;
+    let route_context = Value::record(
+        req.route_context
+            .iter()
+            .map(|(k, v)| (k.as_str(), string(v))),
+        None,
+    );
+    // In key order (the optional keys at their places), so the record is built without
+    // sorting.
+    let mut pairs: Vec<(&str, Value)> = Vec::with_capacity(20);
+    pairs.extend([
+        (
+            "body_bytes",
+            Value::from(i64::try_from(body.bytes).unwrap_or(i64::MAX)),
+        ),
+        ("body_parse_error", Value::from(body.parse_error)),
+        ("body_size_known", Value::from(body.size_known)),
+        ("body_truncated", Value::from(body.truncated)),
+        ("host", string(&req.host)),
+        ("identity_source", string(source.as_str())),
+    ]);
+    if let Some(max_tokens) = body.max_tokens {
+        pairs.push(("max_tokens", Value::from(max_tokens)));
+    }
+    if let Some(count) = body.message_count {
+        pairs.push(("message_count", Value::from(count)));
+    }
+    pairs.push(("method", string(&req.method)));
+    if let Some(model) = &body.model {
+        pairs.push(("model", string(model)));
+    }
+    pairs.push(("path", string(&req.path)));
+    pairs.push(("request_id", string(&req.request_id)));
+    if let Some(tenant) = &req.requested_tenant {
+        pairs.push(("requested_tenant", string(tenant)));
+    }
+    pairs.extend([
+        ("route", string(&req.route)),
+        ("route_context", route_context),
+        ("scheme", string(&req.scheme)),
+        ("source", string(&req.source)),
+    ]);
+    if let Some(ip) = source_addr(&req.source) {
+        pairs.push(("source_ip", memo::ip(ip)?));
+    }
+    if let Some(stream) = body.stream {
+        pairs.push(("stream", Value::from(stream)));
+    }
+    pairs.push(("time", memo::datetime(cedar_datetime_nanos(req.time))?));
+    debug_assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0));
+    let attrs = pairs.into_iter().map(|(k, v)| (k.into(), v)).collect();
+    Ok(Context::from(cedar_policy_core::ast::Context::Value(
+        Arc::new(attrs),
+    )))
+}
+
+/// The context as `Context::from_pairs` builds it from expressions: what [`context`] must
+/// equal.
+#[cfg(test)]
+fn context_from_expressions(
+    req: &AuthzRequest,
+    source: IdentitySource,
+) -> Result<Context, EngineError> {
     let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
     let long = |n: i64| RestrictedExpression::new_long(n);
     let route_context = RestrictedExpression::new_record(
@@ -253,7 +331,10 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
         ("scheme", string(&req.scheme)),
         ("source", string(&req.source)),
         ("request_id", string(&req.request_id)),
-        ("time", memo::datetime(cedar_datetime(req.time))),
+        (
+            "time",
+            RestrictedExpression::new_datetime(cedar_datetime(req.time)),
+        ),
         ("identity_source", string(source.as_str())),
         (
             "body_bytes",
@@ -273,7 +354,7 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
         ),
     ];
     if let Some(ip) = source_ip(&req.source) {
-        pairs.push(("source_ip", memo::ip(ip)));
+        pairs.push(("source_ip", RestrictedExpression::new_ip(ip)));
     }
     if let Some(tenant) = &req.requested_tenant {
         pairs.push(("requested_tenant", string(tenant)));
@@ -296,54 +377,72 @@ fn context(req: &AuthzRequest, source: IdentitySource) -> Result<Context, Engine
 
 /// Extension values of the context, remembered per thread.
 ///
-/// `RestrictedExpression::new_datetime` / `new_ip` parse the extension function's name with
-/// Cedar's full parser on every call (a third of a decision's context building in the
-/// profile, see bench/README.md). The same value is rebuilt constantly under load (the time
-/// has millisecond precision; callers' IPs repeat), so each thread keeps the last time and a
-/// bounded set of IPs and clones them instead.
+/// A `datetime` / `ip` value is made by Cedar's extension function from its string (found by
+/// name, the string parsed). The same value is needed constantly under load (the time has
+/// millisecond precision; callers' IPs repeat), so each thread keeps the last time and a
+/// bounded set of IPs, evaluated once by Cedar itself ([`evaluate`]), and clones them
+/// (a reference count) instead.
 mod memo {
     use std::cell::RefCell;
     use std::collections::HashMap;
+    use std::net::IpAddr;
 
-    use cedar_policy::RestrictedExpression;
+    use cedar_policy::{Context, RestrictedExpression};
+    use cedar_policy_core::ast::{self, Value};
+
+    use super::EngineError;
 
     /// IPs remembered per thread; the set starts over when full.
     const MAX_IPS: usize = 1024;
 
     #[derive(Default)]
     struct Memo {
-        time: Option<(String, RestrictedExpression)>,
-        ips: HashMap<String, RestrictedExpression>,
+        /// The last time, by its millisecond (what `datetime` keeps of it).
+        time: Option<(i128, Value)>,
+        ips: HashMap<IpAddr, Value>,
     }
 
     thread_local! {
         static MEMO: RefCell<Memo> = RefCell::new(Memo::default());
     }
 
-    /// `datetime(at)`.
-    pub fn datetime(at: String) -> RestrictedExpression {
+    /// The value of `expr`, as Cedar evaluates it in a context.
+    pub fn evaluate(expr: RestrictedExpression) -> Result<Value, EngineError> {
+        let context = Context::from_pairs([("value".to_owned(), expr)])
+            .map_err(|e| EngineError::Request(e.to_string()))?;
+        match context.as_ref() {
+            ast::Context::Value(attrs) => attrs.get("value").cloned(),
+            ast::Context::RestrictedResidual(_) => None,
+        }
+        .ok_or_else(|| EngineError::Request("context value not evaluated".to_owned()))
+    }
+
+    /// `datetime(…)` of the time `nanos` from 1970 (within `CEDAR_DATETIME_NANOS`).
+    pub fn datetime(nanos: i128) -> Result<Value, EngineError> {
+        let millis = nanos.div_euclid(1_000_000);
         MEMO.with_borrow_mut(|memo| match &memo.time {
-            Some((last, expr)) if *last == at => expr.clone(),
+            Some((last, value)) if *last == millis => Ok(value.clone()),
             _ => {
-                let expr = RestrictedExpression::new_datetime(&at);
-                memo.time = Some((at, expr.clone()));
-                expr
+                let text = super::format_cedar_datetime(nanos);
+                let value = evaluate(RestrictedExpression::new_datetime(&text))?;
+                memo.time = Some((millis, value.clone()));
+                Ok(value)
             }
         })
     }
 
     /// `ip(addr)`.
-    pub fn ip(addr: String) -> RestrictedExpression {
+    pub fn ip(addr: IpAddr) -> Result<Value, EngineError> {
         MEMO.with_borrow_mut(|memo| {
-            if let Some(expr) = memo.ips.get(&addr) {
-                return expr.clone();
+            if let Some(value) = memo.ips.get(&addr) {
+                return Ok(value.clone());
             }
             if memo.ips.len() >= MAX_IPS {
                 memo.ips.clear();
             }
-            let expr = RestrictedExpression::new_ip(&addr);
-            memo.ips.insert(addr, expr.clone());
-            expr
+            let value = evaluate(RestrictedExpression::new_ip(addr.to_string()))?;
+            memo.ips.insert(addr, value.clone());
+            Ok(value)
         })
     }
 
@@ -353,28 +452,39 @@ mod memo {
 
         #[test]
         fn remembered_values_equal_fresh_ones() {
-            let at = "2026-11-22T07:00:00.123Z".to_owned();
+            let fresh_time = |at: &str| evaluate(RestrictedExpression::new_datetime(at)).unwrap();
+            let fresh_ip = |addr: &str| evaluate(RestrictedExpression::new_ip(addr)).unwrap();
+            // 2026-11-22T07:00:00.123Z, then 0.4 ms later (same millisecond), then 1 ms later.
+            let at = 1_795_330_800_123_000_000i128;
             assert_eq!(
-                datetime(at.clone()),
-                RestrictedExpression::new_datetime(&at)
+                datetime(at).unwrap(),
+                fresh_time("2026-11-22T07:00:00.123Z")
             );
             assert_eq!(
-                datetime(at.clone()),
-                RestrictedExpression::new_datetime(&at)
+                datetime(at + 400_000).unwrap(),
+                fresh_time("2026-11-22T07:00:00.123Z")
             );
-            let later = "2026-11-22T07:00:00.124Z".to_owned();
             assert_eq!(
-                datetime(later.clone()),
-                RestrictedExpression::new_datetime(&later)
+                datetime(at + 1_000_000).unwrap(),
+                fresh_time("2026-11-22T07:00:00.124Z")
+            );
+            assert_eq!(
+                datetime(-1).unwrap(),
+                fresh_time("1969-12-31T23:59:59.999Z")
+            );
+            assert_ne!(
+                fresh_time("2026-11-22T07:00:00.123Z"),
+                fresh_time("2026-11-22T07:00:00.124Z")
             );
             for n in 0..(MAX_IPS + 10) {
                 let addr = format!("10.0.{}.{}", n / 256, n % 256);
-                assert_eq!(ip(addr.clone()), RestrictedExpression::new_ip(&addr));
+                assert_eq!(ip(addr.parse().unwrap()).unwrap(), fresh_ip(&addr));
             }
             assert_eq!(
-                ip("10.0.0.1".into()),
-                RestrictedExpression::new_ip("10.0.0.1")
+                ip("10.0.0.1".parse().unwrap()).unwrap(),
+                fresh_ip("10.0.0.1")
             );
+            assert_ne!(fresh_ip("10.0.0.1"), fresh_ip("10.0.0.2"));
             MEMO.with_borrow(|memo| assert!(memo.ips.len() <= MAX_IPS));
         }
     }
@@ -386,11 +496,17 @@ mod memo {
 /// IPv4 embedded in IPv6 (`::ffff:a.b.c.d`), which made every such request undecidable. It
 /// is the IPv4 address it maps, and `source_ip.isInRange(ip("10.0.0.0/8"))` must match it.
 /// (Rust writes no other IPv6 address with dots.)
+#[cfg(test)]
 fn source_ip(source: &str) -> Option<String> {
+    source_addr(source).map(|ip| ip.to_string())
+}
+
+/// The address `source_ip` writes: the source's IP, IPv4 when it maps one.
+fn source_addr(source: &str) -> Option<std::net::IpAddr> {
     source
         .parse::<std::net::SocketAddr>()
         .ok()
-        .map(|addr| addr.ip().to_canonical().to_string())
+        .map(|addr| addr.ip().to_canonical())
 }
 
 /// The first and last instants a Cedar `datetime` can name (four-digit years), in
@@ -405,11 +521,20 @@ const CEDAR_DATETIME_NANOS: std::ops::RangeInclusive<i128> =
 /// there ([`crate::request::request_time`] keeps `context.time` near the server's clock);
 /// this only guarantees that no time can panic the handler.
 pub fn cedar_datetime(at: SystemTime) -> String {
+    format_cedar_datetime(cedar_datetime_nanos(at))
+}
+
+/// `at` in nanoseconds from 1970, within [`CEDAR_DATETIME_NANOS`].
+fn cedar_datetime_nanos(at: SystemTime) -> i128 {
     let nanos = match at.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(after) => i128::try_from(after.as_nanos()).unwrap_or(i128::MAX),
         Err(before) => i128::try_from(before.duration().as_nanos()).map_or(i128::MIN, |n| -n),
     };
-    let nanos = nanos.clamp(*CEDAR_DATETIME_NANOS.start(), *CEDAR_DATETIME_NANOS.end());
+    nanos.clamp(*CEDAR_DATETIME_NANOS.start(), *CEDAR_DATETIME_NANOS.end())
+}
+
+/// [`cedar_datetime`] of a time in [`CEDAR_DATETIME_NANOS`].
+fn format_cedar_datetime(nanos: i128) -> String {
     let at = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
@@ -925,5 +1050,170 @@ mod tests {
         let mut req = request("chat.completions", "r");
         req.source = "[::ffff:10.1.2.3]:5000".into();
         assert!(engine.decide(&req).unwrap().allowed);
+    }
+    /// The context built from values equals Cedar's own, from expressions; the entity store
+    /// shared from the bundle, unclosed, equals the one Cedar builds and closes itself; so
+    /// both decide the same. For every identity source and every optional context field,
+    /// with arbitrary strings.
+    #[test]
+    fn prop_context_and_entities_equal_cedars() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+
+        let example = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/ai-gateway/policies"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(example).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+        // Literal entities with parents and attributes, one of them a possible principal.
+        std::fs::write(
+            dir.path().join("literals.cedar"),
+            r#"@id("billing") permit (principal == Arbiter::Caller::"spiffe://arbiter.test/ns/apps/sa/billing", action, resource == Arbiter::Route::"r1");
+               @id("acme") forbid (principal, action, resource) when { Arbiter::Caller::"acme-batch" has tenant && Arbiter::Caller::"acme-batch".tenant == "x" };"#,
+        )
+        .unwrap();
+        let bundle = Bundle::load(dir.path()).unwrap();
+        assert!(!bundle.literal_entities.is_empty());
+        let acme_key = "1ea061b796f9ec572eae9377644c9bdcdc7eb2ad5cc712228fe068240ec38934";
+
+        let text = || ".{0,12}";
+        let strategy = (
+            (
+                0..6usize,
+                0..4usize,
+                text(),
+                prop::collection::btree_map(text(), text(), 0..3),
+                (text(), text(), text(), text()),
+                0..6usize,
+            ),
+            (
+                -62_167_219_200_000i64..=253_402_300_799_999,
+                any::<u64>(),
+                any::<(bool, bool, bool)>(),
+                prop::option::of(text()),
+                prop::option::of(any::<bool>()),
+                prop::option::of(any::<i64>()),
+                prop::option::of(any::<i64>()),
+                prop::option::of(text()),
+            ),
+        );
+        let mut runner = TestRunner::new(Config {
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(256),
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let result = runner.run(&strategy, |(first, second)| {
+            let (who, action, route, route_context, (method, path, host, id), source) = first;
+            let (millis, bytes, flags, model, stream, max_tokens, count, tenant) = second;
+            let mut identity = Identity::default();
+            match who {
+                0 => {}
+                1 => identity.mtls = Some("spiffe://arbiter.test/ns/apps/sa/billing".into()),
+                2 => identity.mtls = Some(route.clone()),
+                3 => {
+                    identity.jwt = Some(
+                        json!({"iss": "i", "sub": route, "tenant": "acme",
+                               "groups": ["premium-models", "nope", "regulated-approved"]})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                    )
+                }
+                4 => identity.api_key_sha256 = Some(acme_key.into()),
+                _ => identity.api_key_sha256 = Some(api_key_sha256(route.as_bytes())),
+            }
+            let at = if millis >= 0 {
+                SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(millis.unsigned_abs())
+            } else {
+                SystemTime::UNIX_EPOCH - std::time::Duration::from_millis(millis.unsigned_abs())
+            };
+            let req = AuthzRequest {
+                principal: String::new(),
+                identity,
+                action: [
+                    "chat.completions",
+                    "embeddings",
+                    "models.list",
+                    "http.request",
+                ][action]
+                    .into(),
+                route,
+                method,
+                path,
+                host,
+                scheme: "https".into(),
+                source: [
+                    "",
+                    "10.1.2.3:5000",
+                    "[::ffff:10.0.0.1]:80",
+                    "[2001:db8::1]:443",
+                    "pipe:/x",
+                    "10.1.2.3:5000",
+                ][source]
+                    .into(),
+                request_id: id,
+                route_context,
+                requested_tenant: tenant,
+                body: BodyAttributes {
+                    bytes,
+                    size_known: flags.0,
+                    truncated: flags.1,
+                    parse_error: flags.2,
+                    model,
+                    stream,
+                    max_tokens,
+                    message_count: count,
+                    sha256: None,
+                },
+                time: at,
+                time_source: crate::request::TimeSource::Request,
+            };
+            let directory = Directory {
+                entities: &bundle.entities,
+                api_keys: &bundle.api_keys,
+                jwt: &bundle.config.jwt,
+                types: &bundle.types,
+            };
+            let principal = directory.resolve(&req.identity).unwrap();
+            let ours = context(&req, principal.source).unwrap();
+            let cedars = context_from_expressions(&req, principal.source).unwrap();
+            prop_assert_eq!(&ours, &cedars);
+
+            let action = EntityTypes::uid(&bundle.types.action, &req.action);
+            let shared = bundle.request_entities(&principal.entity, &action).unwrap();
+            let principal_uid = principal.entity.uid();
+            let mut owned = vec![cedar_policy::Entity::from((*principal.entity).clone())];
+            owned.extend(
+                bundle
+                    .actions
+                    .get(&action)
+                    .map(|e| cedar_policy::Entity::from((**e).clone())),
+            );
+            owned.extend(
+                bundle
+                    .literal_entities
+                    .iter()
+                    .filter(|e| e.uid() != principal_uid && e.uid() != action.as_ref())
+                    .map(|e| cedar_policy::Entity::from((**e).clone())),
+            );
+            let closed = Entities::from_entities(owned, None).unwrap();
+            prop_assert!(
+                closed.as_ref().deep_eq(shared.as_ref()),
+                "{:?}\n{:?}",
+                closed,
+                shared
+            );
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
     }
 }

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{Entities, Entity, EntityId, EntityTypeName, EntityUid, RestrictedExpression};
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value as ProtoValue};
@@ -208,8 +209,8 @@ pub struct Principal {
     pub uid: EntityUid,
     /// How it was identified.
     pub source: IdentitySource,
-    /// The entity, ancestors included (transitively closed).
-    pub entity: Entity,
+    /// The entity, ancestors included (transitively closed), as the request's store shares it.
+    pub entity: Arc<cedar_policy_core::ast::Entity>,
     /// Its ancestors (groups), for scope lookups.
     pub ancestors: Vec<EntityUid>,
 }
@@ -251,7 +252,9 @@ impl Directory<'_> {
         }
         let uid = EntityTypes::uid(&self.types.anonymous, ANONYMOUS_ID);
         Ok(Principal {
-            entity: Entity::with_uid(uid.clone()),
+            entity: Arc::new(cedar_policy_core::ast::Entity::with_uid(
+                uid.as_ref().clone(),
+            )),
             uid,
             source: IdentitySource::None,
             ancestors: Vec::new(),
@@ -262,13 +265,18 @@ impl Directory<'_> {
     fn known_or_bare(&self, uid: EntityUid, source: IdentitySource) -> Principal {
         let (entity, ancestors) = match self.entities.get(&uid) {
             Some(entity) => (
-                entity.clone(),
+                Arc::new(entity.as_ref().clone()),
                 self.entities
                     .ancestors(&uid)
                     .map(|a| a.cloned().collect())
                     .unwrap_or_default(),
             ),
-            None => (Entity::with_uid(uid.clone()), Vec::new()),
+            None => (
+                Arc::new(cedar_policy_core::ast::Entity::with_uid(
+                    uid.as_ref().clone(),
+                )),
+                Vec::new(),
+            ),
         };
         Principal {
             uid,
@@ -307,7 +315,7 @@ impl Directory<'_> {
         Ok(Principal {
             uid,
             source: IdentitySource::Jwt,
-            entity,
+            entity: Arc::new(entity.as_ref().clone()),
             ancestors,
         })
     }
