@@ -179,18 +179,22 @@ fn attributes(
         pb::map_entry(buf, 10, DRY_RUN_CONTEXT_KEY, &["true"]);
     }
     if let Some(md) = extras.metadata {
-        let md = arbiter_proto::envoy::config::core::v3::Metadata {
-            filter_metadata: md
-                .fields
-                .iter()
-                .filter_map(|(ns, v)| match &v.kind {
-                    Some(prost_types::value::Kind::StructValue(s)) => Some((ns.clone(), s.clone())),
-                    _ => None,
-                })
-                .collect(),
-            ..Default::default()
-        };
-        pb::message(buf, 11, |buf| md.encode_raw(buf));
+        pb::message(buf, 11, |buf| metadata_context(md).encode_raw(buf));
+    }
+}
+
+/// The CheckRequest's `metadata_context`: the forwarded namespaces that hold a struct.
+fn metadata_context(md: &prost_types::Struct) -> arbiter_proto::envoy::config::core::v3::Metadata {
+    arbiter_proto::envoy::config::core::v3::Metadata {
+        filter_metadata: md
+            .fields
+            .iter()
+            .filter_map(|(ns, v)| match &v.kind {
+                Some(prost_types::value::Kind::StructValue(s)) => Some((ns.clone(), s.clone())),
+                _ => None,
+            })
+            .collect(),
+        ..Default::default()
     }
 }
 
@@ -446,17 +450,7 @@ pub(crate) fn reference_check_request(
             .insert(DRY_RUN_CONTEXT_KEY.to_owned(), "true".to_owned());
     }
     if let Some(md) = extras.metadata {
-        attrs.metadata_context = Some(arbiter_proto::envoy::config::core::v3::Metadata {
-            filter_metadata: md
-                .fields
-                .iter()
-                .filter_map(|(ns, v)| match &v.kind {
-                    Some(prost_types::value::Kind::StructValue(s)) => Some((ns.clone(), s.clone())),
-                    _ => None,
-                })
-                .collect(),
-            ..Default::default()
-        });
+        attrs.metadata_context = Some(metadata_context(md));
     }
     if let (Some(body), Some(http)) = (
         extras.body,

@@ -1067,33 +1067,7 @@ mod record_tests {
             .iter()
             .map(|(k, v)| (k.clone(), json!(v)))
             .collect();
-        // The `jwt_authn` namespace as `audit replay` puts it back, with only the claims
-        // `record_jwt_claims` keeps (claims can carry personal data); how many were left out
-        // is recorded, their names are not.
-        let mut withheld = 0usize;
-        let claims = p
-            .metadata
-            .as_ref()
-            .and_then(|m| m.fields.get(crate::config::JWT_AUTHN_NAMESPACE))
-            .and_then(|ns| match &ns.kind {
-                Some(prost_types::value::Kind::StructValue(s)) => {
-                    Some(crate::route::struct_to_json(s))
-                }
-                _ => None,
-            })
-            .map(|mut ns| {
-                if let serde_json::Value::Object(payloads) = &mut ns {
-                    for payload in payloads.values_mut() {
-                        if let serde_json::Value::Object(claims) = payload {
-                            let before = claims.len();
-                            claims
-                                .retain(|name, _| this.shared.config.record_jwt_claims.keeps(name));
-                            withheld += before - claims.len();
-                        }
-                    }
-                }
-                ns
-            });
+        let (claims, withheld) = this.recorded_claims(p);
         json!({
             "v": 1,
             "ts": ts,
