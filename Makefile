@@ -89,9 +89,13 @@ image-tools: ## Install the OCI image tools (Debian packages: skopeo, umoci, oci
 
 # --- build ------------------------------------------------------------------------------
 
+# The post-link step keeps only the exports the filter needs: the SDK exports every
+# proxy-wasm callback, and Envoy enters the VM for each one a module exports, on every
+# request (wasm-exports/ has the lists and why; it fails if a needed export is missing).
 .PHONY: wasm
-wasm: rust-target ## Build the filter (wasm32-wasip1, size-optimized)
+wasm: rust-target ## Build the filter (wasm32-wasip1, size-optimized, unused callbacks not exported)
 	$(CARGO) build -p arbiter-filter --target $(WASM_TARGET) --profile wasm-release
+	$(CARGO) run -q -p arbiter-wasm-exports -- strip $(WASM) $(WASM)
 	@ls -l $(WASM) | awk '{print "wasm: " $$NF " (" $$5 " bytes)"}'
 
 # The policy server for its image: glibc linked statically (no loader or libraries in the

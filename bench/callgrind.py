@@ -4,6 +4,8 @@
 usage: bench/callgrind.py label=path.wasm [label=path.wasm ...]
        (env: N requests per measurement, default 300; WARM, default 100;
         ROUTES, default checked,cached,disabled)
+       `label=none` runs the same template without the wasm filter (its arbiter-only blocks
+       removed): Envoy's own cost of the same routes, the floor to subtract.
 
 CPU time per request moves with the machine's load; instruction counts do not (runs agree
 to ~0.2 %). Starts the debug policy server (`cargo build -p arbiter-policy-server`) and a
@@ -118,7 +120,11 @@ def main():
                  "OVERRIDE_ACTIVE": (now + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "OVERRIDE_EXPIRED": (now - datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "OVERRIDE_TOO_FAR": (now + datetime.timedelta(hours=48)).strftime("%Y-%m-%dT%H:%M:%SZ")}
-            cfg = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: v[m.group(1)], tmpl)
+            text = tmpl
+            if wasm == "none":
+                text = re.sub(r"[ \t]*# --- arbiter-only begin ---\n.*?# --- arbiter-only end ---\n", "", tmpl,
+                              flags=re.S)
+            cfg = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: v[m.group(1)], text)
             path = f"{work}/{label}.yaml"
             open(path, "w").write(cfg)
             out = f"{work}/{label}.cg"

@@ -166,6 +166,29 @@ fn filter_templates_validate() {
     }
 }
 
+/// The module every end-to-end test loads went through `make wasm`'s post-link step: it
+/// exports exactly the callbacks the filter needs (each export costs Envoy a VM entry per
+/// request) and every one of them, so the enforcement tests run what ships.
+#[test]
+fn the_filter_module_exports_exactly_the_callbacks_it_needs() {
+    let path = wasm_path().unwrap();
+    let module = std::fs::read(&path).unwrap();
+    let exports = arbiter_wasm_exports::exports(&module).unwrap();
+    let mut expected: Vec<&str> = arbiter_wasm_exports::KEEP
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    let mut got: Vec<&str> = exports.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        expected,
+        "{}: run `make wasm` (cargo alone leaves the SDK's unused callbacks exported)",
+        path.display()
+    );
+}
+
 #[test]
 fn passthrough_template_validates() {
     let output = validate(
