@@ -91,8 +91,24 @@ pub struct SoakSample {
     /// open loop opens a connection whenever every open one is busy, so a stall shows here.
     #[serde(default)]
     pub envoy_connections: u64,
+    /// Envoy's own view of its memory and connections at the end of the chunk.
+    #[serde(default)]
+    pub envoy_gauges: EnvoyGauges,
     /// Latency and counts of the chunk.
     pub summary: Summary,
+}
+
+/// Envoy's gauges that tell a leak from a high-water mark: RSS also holds memory the
+/// allocator keeps after a peak (of connections, of requests in flight) and never returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EnvoyGauges {
+    /// Bytes of heap in use by Envoy's objects (`server.memory_allocated`), MiB.
+    pub heap_allocated_mib: f64,
+    /// Heap the allocator holds from the OS, in use or kept for reuse
+    /// (`server.memory_heap_size`), MiB.
+    pub heap_size_mib: f64,
+    /// Downstream connections open now (`http.ingress.downstream_cx_active`).
+    pub connections_active: u64,
 }
 
 /// The soak's results file (`bench/results/soak-<date>.json`).
@@ -124,6 +140,9 @@ pub struct SoakReport {
     pub envoy_rss_growth_pct: f64,
     /// Policy server RSS after warm-up and at the end, MiB.
     pub server_rss_mib: [f64; 2],
+    /// Envoy's gauges before the warm-up, after it and at the end.
+    #[serde(default)]
+    pub envoy_gauges: [EnvoyGauges; 3],
     /// Requests answered 200.
     pub ok: u64,
     /// Requests not answered 200 (any reason).
@@ -219,9 +238,12 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
         soak.stack.label(),
         mode.label()
     );
+    let envoy_cold = procfs::memory(envoy_pid)?;
+    let gauges_cold = envoy_gauges(&envoy).await;
     let warm = open_loop(Arc::clone(&target), &config(soak.warmup)).await;
     primary.clear();
     let envoy_start = procfs::memory(envoy_pid)?;
+    let gauges_start = envoy_gauges(&envoy).await;
     let server_start = procfs::memory(server_pid)?;
     let mut samples = Vec::new();
     let mut errors = warm.summary.errors;
@@ -243,13 +265,16 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
             envoy: procfs::memory(envoy_pid)?,
             server: procfs::memory(server_pid)?,
             envoy_connections: envoy_connections(&envoy).await,
+            envoy_gauges: envoy_gauges(&envoy).await,
             summary: result.summary,
         };
         println!(
-            "  t={:>5.0} s  Envoy RSS {:>7.1} MiB  connections {:>5}  server RSS {:>6.1} MiB  p99 {:.3} ms  errors {}",
+            "  t={:>5.0} s  Envoy RSS {:>7.1} MiB  heap in use {:>6.1} MiB  connections {:>5} ({} open)  server RSS {:>6.1} MiB  p99 {:.3} ms  errors {}",
             sample.t_s,
             sample.envoy.rss_mib,
+            sample.envoy_gauges.heap_allocated_mib,
             sample.envoy_connections,
+            sample.envoy_gauges.connections_active,
             sample.server.rss_mib,
             sample.summary.p99_ms,
             sample.summary.errors
@@ -258,6 +283,11 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
     }
     let envoy_end = procfs::memory(envoy_pid)?;
     let server_end = procfs::memory(server_pid)?;
+    let gauges_end = envoy_gauges(&envoy).await;
+    println!(
+        "  Envoy RSS before the warm-up {:.1} MiB, heap in use {:.1} MiB",
+        envoy_cold.rss_mib, gauges_cold.heap_allocated_mib
+    );
     let stats = envoy.stats().await?;
     let counters: BTreeMap<String, u64> = stats
         .into_iter()
@@ -358,6 +388,7 @@ pub async fn soak(plan: &Plan, soak: &SoakPlan) -> Result<SoakReport> {
         envoy_rss_end_mib: envoy_end.rss_mib,
         envoy_rss_growth_pct: growth,
         server_rss_mib: [server_start.rss_mib, server_end.rss_mib],
+        envoy_gauges: [gauges_cold, gauges_start, gauges_end],
         ok,
         errors,
         first_error,
@@ -448,6 +479,21 @@ async fn envoy_connections(envoy: &arbiter_e2e::Envoy) -> u64 {
         .ok()
         .and_then(|stats| stats.get("http.ingress.downstream_cx_total").copied())
         .unwrap_or(0)
+}
+
+/// Envoy's memory and connection gauges; zeros for any Envoy does not report (a build
+/// without tcmalloc has no `server.memory_*`).
+async fn envoy_gauges(envoy: &arbiter_e2e::Envoy) -> EnvoyGauges {
+    let Ok(stats) = envoy.stats().await else {
+        return EnvoyGauges::default();
+    };
+    let get = |name: &str| stats.get(name).copied().unwrap_or(0);
+    let mib = |name: &str| get(name) as f64 / (1024.0 * 1024.0);
+    EnvoyGauges {
+        heap_allocated_mib: mib("server.memory_allocated"),
+        heap_size_mib: mib("server.memory_heap_size"),
+        connections_active: get("http.ingress.downstream_cx_active"),
+    }
 }
 
 /// `0.25 1.14 1.40`, or `unknown`.
@@ -551,14 +597,30 @@ impl SoakReport {
                 "Policy server log of the run: `{log}` (not committed).\n"
             );
         }
-        md.push_str("| t (s) | Envoy RSS MiB | Envoy connections accepted | server RSS MiB | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+        let [cold, start, end] = self.envoy_gauges;
+        if end.heap_size_mib > 0.0 {
+            let _ = writeln!(
+                md,
+                "Envoy's heap in use (`server.memory_allocated`): {:.1} MiB before the warm-up, {:.1} after it, {:.1} at the end; heap its allocator holds (`server.memory_heap_size`, in use or kept for reuse): {:.1} → {:.1} → {:.1} MiB. RSS also counts the wasm VM's linear memory and V8's code, which are not in Envoy's heap. A leak grows the heap in use; a high-water mark (a peak of connections or requests in flight) grows only what is held.\n",
+                cold.heap_allocated_mib,
+                start.heap_allocated_mib,
+                end.heap_allocated_mib,
+                cold.heap_size_mib,
+                start.heap_size_mib,
+                end.heap_size_mib
+            );
+        }
+        md.push_str("| t (s) | Envoy RSS MiB | Envoy heap in use MiB | Envoy heap held MiB | Envoy connections accepted | open | server RSS MiB | p50 ms | p99 ms | errors |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for s in &self.samples {
             let _ = writeln!(
                 md,
-                "| {:.0} | {:.1} | {} | {:.1} | {:.3} | {:.3} | {} |",
+                "| {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} | {:.3} | {:.3} | {} |",
                 s.t_s,
                 s.envoy.rss_mib,
+                s.envoy_gauges.heap_allocated_mib,
+                s.envoy_gauges.heap_size_mib,
                 s.envoy_connections,
+                s.envoy_gauges.connections_active,
                 s.server.rss_mib,
                 s.summary.p50_ms,
                 s.summary.p99_ms,
