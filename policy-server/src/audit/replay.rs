@@ -993,6 +993,79 @@ mod tests {
         assert_eq!(replayed(event), (0, false));
     }
 
+    /// A record holding only the first bytes of a value policy read cannot be re-decided
+    /// exactly: it is listed with its cut fields, counted apart from the replayed records
+    /// (of its kind and of dry-run), and is neither a difference nor a match.
+    #[test]
+    fn records_with_cut_values_are_listed_not_replayed() {
+        let engine = PolicyEngine::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ai-gateway/policies"),
+        )
+        .unwrap();
+        let event: crate::audit::AuditEvent = serde_json::from_value(serde_json::json!({
+            "ts": "2026-11-22T02:00:00.000001Z", "request_time": "2026-11-22T02:00:00.000000Z",
+            "id": "0193a1b2-0000-7000-8000-000000000001",
+            "request_id": "r-1", "decision": "allow", "reason": "permit",
+            "policy_version": "sha256:0123456789abcdef", "policy_ids": ["routine-chat"],
+            "principal": "anonymous", "action": "chat.completions", "route": "chat",
+            "route_context": {}, "method": "POST", "scheme": "http",
+            "host": "gw", "path": "/v1/chat/completions", "source": "127.0.0.1:5000",
+            "identity": {"source": "none", "jwt": null, "api_key_sha256": null},
+            "headers": {}, "model": null, "body_bytes": 0, "body_size_known": true,
+            "body_truncated": false, "body_parse_error": false, "stream": null,
+            "max_tokens": null, "message_count": null, "prompt_sha256": null,
+            "trace_id": null, "latency_us": 42
+        }))
+        .unwrap();
+        let whole = format!("/{}/v1/chat/completions", "p".repeat(3000));
+        let mut bounder = crate::audit::bound::Bounder::default();
+        let cut = crate::audit::AuditEvent {
+            request_id: "r-2".into(),
+            dry_run: true,
+            decision: Verdict::Deny,
+            path: bounder.keep("path", &whole, crate::audit::bound::MAX_RECORDED_PATH),
+            ..event.clone()
+        };
+        let cut = crate::audit::AuditEvent {
+            cut: bounder.into_cut(),
+            ..cut
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let mut lines = Vec::new();
+        let prev =
+            crate::audit::record::encode(&event, 1, crate::audit::record::GENESIS_HASH, &mut lines)
+                .unwrap();
+        crate::audit::record::encode(&cut, 2, &prev, &mut lines).unwrap();
+        std::fs::write(&file, &lines).unwrap();
+
+        for only in [Only::All, Only::DryRun] {
+            let report = replay(&engine, std::slice::from_ref(&file), only).unwrap();
+            let replayed = u64::from(only == Only::All);
+            assert_eq!(report.server.replayed, replayed, "{report:?}");
+            assert_eq!(report.server.cut, 1);
+            assert_eq!(report.server.differ, 0);
+            assert_eq!(report.dry_run.replayed, 0);
+            assert_eq!(report.dry_run.cut, 1);
+            assert!(report.differences.is_empty(), "{report:?}");
+            assert_eq!(
+                report.cut,
+                [CutRecord {
+                    file: file.clone(),
+                    line: 2,
+                    request_id: "r-2".into(),
+                    recorded: Recorded::Server {
+                        decision: Verdict::Deny,
+                        dry_run: true,
+                        audit_id: event.id.clone(),
+                        policy_version: event.policy_version.clone(),
+                    },
+                    fields: vec!["path".into()],
+                }]
+            );
+        }
+    }
+
     #[test]
     fn older_records_name_only_the_body_facts_a_parse_could_have_given() {
         let facts = |sent: Option<bool>, truncated: Option<bool>, model: Option<&str>| {
