@@ -8,10 +8,12 @@
 //! - [`writer`]: [`AuditLog`], the single writer with group commit, rotation and recovery.
 //! - [`checkpoint`]: signed checkpoints of the chain's head (completeness, not just order).
 //! - [`redact`]: what a record may take from a `CheckRequest` (secrets never in clear).
+//! - [`bound`]: how long a client-chosen value a record keeps (and the evidence of a cut one).
 //! - [`verify`]: the logic of `arbiter audit verify`.
 //! - [`export`]: the OTLP outbox.
 //! - [`metrics`]: the audit metrics ([`AuditMetrics`]).
 
+pub mod bound;
 pub mod checkpoint;
 pub mod export;
 pub mod metrics;

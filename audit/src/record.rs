@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::bound::Cut;
+
 /// Version of the record format, the `v` member of every line.
 pub const FORMAT_VERSION: u32 = 1;
 /// `prev_hash` of the first record of a chain.
@@ -74,7 +76,8 @@ pub enum Reason {
 /// One decision as recorded, before the writer gives it its place in the chain.
 ///
 /// Field order is the order in the line. Every field is always present (`null` when
-/// unknown), except `shadow_decision`, present only when a candidate bundle was evaluated.
+/// unknown), except `dry_run` (only when true), `shadow_decision` (only when a candidate
+/// bundle was evaluated), `headers_omitted` and `cut` (only when something was left out).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
     /// When the decision was made, RFC 3339 UTC with microseconds.
@@ -165,6 +168,13 @@ pub struct AuditEvent {
     pub trace_id: Option<String>,
     /// Microseconds from receiving the Check to the decision (the audit write excluded).
     pub latency_us: u64,
+    /// The client-chosen values recorded cut (see [`crate::bound`]), by field name
+    /// (`request_id`, `path`, `host`, `method`, `scheme`, `model`, `principal`): each such
+    /// field holds the first bytes of the value, and this the whole value's length and
+    /// SHA-256. Absent when nothing was cut, and in records written before the field
+    /// existed, whose hashes it therefore leaves unchanged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cut: BTreeMap<String, Cut>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -325,6 +335,7 @@ pub(crate) mod tests {
             prompt_sha256: None,
             trace_id: None,
             latency_us: 42,
+            cut: BTreeMap::new(),
         }
     }
 
@@ -386,6 +397,51 @@ pub(crate) mod tests {
                 Err(RecordError::HashMismatch { .. })
             ));
         }
+    }
+
+    #[test]
+    fn cut_values_carry_their_evidence_and_older_records_parse_without_it() {
+        let mut out = Vec::new();
+        encode(&event(), 1, GENESIS_HASH, &mut out).unwrap();
+        let plain = String::from_utf8(out).unwrap();
+        // Nothing cut: no member, the line as servers wrote it before the field existed.
+        assert!(!plain.contains("\"cut\""), "{plain}");
+        assert!(parse_line(plain.trim_end().as_bytes())
+            .unwrap()
+            .event
+            .cut
+            .is_empty());
+
+        let whole = format!("/{}", "p".repeat(5000));
+        let mut bounder = crate::bound::Bounder::default();
+        let cut = AuditEvent {
+            path: bounder.keep("path", &whole, crate::bound::MAX_RECORDED_PATH),
+            ..event()
+        };
+        let cut = AuditEvent {
+            cut: bounder.into_cut(),
+            ..cut
+        };
+        let mut out = Vec::new();
+        encode(&cut, 2, GENESIS_HASH, &mut out).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        let line = line.trim_end();
+        let sha = hex::encode(Sha256::digest(whole.as_bytes()));
+        assert!(
+            line.contains(&format!(
+                r#""latency_us":42,"cut":{{"path":{{"bytes":5001,"sha256":"{sha}"}}}},"prev_hash""#
+            )),
+            "{line}"
+        );
+        let record = parse_line(line.as_bytes()).unwrap();
+        assert_eq!(record.event, cut);
+        assert_eq!(record.event.path.len(), crate::bound::MAX_RECORDED_PATH);
+        // The evidence is under the hash like every other member.
+        let edited = line.replace("\"bytes\":5001", "\"bytes\":5002");
+        assert!(matches!(
+            check_line(edited.as_bytes()),
+            Err(RecordError::HashMismatch { .. })
+        ));
     }
 
     #[test]

@@ -1222,6 +1222,7 @@ mod tests {
             prompt_sha256: None,
             trace_id: None,
             latency_us: 1,
+            cut: Default::default(),
         }
     }
 

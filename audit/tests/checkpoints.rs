@@ -53,6 +53,7 @@ fn event(i: usize) -> AuditEvent {
         prompt_sha256: None,
         trace_id: None,
         latency_us: 1,
+        cut: Default::default(),
     }
 }
 

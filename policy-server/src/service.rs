@@ -18,7 +18,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{Instrument as _, Span};
 use uuid::Uuid;
 
-use crate::audit::{self, AuditLog, Redactor, RequestFacts, TraceParent};
+use crate::audit::{self, bound, AuditLog, Redactor, RequestFacts, TraceParent};
 use crate::engine::{Decision, EngineError, PolicyEngine};
 use crate::request::{AuthzRequest, TimeSource};
 use crate::trace;
@@ -111,7 +111,10 @@ impl AuthorizationService {
             self.engine.metrics().request_time_untrusted();
         }
         span.record("arbiter.route", req.route.as_str());
-        span.record("arbiter.request_id", req.request_id.as_str());
+        span.record(
+            "arbiter.request_id",
+            bound::prefix(&req.request_id, bound::MAX_RECORDED_REQUEST_ID),
+        );
         let decision = tracing::info_span!(target: trace::TARGET, "arbiter.evaluate")
             .in_scope(|| self.engine.decide(&req))
             .map_err(|e| {
@@ -137,6 +140,15 @@ impl AuthorizationService {
                 &[jwt.tenant_claim.as_str(), jwt.groups_claim.as_str()],
             );
         }
+        // The record's fields a client chose that were cut (the log line names them too).
+        let cut = (!event.cut.is_empty()).then(|| {
+            event
+                .cut
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         // No decision without a record: if the record cannot be written (disk full, I/O
         // error), answer UNAVAILABLE, which is "no decision" to the filter, so the route's
         // fail mode applies (closed: 503; open: let through and recorded on the Envoy side).
@@ -161,20 +173,26 @@ impl AuthorizationService {
         // Values a client (or a token's issuer) chooses are recorded as strings, not
         // `%` (Display): the plain format then quotes and escapes them, so an
         // `x-request-id` of `r1 decision=allow` cannot read as a second `decision` field of
-        // this line; the JSON format writes them as JSON strings either way.
+        // this line; the JSON format writes them as JSON strings either way. They are
+        // bounded as in the record (`cut` names those cut; the record has their evidence).
         tracing::info!(
             target: DECISION_TARGET,
             id = %audit_id,
-            request_id = req.request_id.as_str(),
+            request_id = bound::prefix(&req.request_id, bound::MAX_RECORDED_REQUEST_ID),
             decision = outcome(&decision),
             policy_ids = %decision.policy_ids.join(","),
-            principal = decision.principal.as_str(),
+            principal = bound::prefix(&decision.principal, bound::MAX_RECORDED_PRINCIPAL),
             identity_source = decision.identity_source.as_str(),
             route = %req.route,
-            method = %req.method,
-            path = req.path.as_str(),
+            method = %bound::prefix(&req.method, bound::MAX_RECORDED_METHOD),
+            path = bound::prefix(&req.path, bound::MAX_RECORDED_PATH),
             policy_version = %decision.policy_version,
-            model = req.body.model.as_deref(),
+            model = req
+                .body
+                .model
+                .as_deref()
+                .map(|model| bound::prefix(model, bound::MAX_RECORDED_MODEL)),
+            cut = cut.as_deref(),
             shadow_decision = decision.shadow.as_ref().map(|s| s.outcome()),
             shadow_disagreement = decision.shadow_disagreement().map(|d| d.as_str()),
             seq = written.seq,

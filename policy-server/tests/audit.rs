@@ -90,6 +90,7 @@ fn event(i: usize) -> AuditEvent {
         prompt_sha256: None,
         trace_id: None,
         latency_us: 10,
+        cut: Default::default(),
     }
 }
 
@@ -1615,6 +1616,239 @@ async fn a_dry_run_deny_is_recorded_as_not_enforced_and_older_logs_still_verify(
     );
     assert!(
         out.contains("left out:              1 records not made on a dry-run route"),
+        "{out}"
+    );
+}
+
+/// A client chooses its path, `:authority`, `x-request-id` (where Envoy keeps it) and the
+/// body's `model`, up to Envoy's 60 KiB header block and the route's `max_body_bytes`. The
+/// record (and the decision log line) keep each up to its bound, with the whole value's
+/// length and SHA-256 in `cut`, so a request cannot make its record (and the audit disk's
+/// share of it) grow with what it sends; policy still decides on the whole values, so the
+/// decision is the one the short twin of the request gets. The chain verifies, and replay
+/// reports the cut records as not replayable: neither a difference nor a match.
+#[tokio::test]
+async fn client_chosen_values_are_recorded_bounded_with_evidence_and_decided_whole() {
+    use arbiter_policy_server::audit::bound::{
+        MAX_RECORDED_HOST, MAX_RECORDED_MODEL, MAX_RECORDED_PATH, MAX_RECORDED_PRINCIPAL,
+        MAX_RECORDED_REQUEST_ID,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let sha = |value: &str| hex::encode(Sha256::digest(value.as_bytes()));
+
+    // The action comes from the path's end, past where the record cuts it.
+    let long_path = format!("/{}/v1/chat/completions", "p".repeat(30_000));
+    let long_id = format!("rid-{}", "r".repeat(20_000));
+    // The userinfo is replaced before the host is bounded and hashed.
+    let long_host = format!("user:pw-9@{}.example:8443", "h".repeat(5_000));
+    let redacted_host = format!("[redacted]@{}.example:8443", "h".repeat(5_000));
+    let long_principal = format!("spiffe://acme.example/{}", "w".repeat(5_000));
+    // 500 KB of model name: on the allow-list's terms a model it does not list.
+    let long_model = format!("gpt-4o-mini-{}", "m".repeat(500_000));
+    struct Case<'a> {
+        id: &'a str,
+        principal: &'a str,
+        path: &'a str,
+        host: &'a str,
+        model: &'a str,
+    }
+    let long_allowed = Case {
+        id: &long_id,
+        principal: &long_principal,
+        path: &long_path,
+        host: &long_host,
+        model: "gpt-4o-mini",
+    };
+    let long_denied = Case {
+        model: &long_model,
+        ..long_allowed
+    };
+    let short_allowed = Case {
+        id: "short-1",
+        principal: "spiffe://acme.example/w",
+        path: "/v1/chat/completions",
+        host: "gateway.local",
+        model: "gpt-4o-mini",
+    };
+    let short_denied = Case {
+        id: "short-2",
+        model: "gpt-4o-mini-m",
+        ..short_allowed
+    };
+    let mut decisions = Vec::new();
+    for case in [&long_allowed, &long_denied, &short_allowed, &short_denied] {
+        let mut request = check_request(case.principal, "POST", case.path, &[("route", "chat")]);
+        let http = request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        http.id = case.id.to_owned();
+        http.host = case.host.to_owned();
+        let body = serde_json::json!({"model": case.model, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+        http.size = body.len() as i64;
+        http.raw_body = body.into_bytes();
+        let response = client.check(request).await.unwrap().into_inner();
+        let code = response.status.as_ref().unwrap().code;
+        decisions.push((code, audit_id(&response)));
+    }
+    // Decided on the whole values: as the short twins are (allow, then the model refused).
+    assert_eq!(decisions[0].0, 0, "{decisions:?}");
+    assert_eq!(decisions[1].0, tonic::Code::PermissionDenied as i32);
+    assert_eq!(decisions[0].0, decisions[2].0);
+    assert_eq!(decisions[1].0, decisions[3].0);
+
+    let text = std::fs::read_to_string(&server.audit).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4);
+    let records = audit_lines(&server.audit);
+    let budget = MAX_RECORDED_PATH
+        + MAX_RECORDED_REQUEST_ID
+        + MAX_RECORDED_HOST
+        + MAX_RECORDED_MODEL
+        + MAX_RECORDED_PRINCIPAL
+        + 4096;
+    for (i, (line, record)) in lines.iter().zip(&records).enumerate().take(2) {
+        assert!(line.len() <= budget, "record {i} is {} bytes", line.len());
+        assert_eq!(record["id"], decisions[i].1);
+        assert_eq!(record["action"], "chat.completions", "{record}");
+        let whole = [
+            ("request_id", long_id.as_str()),
+            ("path", long_path.as_str()),
+            ("host", redacted_host.as_str()),
+            ("principal", long_principal.as_str()),
+        ];
+        for (field, value) in whole {
+            let kept = record[field].as_str().unwrap();
+            assert!(
+                value.starts_with(kept) && !kept.is_empty(),
+                "{field}: {kept}"
+            );
+            assert_eq!(
+                record["cut"][field],
+                serde_json::json!({"bytes": value.len(), "sha256": sha(value)}),
+                "{field}"
+            );
+        }
+        assert_eq!(record["path"].as_str().unwrap().len(), MAX_RECORDED_PATH);
+        assert_eq!(
+            record["request_id"].as_str().unwrap().len(),
+            MAX_RECORDED_REQUEST_ID
+        );
+        assert!(!line.contains("pw-9"), "{line}");
+    }
+    assert_eq!(records[0]["model"], "gpt-4o-mini");
+    assert!(records[0]["cut"].get("model").is_none());
+    assert_eq!(
+        records[1]["model"].as_str().unwrap(),
+        &long_model[..MAX_RECORDED_MODEL]
+    );
+    assert_eq!(
+        records[1]["cut"]["model"],
+        serde_json::json!({"bytes": long_model.len(), "sha256": sha(&long_model)})
+    );
+    assert_eq!(
+        records[1]["policy_ids"],
+        serde_json::json!(["model-allow-list"])
+    );
+    assert_eq!(records[3]["policy_ids"], records[1]["policy_ids"]);
+    // Nothing cut: no `cut` member at all, the record as before.
+    for record in &records[2..] {
+        assert!(record.get("cut").is_none(), "{record}");
+    }
+
+    // The decision log line: the same bounds, and which fields were cut.
+    let log = server.decisions_logged().await;
+    for (i, fields) in [
+        (0, "host,path,principal,request_id"),
+        (1, "host,model,path,principal,request_id"),
+    ] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(decisions[i].1.as_str()) && l.contains("arbiter::decision"))
+            .unwrap();
+        assert!(line.len() <= budget, "log line {i} is {} bytes", line.len());
+        let event: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(event["fields"]["cut"], fields, "{line}");
+        assert!(long_path.starts_with(event["fields"]["path"].as_str().unwrap()));
+    }
+    let short = log
+        .lines()
+        .find(|l| l.contains(decisions[2].1.as_str()) && l.contains("arbiter::decision"))
+        .unwrap();
+    assert!(!short.contains("\"cut\""), "{short}");
+
+    // The chain verifies; replay names the cut records rather than deciding them.
+    let (code, out) = cli(&["audit", "verify"], [&server.audit]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 4 records"), "{out}");
+    let bundle = common::example_bundle();
+    let (code, out) = cli(
+        &[
+            "audit",
+            "replay",
+            "--json",
+            "--policies",
+            bundle.to_str().unwrap(),
+        ],
+        [&server.audit],
+    );
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["server"]["replayed"], 2, "{report}");
+    assert_eq!(report["server"]["differ"], 0, "{report}");
+    assert_eq!(report["server"]["cut"], 2, "{report}");
+    assert_eq!(report["differences"], serde_json::json!([]));
+    let cut: Vec<(u64, Value, Value)> = report["cut"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["line"].as_u64().unwrap(),
+                c["recorded"]["decision"].clone(),
+                c["fields"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        cut,
+        [
+            (
+                1,
+                "allow".into(),
+                serde_json::json!(["host", "path", "principal", "request_id"])
+            ),
+            (
+                2,
+                "deny".into(),
+                serde_json::json!(["host", "model", "path", "principal", "request_id"])
+            ),
+        ],
+        "{report}"
+    );
+    let (code, out) = cli(
+        &["audit", "replay", "--policies", bundle.to_str().unwrap()],
+        [&server.audit],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(
+            "not replayable:        2 records whose values policy decided on were recorded cut"
+        ),
+        "{out}"
+    );
+    assert!(out.contains(":2: request rid-rrr"), "{out}");
+    assert!(
+        out.contains("recorded deny; cut host, model, path, principal, request_id"),
         "{out}"
     );
 }

@@ -15,6 +15,9 @@ use arbiter_e2e::adversary::{
 use arbiter_e2e::fault::Fault;
 use arbiter_e2e::stack::Reply;
 use arbiter_e2e::util::eventually;
+use arbiter_policy_server::audit::bound::{
+    MAX_RECORDED_MODEL, MAX_RECORDED_PATH, MAX_RECORDED_REQUEST_ID,
+};
 use serde_json::{json, Value};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -42,6 +45,11 @@ const KEEP_CLIENT_REQUEST_ID: (&str, &str) = (
     "          use_remote_address: true\n          preserve_external_request_id: true\n",
 );
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 #[track_caller]
 fn assert_allowed(reply: &Reply, what: &str) {
     assert_eq!(reply.status, 200, "{what}: {}", reply.text());
@@ -57,7 +65,8 @@ fn assert_allowed(reply: &Reply, what: &str) {
 /// 20,000-byte id made the *server* refuse the call, which an `open` route answered by
 /// letting the request through undecided, and which counted toward the breaker (three such
 /// requests opened it for everyone on the worker). The id must reach policy (and the audit
-/// record) whole, in the CheckRequest, and the request must be decided like any other.
+/// record: whole up to its bound, else its first 256 bytes with the whole id's length and
+/// SHA-256) in the CheckRequest, and the request must be decided like any other.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_id_the_policy_server_cannot_take_never_opens_a_route() -> Result<()> {
     // One worker, so one breaker sees every call.
@@ -109,9 +118,21 @@ async fn a_request_id_the_policy_server_cannot_take_never_opens_a_route() -> Res
                 !settled.upstream[0].has_header("x-arbiter-fail-open"),
                 "{what}: went upstream undecided"
             );
-            // The record names the request by the id the client sent (as Envoy read it).
+            // The record names the request by the id the client sent (as Envoy read it):
+            // whole, or its first bytes and the evidence of the whole id.
+            let sent = String::from_utf8_lossy(id);
             let recorded = settled.audit[0]["request_id"].as_str().unwrap_or_default();
-            assert_eq!(recorded, String::from_utf8_lossy(id), "{what}");
+            if sent.len() <= MAX_RECORDED_REQUEST_ID {
+                assert_eq!(recorded, sent, "{what}");
+                assert!(settled.audit[0].get("cut").is_none(), "{what}");
+            } else {
+                assert_eq!(recorded, &sent[..MAX_RECORDED_REQUEST_ID], "{what}");
+                assert_eq!(
+                    settled.audit[0]["cut"]["request_id"],
+                    json!({"bytes": sent.len(), "sha256": sha256_hex(sent.as_bytes())}),
+                    "{what}"
+                );
+            }
         }
     }
     // Six such requests, none a failure of the server: the breaker never opened.
@@ -468,5 +489,168 @@ async fn a_deleted_audit_log_loses_no_later_decision() -> Result<()> {
         out.contains(&format!("chain starts at seq {}", last_seq + 1)),
         "{out}"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// What a request makes the audit log carry
+
+/// Every decision is written to the audit log before it is answered, and a full audit disk
+/// means no decisions: `open` routes fail open for everyone, closed routes refuse
+/// everyone. A client chooses its path (Envoy admits 60 KiB of headers), its `x-request-id`
+/// (where Envoy keeps it, as a mesh sidecar does) and the body's `model` (up to the route's
+/// `max_body_bytes`, 8 MB here); each used to be recorded whole, so every request of
+/// hundreds of KiB made a record (and a log line) as large. The record keeps each up to its
+/// bound, with the whole value's length and SHA-256 in `cut`; policy still decides on the
+/// whole values, so the request is decided (and reaches the upstream, or not) as its short
+/// twin is, and the chain verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn long_client_values_are_decided_whole_and_recorded_bounded() -> Result<()> {
+    let stack = patient_stack()
+        .edit_template(KEEP_CLIENT_REQUEST_ID.0, KEEP_CLIENT_REQUEST_ID.1)
+        .start()
+        .await?;
+    // The action comes from the path's end (`/v1/chat/completions`), past where the record
+    // cuts it; the route sends bodies up to 8,000,000 bytes.
+    let long_path = format!("/t/big-body/{}{CHAT}", "p".repeat(30_000));
+    let long_id = format!("rid-{}", "r".repeat(8_000));
+    let long_model = format!("gpt-4o-mini-{}", "m".repeat(600_000));
+    // (what, path, id, model, allowed): each long case has a short twin.
+    let cases = [
+        (
+            "long path and id, listed model",
+            long_path.as_str(),
+            long_id.as_str(),
+            "gpt-4o-mini",
+            true,
+        ),
+        (
+            "short twin, listed model",
+            "/t/big-body/v1/chat/completions",
+            "rid-short-1",
+            "gpt-4o-mini",
+            true,
+        ),
+        (
+            "long path, id and model",
+            long_path.as_str(),
+            long_id.as_str(),
+            long_model.as_str(),
+            false,
+        ),
+        (
+            "short twin, unlisted model",
+            "/t/big-body/v1/chat/completions",
+            "rid-short-2",
+            "gpt-4o-mini-m",
+            false,
+        ),
+    ];
+    let budget = MAX_RECORDED_PATH + MAX_RECORDED_REQUEST_ID + MAX_RECORDED_MODEL + 8 * 1024;
+    let mut recorded = Vec::new();
+    for proto in Proto::BOTH {
+        for (what, path, id, model, allowed) in cases {
+            let what = format!("{proto:?} {what}");
+            let ledger = Ledger::take(&stack).await?;
+            let body = chat(model);
+            let reply = send_ok(
+                &stack,
+                proto,
+                &Req::post(path, &body).header("x-request-id", id),
+            )
+            .await?;
+            let expected = if allowed {
+                assert_allowed(&reply, &what);
+                Outcomes::none().allow(1)
+            } else {
+                assert_eq!(reply.status, 403, "{what}: {}", reply.text());
+                let denial = reply.json()?;
+                assert_eq!(
+                    denial["error"]["policy_ids"],
+                    json!(["model-allow-list"]),
+                    "{what}"
+                );
+                Outcomes::none().deny(1)
+            };
+            let settled = ledger.settle(&stack, &what, expected).await?;
+            if allowed {
+                // The upstream got the request as sent: the whole path and body.
+                assert_eq!(settled.upstream[0].path, path, "{what}");
+                assert_eq!(settled.upstream[0].body_len, body.len(), "{what}");
+            }
+            let record = &settled.audit[0];
+            assert_eq!(record["action"], "chat.completions", "{what}: {record}");
+            assert_eq!(
+                record["decision"],
+                if allowed { "allow" } else { "deny" },
+                "{what}"
+            );
+            // Every field whole, or its first bytes with the whole value's evidence.
+            for (field, sent, max) in [
+                ("path", path, MAX_RECORDED_PATH),
+                ("request_id", id, MAX_RECORDED_REQUEST_ID),
+                ("model", model, MAX_RECORDED_MODEL),
+            ] {
+                let kept = record[field].as_str().unwrap_or_default();
+                if sent.len() <= max {
+                    assert_eq!(kept, sent, "{what}: {field}");
+                    assert!(record["cut"].get(field).is_none(), "{what}: {field}");
+                } else {
+                    assert_eq!(kept, &sent[..max], "{what}: {field}");
+                    assert_eq!(
+                        record["cut"][field],
+                        json!({"bytes": sent.len(), "sha256": sha256_hex(sent.as_bytes())}),
+                        "{what}: {field}"
+                    );
+                }
+            }
+            recorded.push((what, record["id"].as_str().unwrap_or_default().to_owned()));
+        }
+    }
+    // The record lines on disk, and the decision log lines, are bounded whatever was sent.
+    let server = stack.policy.as_ref().context("no policy server")?;
+    let mut lines = Vec::new();
+    for file in server.audit_files()? {
+        lines.extend(
+            std::fs::read_to_string(&file)?
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        );
+    }
+    let log = server.decisions_logged().await?;
+    for (what, id) in &recorded {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(id.as_str()))
+            .with_context(|| format!("{what}: no record {id}"))?;
+        assert!(
+            line.len() <= budget,
+            "{what}: the record is {} bytes",
+            line.len()
+        );
+        let logged = log
+            .lines()
+            .find(|l| l.contains(id.as_str()) && l.contains("arbiter::decision"))
+            .with_context(|| format!("{what}: no decision line for {id}"))?;
+        assert!(
+            logged.len() <= budget,
+            "{what}: the log line is {} bytes",
+            logged.len()
+        );
+        let cut = if what.contains("long path, id and model") {
+            Some(r#"cut="model,path,request_id""#)
+        } else if what.contains("long path and id") {
+            Some(r#"cut="path,request_id""#)
+        } else {
+            None
+        };
+        match cut {
+            Some(cut) => assert!(logged.contains(cut), "{what}: {logged}"),
+            None => assert!(!logged.contains("cut="), "{what}: {logged}"),
+        }
+    }
+    let (code, out) = server.verify_audit()?;
+    assert_eq!(code, 0, "{out}");
     Ok(())
 }

@@ -26,6 +26,9 @@ pub fn event(
         trace,
         headers_omitted,
     } = facts;
+    // Values a client chooses are recorded bounded, with evidence of what was cut; policy
+    // decided on the whole values (`req`), which stay untouched.
+    let mut bounder = bound::Bounder::default();
     let (verdict, reason) = match (decision.allowed, decision.policy_ids.is_empty()) {
         (true, _) => (Verdict::Allow, Reason::Permit),
         (false, false) => (Verdict::Deny, Reason::Forbid),
@@ -36,7 +39,11 @@ pub fn event(
         // `context.time`, so a replay decides at the time the decision was made.
         request_time: Some(system_timestamp(req.time)),
         id,
-        request_id: req.request_id.clone(),
+        request_id: bounder.keep(
+            "request_id",
+            &req.request_id,
+            bound::MAX_RECORDED_REQUEST_ID,
+        ),
         decision: verdict,
         // The filter tells the server the route is in dry-run (a context extension only route
         // settings can set), so the record says plainly that a deny was not enforced.
@@ -56,15 +63,23 @@ pub fn event(
             })
         }),
         // The identity the engine resolved (mTLS, JWT, API key or anonymous).
-        principal: decision.principal.clone(),
+        principal: bounder.keep(
+            "principal",
+            &decision.principal,
+            bound::MAX_RECORDED_PRINCIPAL,
+        ),
         action: req.action.clone(),
         route: req.route.clone(),
         route_context: req.route_context.clone(),
-        method: req.method.clone(),
-        scheme: req.scheme.clone(),
-        // `:authority` may carry `user:pass@`.
-        host: redact::redact_authority(&req.host),
-        path: req.path.clone(),
+        method: bounder.keep("method", &req.method, bound::MAX_RECORDED_METHOD),
+        scheme: bounder.keep("scheme", &req.scheme, bound::MAX_RECORDED_SCHEME),
+        // `:authority` may carry `user:pass@`: replaced before it is bounded (and hashed).
+        host: bounder.keep(
+            "host",
+            &redact::redact_authority(&req.host),
+            bound::MAX_RECORDED_HOST,
+        ),
+        path: bounder.keep("path", &req.path, bound::MAX_RECORDED_PATH),
         source: Some(req.source.clone()).filter(|s| !s.is_empty()),
         identity: Some(serde_json::json!({
             "source": decision.identity_source.as_str(),
@@ -73,7 +88,11 @@ pub fn event(
         })),
         headers,
         headers_omitted: (headers_omitted > 0).then_some(headers_omitted),
-        model: req.body.model.clone(),
+        model: req
+            .body
+            .model
+            .as_deref()
+            .map(|model| bounder.keep("model", model, bound::MAX_RECORDED_MODEL)),
         // The body as policy saw it (`context.body_bytes`, `body_size_known`,
         // `body_truncated`, `body_parse_error`, `stream`, `max_tokens`, `message_count`), so
         // a replay decides on the same facts.
@@ -87,6 +106,7 @@ pub fn event(
         prompt_sha256: req.body.sha256.clone(),
         trace_id: trace.map(|t| t.trace_id),
         latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+        cut: bounder.into_cut(),
     }
 }
 

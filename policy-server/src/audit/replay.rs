@@ -5,7 +5,11 @@
 //! allowed from the allow-cache), rebuilds the `CheckRequest` each one stands for and
 //! decides it with the same mapping and engine as the server, at the record's own time and
 //! with the body facts it kept. A fact an older record lacks is decided without and named
-//! ([`Incomplete`]), never silently defaulted.
+//! ([`Incomplete`]), never silently defaulted. A record whose client-chosen value was
+//! recorded cut (its `cut` member, see [`crate::audit::bound`]) is not decided at all: every
+//! such value (path, host, model, …) is an input policy may read, and the record holds only
+//! its first bytes, so no replay of it is exact. It is reported as such ([`CutRecord`]),
+//! neither as a difference nor as a match.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -97,7 +101,8 @@ impl Recorded {
         }
     }
 
-    fn label(&self) -> String {
+    /// What happened, in a few words (`allow`, `fail_open (timeout)`, …).
+    pub fn label(&self) -> String {
         match self {
             Self::Server {
                 decision: Verdict::Deny,
@@ -161,6 +166,21 @@ pub struct Incomplete {
     pub missing: Vec<&'static str>,
 }
 
+/// A record that cannot be replayed exactly: values policy decided on were recorded cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CutRecord {
+    /// Where the record is.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// Envoy's request id (as recorded: itself cut when `request_id` is among `fields`).
+    pub request_id: String,
+    /// What happened then.
+    pub recorded: Recorded,
+    /// The fields recorded cut, by their record name (`path`, `model`, …).
+    pub fields: Vec<String>,
+}
+
 /// Counts per kind of record.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Tally {
@@ -170,6 +190,9 @@ pub struct Tally {
     pub differ: u64,
     /// Of those, records lacking facts the original decision had.
     pub incomplete: u64,
+    /// Records not replayed because values policy decided on were recorded cut (not among
+    /// `replayed`).
+    pub cut: u64,
 }
 
 /// The outcome of a replay.
@@ -201,6 +224,9 @@ pub struct ReplayReport {
     pub missing: BTreeMap<&'static str, u64>,
     /// Every replayed record that lacks facts, in input order.
     pub incomplete: Vec<Incomplete>,
+    /// Every record not replayed because values policy decided on were recorded cut, in
+    /// input order: neither a difference nor a match.
+    pub cut: Vec<CutRecord>,
 }
 
 /// Which records to replay.
@@ -264,6 +290,33 @@ fn replay_line(
     let dry_run = matches!(case.recorded, Recorded::Server { dry_run: true, .. });
     if only == Only::DryRun && !dry_run {
         report.filtered += 1;
+        return;
+    }
+    if !case.cut.is_empty() {
+        let tally = match case.recorded {
+            Recorded::Server { .. } => &mut report.server,
+            Recorded::FailOpen { .. } => &mut report.fail_open,
+            Recorded::FailClosed { .. } => &mut report.fail_closed,
+            Recorded::Cached { .. } => &mut report.cached,
+        };
+        tally.cut += 1;
+        if dry_run {
+            report.dry_run.cut += 1;
+        }
+        let request_id = case
+            .check
+            .attributes
+            .and_then(|a| a.request)
+            .and_then(|r| r.http)
+            .map(|http| http.id)
+            .unwrap_or_default();
+        report.cut.push(CutRecord {
+            file: path.to_owned(),
+            line,
+            request_id,
+            recorded: case.recorded,
+            fields: case.cut,
+        });
         return;
     }
     let mut req = match AuthzRequest::try_from(case.check) {
@@ -353,6 +406,8 @@ struct Case {
     recorded: Recorded,
     check: CheckRequest,
     facts: Facts,
+    /// The record's fields recorded cut: when any, the case is not decided.
+    cut: Vec<String>,
 }
 
 /// What the record says about evidence the rebuilt `CheckRequest` cannot carry (the API key
@@ -557,6 +612,7 @@ fn parse(bytes: &[u8]) -> Result<Option<Case>, String> {
 
 fn server_case(record: AuditRecord) -> Case {
     let event = record.event;
+    let cut = event.cut.keys().cloned().collect();
     // Records written before the top-level field kept the marker only in the route context.
     let dry_run = event.dry_run
         || event
@@ -620,6 +676,7 @@ fn server_case(record: AuditRecord) -> Case {
         })
         .with_jwt_metadata(jwt),
         facts,
+        cut,
     }
 }
 
@@ -691,6 +748,8 @@ fn envoy_case(value: Value) -> Result<Case, String> {
             message_count: record.message_count,
             identity_recorded: true,
         },
+        // The filter's record keeps its values whole.
+        cut: Vec::new(),
     })
 }
 
@@ -917,6 +976,7 @@ mod tests {
             prompt_sha256: None,
             trace_id: None,
             latency_us: 42,
+            cut: Default::default(),
         };
         event.body_bytes = Some(9_000_000);
         event.body_size_known = Some(false);
@@ -931,6 +991,79 @@ mod tests {
         // Nothing recorded: nothing assumed.
         event.body_bytes = None;
         assert_eq!(replayed(event), (0, false));
+    }
+
+    /// A record holding only the first bytes of a value policy read cannot be re-decided
+    /// exactly: it is listed with its cut fields, counted apart from the replayed records
+    /// (of its kind and of dry-run), and is neither a difference nor a match.
+    #[test]
+    fn records_with_cut_values_are_listed_not_replayed() {
+        let engine = PolicyEngine::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ai-gateway/policies"),
+        )
+        .unwrap();
+        let event: crate::audit::AuditEvent = serde_json::from_value(serde_json::json!({
+            "ts": "2026-11-22T02:00:00.000001Z", "request_time": "2026-11-22T02:00:00.000000Z",
+            "id": "0193a1b2-0000-7000-8000-000000000001",
+            "request_id": "r-1", "decision": "allow", "reason": "permit",
+            "policy_version": "sha256:0123456789abcdef", "policy_ids": ["routine-chat"],
+            "principal": "anonymous", "action": "chat.completions", "route": "chat",
+            "route_context": {}, "method": "POST", "scheme": "http",
+            "host": "gw", "path": "/v1/chat/completions", "source": "127.0.0.1:5000",
+            "identity": {"source": "none", "jwt": null, "api_key_sha256": null},
+            "headers": {}, "model": null, "body_bytes": 0, "body_size_known": true,
+            "body_truncated": false, "body_parse_error": false, "stream": null,
+            "max_tokens": null, "message_count": null, "prompt_sha256": null,
+            "trace_id": null, "latency_us": 42
+        }))
+        .unwrap();
+        let whole = format!("/{}/v1/chat/completions", "p".repeat(3000));
+        let mut bounder = crate::audit::bound::Bounder::default();
+        let cut = crate::audit::AuditEvent {
+            request_id: "r-2".into(),
+            dry_run: true,
+            decision: Verdict::Deny,
+            path: bounder.keep("path", &whole, crate::audit::bound::MAX_RECORDED_PATH),
+            ..event.clone()
+        };
+        let cut = crate::audit::AuditEvent {
+            cut: bounder.into_cut(),
+            ..cut
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.jsonl");
+        let mut lines = Vec::new();
+        let prev =
+            crate::audit::record::encode(&event, 1, crate::audit::record::GENESIS_HASH, &mut lines)
+                .unwrap();
+        crate::audit::record::encode(&cut, 2, &prev, &mut lines).unwrap();
+        std::fs::write(&file, &lines).unwrap();
+
+        for only in [Only::All, Only::DryRun] {
+            let report = replay(&engine, std::slice::from_ref(&file), only).unwrap();
+            let replayed = u64::from(only == Only::All);
+            assert_eq!(report.server.replayed, replayed, "{report:?}");
+            assert_eq!(report.server.cut, 1);
+            assert_eq!(report.server.differ, 0);
+            assert_eq!(report.dry_run.replayed, 0);
+            assert_eq!(report.dry_run.cut, 1);
+            assert!(report.differences.is_empty(), "{report:?}");
+            assert_eq!(
+                report.cut,
+                [CutRecord {
+                    file: file.clone(),
+                    line: 2,
+                    request_id: "r-2".into(),
+                    recorded: Recorded::Server {
+                        decision: Verdict::Deny,
+                        dry_run: true,
+                        audit_id: event.id.clone(),
+                        policy_version: event.policy_version.clone(),
+                    },
+                    fields: vec!["path".into()],
+                }]
+            );
+        }
     }
 
     #[test]

@@ -28,7 +28,10 @@ pub enum AuditCommand {
     ///
     /// Prints a summary, every request decided differently now (a fail-open request
     /// policy denies: "would have been denied") and every record lacking facts the decision
-    /// had (older records: "missing time, stream, …"). Exit code 0: no difference; 1: some;
+    /// had (older records: "missing time, stream, …"). A record whose client-chosen values
+    /// were recorded cut (its `cut` member: a path, model, … over the record's bound) is not
+    /// replayed, since policy decided on the whole value: it is listed as not replayable,
+    /// never counted as a difference or a match. Exit code 0: no difference; 1: some;
     /// 2: cannot run (unreadable file, invalid bundle).
     Replay(ReplayArgs),
 }
@@ -226,6 +229,13 @@ fn print_replay(
             facts.join(", ")
         )?;
     }
+    if !report.cut.is_empty() {
+        writeln!(
+            out,
+            "  not replayable:   {:>6} records whose values policy decided on were recorded cut (see below)",
+            report.cut.len()
+        )?;
+    }
     if report.filtered > 0 {
         writeln!(
             out,
@@ -297,6 +307,23 @@ fn print_replay(
             i.line,
             i.request_id,
             i.missing.join(", ")
+        )?;
+    }
+    if !report.cut.is_empty() {
+        writeln!(
+            out,
+            "not replayable (the record keeps only the first bytes of a value policy decided on; its `cut` member has the whole value's length and SHA-256):"
+        )?;
+    }
+    for c in &report.cut {
+        writeln!(
+            out,
+            "  {}:{}: request {}: recorded {}; cut {}",
+            c.file.display(),
+            c.line,
+            c.request_id,
+            c.recorded.label(),
+            c.fields.join(", ")
         )?;
     }
     if !report.unreadable.is_empty() {
