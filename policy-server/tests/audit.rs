@@ -1852,3 +1852,69 @@ async fn client_chosen_values_are_recorded_bounded_with_evidence_and_decided_who
         "{out}"
     );
 }
+
+/// Replay takes the tenant from the recorded `x-tenant-id` header, which the record cuts
+/// past 1 KiB: a longer tenant is named under `cut` (whole length and hash), so replay
+/// lists the record as not replayable instead of deciding it for the cut tenant.
+#[tokio::test]
+async fn a_tenant_longer_than_the_recorded_header_is_evidenced_and_not_replayed() {
+    use arbiter_policy_server::audit::redact::MAX_RECORDED_HEADER_VALUE;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = AuthorizationClient::new(server.channel().await);
+    let long_tenant = format!("acme-{}", "t".repeat(MAX_RECORDED_HEADER_VALUE));
+    for tenant in [long_tenant.as_str(), "acme"] {
+        let mut request = check_request("", "POST", "/v1/chat/completions", &[("route", "chat")]);
+        let http = request
+            .attributes
+            .as_mut()
+            .unwrap()
+            .request
+            .as_mut()
+            .unwrap()
+            .http
+            .as_mut()
+            .unwrap();
+        http.headers.insert("x-tenant-id".into(), tenant.into());
+        let response = client.check(request).await.unwrap().into_inner();
+        // An anonymous caller naming a tenant: refused by tenant isolation, both times.
+        assert_eq!(
+            response.status.unwrap().code,
+            tonic::Code::PermissionDenied as i32
+        );
+    }
+    let records = audit_lines(&server.audit);
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records[0]["cut"]["tenant"],
+        serde_json::json!({
+            "bytes": long_tenant.len(),
+            "sha256": hex::encode(Sha256::digest(long_tenant.as_bytes())),
+        }),
+        "{}",
+        records[0]
+    );
+    assert!(records[1].get("cut").is_none(), "{}", records[1]);
+
+    let bundle = common::example_bundle();
+    let (code, out) = cli(
+        &[
+            "audit",
+            "replay",
+            "--json",
+            "--policies",
+            bundle.to_str().unwrap(),
+        ],
+        [&server.audit],
+    );
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["server"]["cut"], 1, "{report}");
+    assert_eq!(report["server"]["replayed"], 1, "{report}");
+    assert_eq!(report["server"]["differ"], 0, "{report}");
+    assert_eq!(
+        report["cut"][0]["fields"],
+        serde_json::json!(["tenant"]),
+        "{report}"
+    );
+}

@@ -29,6 +29,17 @@ pub fn event(
     // Values a client chooses are recorded bounded, with evidence of what was cut; policy
     // decided on the whole values (`req`), which stay untouched.
     let mut bounder = bound::Bounder::default();
+    // Replay takes the tenant from the recorded `x-tenant-id` header, which the header cap
+    // cuts past `MAX_RECORDED_HEADER_VALUE`: such a record names the whole tenant's length
+    // and hash under `cut`, so replay lists it as not replayable instead of deciding it for
+    // a different (cut) tenant.
+    if let Some(tenant) = req
+        .requested_tenant
+        .as_deref()
+        .filter(|tenant| tenant.len() > redact::MAX_RECORDED_HEADER_VALUE)
+    {
+        bounder.keep("tenant", tenant, redact::MAX_RECORDED_HEADER_VALUE);
+    }
     let (verdict, reason) = match (decision.allowed, decision.policy_ids.is_empty()) {
         (true, _) => (Verdict::Allow, Reason::Permit),
         (false, false) => (Verdict::Deny, Reason::Forbid),
