@@ -867,6 +867,11 @@ impl<H: Host> Filter<H> {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let (metadata, withheld) = self.recorded_claims(p);
+        // Values the client chooses are recorded bounded, as in the server's records: the
+        // access log is the evidence of a request the server never saw, and a 60 KiB path
+        // or a 256 KiB model per request must not let a client flood it.
+        let mut cut = std::collections::BTreeMap::new();
+        let host = header(":authority").map(redact_authority);
         let record = Record {
             api_key_sha256,
             audit_id,
@@ -875,27 +880,46 @@ impl<H: Host> Filter<H> {
             body_size_known: body.size_known,
             body_truncated: body.truncated,
             context,
-            host: header(":authority"),
+            host: host
+                .as_deref()
+                .map(|h| bound(&mut cut, "host", h, MAX_RECORDED_HOST).to_owned()),
             jwt_claims_withheld: (withheld > 0).then_some(withheld),
             max_tokens: body.max_tokens,
             message_count: body.message_count,
             metadata,
-            method: header(":method"),
-            model: body.model,
+            method: header(":method").map(|m| bound(&mut cut, "method", m, MAX_RECORDED_METHOD)),
+            model: body
+                .model
+                .as_deref()
+                .map(|m| bound(&mut cut, "model", m, MAX_RECORDED_MODEL).to_owned()),
             outcome: outcome.as_str(),
             override_active,
-            path: header(":path").map(|path| path.split('?').next().unwrap_or_default()),
+            path: header(":path").map(|path| {
+                let path = path.split('?').next().unwrap_or_default();
+                bound(&mut cut, "path", path, MAX_RECORDED_PATH)
+            }),
             policy_version: self.shared.policy_version(),
-            principal: p.info.peer_principal.as_deref(),
+            principal: p
+                .info
+                .peer_principal
+                .as_deref()
+                .map(|v| bound(&mut cut, "principal", v, MAX_RECORDED_PRINCIPAL)),
             reason: reason.map(Reason::as_str),
-            request_id: &p.request_id,
+            request_id: bound(
+                &mut cut,
+                "request_id",
+                &p.request_id,
+                MAX_RECORDED_REQUEST_ID,
+            ),
             route: &p.info.route_name,
-            scheme: header(":scheme"),
+            scheme: header(":scheme").map(|v| bound(&mut cut, "scheme", v, MAX_RECORDED_SCHEME)),
             source: p.info.source_address.as_deref(),
             stream: body.stream,
-            tenant: header("x-tenant-id"),
+            tenant: header("x-tenant-id")
+                .map(|v| bound(&mut cut, "tenant", v, MAX_RECORDED_TENANT)),
             ts,
             v: 1,
+            cut,
         };
         serde_json::to_string(&record).unwrap_or_default()
     }
@@ -997,7 +1021,11 @@ struct Record<'a> {
     body_size_known: bool,
     body_truncated: bool,
     context: std::collections::BTreeMap<&'a str, &'a str>,
-    host: Option<&'a str>,
+    /// Values recorded cut, by field: the whole value's length and SHA-256 (absent when
+    /// nothing was cut, so such a record is the same line as before the bounds).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    cut: std::collections::BTreeMap<&'static str, Cut>,
+    host: Option<String>,
     jwt_claims_withheld: Option<usize>,
     max_tokens: Option<i64>,
     message_count: Option<i64>,
@@ -1019,6 +1047,69 @@ struct Record<'a> {
     tenant: Option<&'a str>,
     ts: Option<String>,
     v: u32,
+}
+
+/// Bounds of the client-chosen values in the Envoy-side record: the server's for its own
+/// records (`arbiter_audit::bound`; the contract test `record_bounds_match_the_servers`
+/// keeps them equal), and for `tenant` its bound on a recorded header value.
+pub const MAX_RECORDED_PATH: usize = 2048;
+/// See [`MAX_RECORDED_PATH`].
+pub const MAX_RECORDED_HOST: usize = 512;
+/// See [`MAX_RECORDED_PATH`].
+pub const MAX_RECORDED_REQUEST_ID: usize = 256;
+/// See [`MAX_RECORDED_PATH`].
+pub const MAX_RECORDED_MODEL: usize = 256;
+/// See [`MAX_RECORDED_PATH`].
+pub const MAX_RECORDED_METHOD: usize = 64;
+/// See [`MAX_RECORDED_PATH`].
+pub const MAX_RECORDED_SCHEME: usize = 64;
+/// See [`MAX_RECORDED_PATH`].
+pub const MAX_RECORDED_PRINCIPAL: usize = 2048;
+/// See [`MAX_RECORDED_PATH`].
+pub const MAX_RECORDED_TENANT: usize = 1024;
+
+/// Evidence of a value recorded cut: the whole value's length in bytes and lowercase hex
+/// SHA-256, as in the server's records.
+#[derive(Debug, Serialize)]
+struct Cut {
+    bytes: usize,
+    sha256: String,
+}
+
+/// `value`'s longest prefix of at most `max` bytes ending on a character boundary; when
+/// that is not all of it, notes the whole value's evidence under `field` in `cut`.
+fn bound<'v>(
+    cut: &mut std::collections::BTreeMap<&'static str, Cut>,
+    field: &'static str,
+    value: &'v str,
+    max: usize,
+) -> &'v str {
+    if value.len() <= max {
+        return value;
+    }
+    let mut end = max;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    use sha2::Digest;
+    cut.insert(
+        field,
+        Cut {
+            bytes: value.len(),
+            sha256: hex::encode(sha2::Sha256::digest(value.as_bytes())),
+        },
+    );
+    &value[..end]
+}
+
+/// `:authority` without its userinfo (`user:pass@host` → `[redacted]@host`): a client may
+/// put credentials there, and they must not reach Envoy's access log (the server's records
+/// replace it the same way).
+fn redact_authority(host: &str) -> String {
+    match host.rfind('@') {
+        Some(at) => format!("[redacted]{}", &host[at..]),
+        None => host.to_owned(),
+    }
 }
 
 /// The bytes as text, invalid UTF-8 replaced; valid text (nearly always) keeps its buffer
@@ -1168,6 +1259,69 @@ mod record_tests {
             body_partial: variant % 7 == 3,
             received: 0,
         }
+    }
+
+    #[test]
+    fn client_chosen_values_are_recorded_bounded_with_evidence_and_userinfo_replaced() {
+        use sha2::Digest;
+        let config = FilterConfig::parse(br#"{"policy_cluster":"p"}"#).unwrap_or_else(|e| {
+            panic!("{e}");
+        });
+        let shared = Rc::new(Shared::new(config.clone()));
+        let filter = Filter::new(MockHost::default(), Rc::clone(&shared));
+        let mut p = pending(&config, 1);
+        let path = format!("/{}", "p\u{e9}".repeat(3_000));
+        let host = format!("user:s3cret@{}", "h".repeat(1_000));
+        let tenant = "t".repeat(5_000);
+        let model = "m".repeat(100_000);
+        p.info
+            .headers
+            .retain(|(n, _)| n != ":path" && n != ":authority" && n != "x-tenant-id");
+        p.info
+            .headers
+            .push((":path".into(), format!("{path}?key=1")));
+        p.info.headers.push((":authority".into(), host.clone()));
+        p.info.headers.push(("x-tenant-id".into(), tenant.clone()));
+        p.request_id = "r".repeat(300);
+        p.body = Some(format!(r#"{{"model":"{model}","messages":[]}}"#).into_bytes());
+        p.info.body_size = p.body.as_ref().map(|b| b.len() as u64);
+        let line = filter.record(Outcome::FailOpen, Some(Reason::Timeout), false, &p, None);
+        assert!(line.len() < 8 * 1024, "{} bytes", line.len());
+        assert!(!line.contains("s3cret"), "{line}");
+        let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let redacted_host = format!("[redacted]@{}", "h".repeat(1_000));
+        for (field, whole, max) in [
+            ("path", path.as_str(), MAX_RECORDED_PATH),
+            ("host", redacted_host.as_str(), MAX_RECORDED_HOST),
+            ("tenant", tenant.as_str(), MAX_RECORDED_TENANT),
+            ("model", model.as_str(), MAX_RECORDED_MODEL),
+            ("request_id", p.request_id.as_str(), MAX_RECORDED_REQUEST_ID),
+        ] {
+            let kept = record[field].as_str().unwrap();
+            assert!(whole.starts_with(kept), "{field}");
+            assert!(
+                kept.len() <= max && kept.len() + 4 > max,
+                "{field}: {}",
+                kept.len()
+            );
+            assert_eq!(
+                record["cut"][field],
+                json!({
+                    "bytes": whole.len(),
+                    "sha256": hex::encode(sha2::Sha256::digest(whole.as_bytes())),
+                }),
+                "{field}"
+            );
+        }
+        // Short values: no `cut` member, the line as before.
+        let short = filter.record(
+            Outcome::FailOpen,
+            Some(Reason::Timeout),
+            false,
+            &pending(&config, 1),
+            None,
+        );
+        assert!(!short.contains("\"cut\""), "{short}");
     }
 
     #[test]

@@ -654,3 +654,103 @@ async fn long_client_values_are_decided_whole_and_recorded_bounded() -> Result<(
     assert_eq!(code, 0, "{out}");
     Ok(())
 }
+
+/// The Envoy-side record (`arbiter_record` in Envoy's access log) is the only evidence of a
+/// request the server never decided: on an `open` route in an outage, exactly the requests
+/// a flood would send. It recorded the client's path, id, tenant, model and `Host` whole (a
+/// 30 KiB path made a 30 KiB log line), and the `Host`'s userinfo (`user:password@`) in
+/// clear. Now each is bounded as in the server's records, with the whole value's length and
+/// SHA-256 under `cut`, the userinfo is replaced, and `audit replay` lists such a line as
+/// not replayable instead of re-deciding a cut request.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undecided_requests_envoy_side_record_is_bounded_and_keeps_no_userinfo() -> Result<()> {
+    let stack = patient_stack()
+        .edit_template(KEEP_CLIENT_REQUEST_ID.0, KEEP_CLIENT_REQUEST_ID.1)
+        .policy_server(false)
+        .start()
+        .await?;
+    let long_path = format!("/t/lenient-body/{}{CHAT}", "p".repeat(30_000));
+    let long_id = format!("rid-{}", "r".repeat(8_000));
+    let long_tenant = format!("acme-{}", "t".repeat(3_000));
+    let long_model = format!("gpt-4o-mini-{}", "m".repeat(700));
+    let host = format!("user:s3cret-pw@{}.example", "h".repeat(600));
+    let body = chat(&long_model);
+    assert!(body.len() < 1024, "within the route's max_body_bytes");
+    let mut request = H1Request::post(&long_path, &body)
+        .header("x-request-id", &long_id)
+        .header("x-tenant-id", &long_tenant);
+    request.headers.retain(|(name, _)| name != "host");
+    request
+        .headers
+        .push(("host".into(), host.clone().into_bytes()));
+    let ledger = Ledger::take(&stack).await?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], stack.envoy.port()?));
+    let reply = H1Conn::connect(addr)
+        .await?
+        .request(&request)
+        .await?
+        .reply()?;
+    // The policy server is down: the open route lets the request through, marked.
+    assert_allowed(&reply, "open route, no policy server");
+    let settled = ledger
+        .settle(&stack, "undecided", Outcomes::none().fail_open(1))
+        .await?;
+    assert_eq!(
+        settled.upstream[0].path, long_path,
+        "the upstream got it as sent"
+    );
+    assert_eq!(settled.access_log.len(), 1);
+    let line = serde_json::to_string(&settled.access_log[0])?;
+    assert!(
+        !line.contains("s3cret-pw"),
+        "userinfo in the access log: {line}"
+    );
+    let record: Value = serde_json::from_str(
+        settled.access_log[0]["arbiter_record"]
+            .as_str()
+            .context("no arbiter_record")?,
+    )?;
+    let record_text = settled.access_log[0]["arbiter_record"].to_string();
+    assert!(
+        record_text.len() < 8 * 1024,
+        "the record is {} bytes",
+        record_text.len()
+    );
+    assert_eq!(record["outcome"], "fail_open", "{record}");
+    let redacted_host = format!("[redacted]@{}.example", "h".repeat(600));
+    for (field, whole) in [
+        ("path", long_path.as_str()),
+        ("request_id", long_id.as_str()),
+        ("tenant", long_tenant.as_str()),
+        ("model", long_model.as_str()),
+        ("host", redacted_host.as_str()),
+    ] {
+        let kept = record[field].as_str().unwrap_or_default();
+        assert!(
+            !kept.is_empty() && kept.len() < whole.len() && whole.starts_with(kept),
+            "{field}: {kept}"
+        );
+        assert_eq!(
+            record["cut"][field],
+            json!({"bytes": whole.len(), "sha256": sha256_hex(whole.as_bytes())}),
+            "{field}"
+        );
+    }
+
+    // Replay names the line instead of deciding the cut request.
+    let policies = stack.workspace().join("examples/ai-gateway/policies");
+    let (code, out) = arbiter_e2e::stack::arbiter_cli([
+        "audit".as_ref(),
+        "replay".as_ref(),
+        "--json".as_ref(),
+        "--policies".as_ref(),
+        policies.as_os_str(),
+        stack.envoy.access_log_path().as_os_str(),
+    ])?;
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    assert_eq!(report["fail_open"]["cut"], 1, "{report}");
+    assert_eq!(report["fail_open"]["replayed"], 0, "{report}");
+    assert_eq!(report["differences"], json!([]), "{report}");
+    Ok(())
+}

@@ -112,3 +112,28 @@ fn envoy_types_check_response_decodes_in_the_filter() {
         other => panic!("expected deny, got {other:?}"),
     }
 }
+
+/// The Envoy-side record bounds the client's values as the server's records do, so an
+/// auditor reads one rule for both (and the tenant as the server records a header value).
+#[test]
+fn record_bounds_match_the_servers() {
+    use arbiter_filter::filter as envoy_side;
+    use arbiter_policy_server::audit::{bound, redact};
+    assert_eq!(envoy_side::MAX_RECORDED_PATH, bound::MAX_RECORDED_PATH);
+    assert_eq!(envoy_side::MAX_RECORDED_HOST, bound::MAX_RECORDED_HOST);
+    assert_eq!(
+        envoy_side::MAX_RECORDED_REQUEST_ID,
+        bound::MAX_RECORDED_REQUEST_ID
+    );
+    assert_eq!(envoy_side::MAX_RECORDED_MODEL, bound::MAX_RECORDED_MODEL);
+    assert_eq!(envoy_side::MAX_RECORDED_METHOD, bound::MAX_RECORDED_METHOD);
+    assert_eq!(envoy_side::MAX_RECORDED_SCHEME, bound::MAX_RECORDED_SCHEME);
+    assert_eq!(
+        envoy_side::MAX_RECORDED_PRINCIPAL,
+        bound::MAX_RECORDED_PRINCIPAL
+    );
+    assert_eq!(
+        envoy_side::MAX_RECORDED_TENANT,
+        redact::MAX_RECORDED_HEADER_VALUE
+    );
+}

@@ -564,6 +564,9 @@ struct EnvoyRecord {
     tenant: Option<String>,
     #[serde(default)]
     model: Option<String>,
+    /// Values the filter recorded cut (its bounds are the server's), by field.
+    #[serde(default)]
+    cut: BTreeMap<String, Value>,
     #[serde(default)]
     body_bytes: Option<u64>,
     #[serde(default)]
@@ -712,6 +715,7 @@ fn envoy_case(value: Value) -> Result<Case, String> {
     if let Some(route) = record.route {
         extensions.insert(ROUTE_KEY.into(), route);
     }
+    let cut = record.cut.into_keys().collect();
     Ok(Case {
         recorded,
         check: check_request(CheckParts {
@@ -748,8 +752,8 @@ fn envoy_case(value: Value) -> Result<Case, String> {
             message_count: record.message_count,
             identity_recorded: true,
         },
-        // The filter's record keeps its values whole.
-        cut: Vec::new(),
+        // Cut values: the case is listed as not replayable, as a server record would be.
+        cut,
     })
 }
 
