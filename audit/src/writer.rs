@@ -1,10 +1,13 @@
 //! The single writer: group commit, hash chain, size-based rotation, crash recovery.
 //!
 //! One OS thread owns the file. Each `Check` hands it an event and waits; the thread takes
-//! everything queued, chains it, writes it with one `write` (and one `fdatasync` in `fsync`
-//! mode) and only then releases the callers. A failed write releases them with an error and
-//! rolls the file back to the last complete record; while the log is not writable the
-//! thread probes it and reports when writing works again.
+//! everything queued, chains it, writes it with one `write` and, in `write` mode, only then
+//! releases the callers. In `fsync` mode a second thread, `arbiter-audit-commit`, releases
+//! them after one `fdatasync` that began after their write ([`Committer`]); while it syncs,
+//! the writer goes on encoding and writing the next batch, which the next sync covers
+//! (pipelined group commit). A failed write (or sync) releases its callers with an error
+//! and rolls the file back to the last complete (synced) record; while the log is not
+//! writable the thread probes it and reports when writing works again.
 //!
 //! The hand-off is batched on the async side too: events appended while the runtime still
 //! has other tasks to run collect in a pending list, and one task passes the whole list to
@@ -36,7 +39,7 @@ use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -175,7 +178,31 @@ impl AuditLog {
         let syncer = Syncer::start(&config.path);
         let (writable_tx, writable) = watch::channel(true);
         let (written_tx, written) = watch::channel(last_seq);
+        let writable_tx = Arc::new(writable_tx);
+        let written_tx = Arc::new(written_tx);
         metrics.writable.set(1);
+        let head = Head {
+            len: chain.active_len,
+            first_seq: chain.active_first_seq,
+            next_seq: chain.next_seq,
+            last_hash: chain.last_hash.clone(),
+        };
+        let committer = match config.sync {
+            AuditSync::Fsync => Some(
+                Committer::start(
+                    &config.path,
+                    head,
+                    Arc::clone(&writable_tx),
+                    Arc::clone(&written_tx),
+                    metrics.clone(),
+                )
+                .map_err(|e| AuditError::Open {
+                    path: config.path.clone(),
+                    reason: format!("cannot start the commit thread: {e}"),
+                })?,
+            ),
+            AuditSync::Write => None,
+        };
         let mut writer = Writer {
             path: config.path.clone(),
             sync: config.sync,
@@ -184,6 +211,7 @@ impl AuditLog {
             write_back: None,
             unsynced: 0,
             syncer,
+            committer,
             len: chain.active_len,
             dirty: false,
             first_seq: chain.active_first_seq,
@@ -373,7 +401,8 @@ struct Writer {
     path: PathBuf,
     sync: AuditSync,
     max_bytes: u64,
-    file: Option<File>,
+    /// The active file (shared with the commit thread in `fsync` mode).
+    file: Option<Arc<File>>,
     /// `write` mode: a second file description of the active file, synced by the sync
     /// thread (its own description, so a write-back error it sees is still reported to the
     /// writer's own syncs, e.g. before a checkpoint).
@@ -382,6 +411,8 @@ struct Writer {
     unsynced: u64,
     /// The background sync thread (`None`: it could not start; the writer syncs inline).
     syncer: Option<Syncer>,
+    /// `fsync` mode: the commit thread, which syncs what the writer wrote and answers it.
+    committer: Option<Committer>,
     /// Length of the complete records in the active file.
     len: u64,
     /// Bytes past `len` may exist (a write failed half-way).
@@ -390,8 +421,8 @@ struct Writer {
     next_seq: u64,
     last_hash: String,
     writable: bool,
-    writable_tx: watch::Sender<bool>,
-    written_tx: watch::Sender<u64>,
+    writable_tx: Arc<watch::Sender<bool>>,
+    written_tx: Arc<watch::Sender<u64>>,
     metrics: AuditMetrics,
     buf: Vec<u8>,
     /// Where checkpoints go, and after how many records or how long.
@@ -408,9 +439,13 @@ impl Writer {
     fn run(mut self, rx: &mpsc::Receiver<Vec<Job>>) {
         let mut batch = Vec::new();
         loop {
+            // A sync that failed on the commit thread is taken back here (in `fsync` mode
+            // the writer wakes every probe interval to see to it without a new batch).
+            self.settle();
             let first = match (self.writable, self.checkpoint_due_in()) {
                 (false, _) => rx.recv_timeout(PROBE_INTERVAL),
-                (true, Some(due)) => rx.recv_timeout(due),
+                (true, Some(due)) => rx.recv_timeout(due.min(PROBE_INTERVAL)),
+                (true, None) if self.committer.is_some() => rx.recv_timeout(PROBE_INTERVAL),
                 (true, None) => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match first {
@@ -428,15 +463,24 @@ impl Writer {
                     self.commit(&mut batch);
                 }
                 Err(RecvTimeoutError::Timeout) if !self.writable => self.probe(),
-                Err(RecvTimeoutError::Timeout) => self.checkpoint(CheckpointReason::Periodic),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.checkpoint_due_in().is_some_and(|due| due.is_zero()) {
+                        self.checkpoint(CheckpointReason::Periodic);
+                    }
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
+        // Everything written is synced (and answered) before the last checkpoint.
+        self.drain();
         self.checkpoint(CheckpointReason::Shutdown);
         if let Some(file) = &self.file {
             if let Err(e) = file.sync_all() {
                 tracing::warn!(path = %self.path.display(), "audit log sync at shutdown failed: {e}");
             }
+        }
+        if let Some(committer) = self.committer.take() {
+            committer.finish();
         }
         // Files rotated out are synced before the lock is released.
         if let Some(syncer) = self.syncer.take() {
@@ -481,15 +525,33 @@ impl Writer {
                 self.next_seq = seq;
                 self.last_hash = prev;
                 let count = accepted.len() as u64;
-                self.metrics.records_written.inc_by(count);
-                self.metrics.batch_records.observe(count as f64);
-                self.metrics
-                    .write_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                self.set_writable(true, None);
-                self.written_tx.send_replace(seq - 1);
-                for (done, seq) in accepted {
-                    let _ = done.send(Ok(Written { seq }));
+                if let Some(committer) = &self.committer {
+                    // `fsync` mode: answered by the commit thread once a sync that began
+                    // after this write has succeeded; meanwhile this thread goes on with the
+                    // next batch (see the module doc).
+                    let head = self.head();
+                    if let Err(accepted) = committer.hand_over(accepted, head, started) {
+                        // A sync failed after these records' predecessors: they chain from
+                        // records being taken back, so they are refused with them.
+                        let error = committer.failure();
+                        for (done, _) in accepted {
+                            let _ = done.send(Err(error.clone()));
+                        }
+                        self.settle();
+                        return;
+                    }
+                    self.set_writable(true, None);
+                } else {
+                    self.set_writable(true, None);
+                    self.metrics.records_written.inc_by(count);
+                    self.metrics.batch_records.observe(count as f64);
+                    self.metrics
+                        .write_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.written_tx.send_replace(seq - 1);
+                    for (done, seq) in accepted {
+                        let _ = done.send(Ok(Written { seq }));
+                    }
                 }
                 self.write_back(self.buf.len() as u64);
                 self.unsigned += count;
@@ -514,6 +576,46 @@ impl Writer {
         }
     }
 
+    /// Where the chain stands after the last record written.
+    fn head(&self) -> Head {
+        Head {
+            len: self.len,
+            first_seq: self.first_seq,
+            next_seq: self.next_seq,
+            last_hash: self.last_hash.clone(),
+        }
+    }
+
+    /// `fsync` mode: if a sync failed on the commit thread, takes back every record not
+    /// synced (the commit thread has refused them): the file is cut back to the last synced
+    /// record and the chain goes on from there. Nothing is waiting for a sync then.
+    fn settle(&mut self) {
+        let Some(durable) = self.committer.as_ref().and_then(Committer::take_failure) else {
+            return;
+        };
+        // The commit thread has said so already (watch, metric, log); this thread probes.
+        if self.writable {
+            self.writable = false;
+            self.metrics.writable.set(0);
+            self.writable_tx.send_replace(false);
+        }
+        self.len = durable.len;
+        self.first_seq = durable.first_seq;
+        self.next_seq = durable.next_seq;
+        self.last_hash = durable.last_hash;
+        self.dirty = true;
+        self.truncate_dirty();
+    }
+
+    /// `fsync` mode: waits until everything written is synced and answered, or refused and
+    /// taken back.
+    fn drain(&mut self) {
+        if let Some(committer) = &self.committer {
+            committer.wait_idle();
+        }
+        self.settle();
+    }
+
     fn write_error(&mut self, e: &io::Error) -> AuditError {
         self.metrics.write_errors.inc();
         self.set_writable(false, Some(e));
@@ -524,13 +626,15 @@ impl Writer {
     }
 
     fn write_buf(&mut self) -> io::Result<()> {
-        let file = self
+        let mut file: &File = self
             .file
-            .as_mut()
+            .as_deref()
             .ok_or_else(|| io::Error::other("no file"))?;
         file.write_all(&self.buf)?;
-        if self.sync == AuditSync::Fsync {
-            file.sync_data()?;
+        if self.committer.is_some() {
+            // `fsync` mode: the commit thread syncs, then checks that the file still has a
+            // name, before anything is answered.
+            return Ok(());
         }
         // Removed while these records were written: they are in no file, so they are not
         // acknowledged (`prepare` starts a new file for the next batch).
@@ -545,7 +649,14 @@ impl Writer {
     /// Makes the active file ready to append: open, free of half-written bytes, rotated if
     /// it is full.
     fn prepare(&mut self) -> io::Result<()> {
-        if self.file.as_ref().is_some_and(deleted) {
+        self.settle();
+        let deleted_now = self.file.as_deref().is_some_and(deleted);
+        if deleted_now || self.file.is_none() || self.len >= self.max_bytes || self.dirty {
+            // The file is replaced or cut back: nothing of it may still be on its way to
+            // the disk (`fsync` mode); a failed sync is taken back first.
+            self.drain();
+        }
+        if self.file.as_deref().is_some_and(deleted) {
             // Someone removed the active file: what it held is gone, and records appended
             // to it now would be too (answered, yet in no file anyone can read). Start a new
             // file at the path; the chain goes on from the last record, so a verifier shows
@@ -594,12 +705,18 @@ impl Writer {
 
     fn open(&mut self) -> io::Result<()> {
         let existed = self.path.exists();
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        let file = Arc::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?,
+        );
         if !existed && self.sync == AuditSync::Fsync {
             sync_dir(&self.path)?;
+        }
+        if let Some(committer) = &self.committer {
+            // Only ever with nothing waiting for a sync (see `prepare`).
+            committer.switch(Arc::clone(&file), self.head());
         }
         self.file = Some(file);
         self.unsynced = 0;
@@ -682,9 +799,9 @@ impl Writer {
     /// and take them back. A crash in between leaves a torn tail, handled at start.
     fn probe(&mut self) {
         let result = self.prepare().and_then(|()| {
-            let file = self
+            let mut file: &File = self
                 .file
-                .as_mut()
+                .as_deref()
                 .ok_or_else(|| io::Error::other("no file"))?;
             self.dirty = true;
             file.write_all(&[b' '; PROBE_BYTES])?;
@@ -716,6 +833,11 @@ impl Writer {
     /// failure does not refuse decisions (the records are written); it is logged and
     /// counted, and verification reports the records after the last checkpoint as unsigned.
     fn checkpoint(&mut self, reason: CheckpointReason) {
+        if self.unsigned == 0 || self.next_seq <= 1 || self.checkpoints.is_none() {
+            return;
+        }
+        // `fsync` mode: the commit thread first syncs (or takes back) what it has.
+        self.drain();
         if self.unsigned == 0 || self.next_seq <= 1 {
             return;
         }
@@ -759,13 +881,246 @@ impl Writer {
     }
 }
 
+/// Where the chain stands after a record: the active file's length and first seq, the next
+/// seq and the last hash.
+#[derive(Debug, Clone)]
+struct Head {
+    len: u64,
+    first_seq: Option<u64>,
+    next_seq: u64,
+    last_hash: String,
+}
+
+/// A written record's caller and seq.
+type Answer = (oneshot::Sender<Result<Written, AuditError>>, u64);
+
+/// `fsync` mode's commit thread (`arbiter-audit-commit`) and what it shares with the writer.
+///
+/// The writer writes a batch and hands its callers over; the commit thread takes everything
+/// handed over so far, syncs the file once (`fdatasync`), checks that the file still has a
+/// name and answers them all. While it syncs, the writer encodes and writes the next
+/// batches, which the next sync covers: on one core the decisions of the next round are
+/// computed while the disk works, instead of after it (pipelined group commit). A sync
+/// only vouches for what was written before it began, so a batch handed over during a sync
+/// waits for the next one.
+///
+/// A failed sync refuses every record not yet synced, those written during the failed sync
+/// too (their chain runs through the refused ones); the writer then cuts the file back to
+/// the last synced record and continues the chain from there ([`Writer::settle`]). Until it
+/// has, the commit thread takes nothing new.
+struct Committer {
+    shared: Arc<(Mutex<Commits>, Condvar)>,
+    handle: JoinHandle<()>,
+}
+
+struct Commits {
+    /// The active file (changed by the writer only when nothing waits for a sync).
+    file: Option<Arc<File>>,
+    /// Written, waiting for a sync that begins after their write.
+    waiting: Vec<Answer>,
+    /// When the oldest of `waiting` was handed to the writer (for `write_seconds`).
+    waiting_since: Option<Instant>,
+    /// The writer's head after the last of `waiting`.
+    head: Head,
+    /// The head the last successful sync covers.
+    durable: Head,
+    /// A sync is running.
+    syncing: bool,
+    /// A sync failed: the records after `durable` are refused and must be taken back.
+    failed: Option<AuditError>,
+    /// The writer has finished: sync what is waiting, then stop.
+    closed: bool,
+}
+
+impl Committer {
+    fn start(
+        path: &Path,
+        head: Head,
+        writable_tx: Arc<watch::Sender<bool>>,
+        written_tx: Arc<watch::Sender<u64>>,
+        metrics: AuditMetrics,
+    ) -> io::Result<Committer> {
+        let shared = Arc::new((
+            Mutex::new(Commits {
+                file: None,
+                waiting: Vec::new(),
+                waiting_since: None,
+                head: head.clone(),
+                durable: head,
+                syncing: false,
+                failed: None,
+                closed: false,
+            }),
+            Condvar::new(),
+        ));
+        let thread = Arc::clone(&shared);
+        let path = path.to_owned();
+        let handle = std::thread::Builder::new()
+            .name("arbiter-audit-commit".into())
+            .spawn(move || commit_loop(&thread, &path, &writable_tx, &written_tx, &metrics))?;
+        Ok(Committer { shared, handle })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Commits> {
+        self.shared.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands written records over for the next sync; gives them back if a failed sync has
+    /// not been taken back yet.
+    fn hand_over(
+        &self,
+        answers: Vec<Answer>,
+        head: Head,
+        written_at: Instant,
+    ) -> Result<(), Vec<Answer>> {
+        let mut commits = self.lock();
+        if commits.failed.is_some() {
+            return Err(answers);
+        }
+        commits.waiting.extend(answers);
+        commits.waiting_since.get_or_insert(written_at);
+        commits.head = head;
+        drop(commits);
+        self.shared.1.notify_all();
+        Ok(())
+    }
+
+    /// The error of the failed sync not yet taken back.
+    fn failure(&self) -> AuditError {
+        self.lock().failed.clone().unwrap_or(AuditError::Stopped)
+    }
+
+    /// After a failed sync: clears it and returns the head to go back to.
+    fn take_failure(&self) -> Option<Head> {
+        let mut commits = self.lock();
+        commits.failed.take()?;
+        commits.head = commits.durable.clone();
+        Some(commits.durable.clone())
+    }
+
+    /// Waits until nothing is waiting for a sync or being synced.
+    fn wait_idle(&self) {
+        let mut commits = self.lock();
+        while commits.syncing || !commits.waiting.is_empty() {
+            commits = self
+                .shared
+                .1
+                .wait(commits)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// A new active file holding what `head` says, all of it synced.
+    fn switch(&self, file: Arc<File>, head: Head) {
+        let mut commits = self.lock();
+        commits.file = Some(file);
+        commits.head = head.clone();
+        commits.durable = head;
+    }
+
+    /// Syncs and answers what is waiting, then ends the thread.
+    fn finish(self) {
+        self.lock().closed = true;
+        self.shared.1.notify_all();
+        let _ = self.handle.join();
+    }
+}
+
+/// The commit thread: see [`Committer`].
+fn commit_loop(
+    shared: &(Mutex<Commits>, Condvar),
+    path: &Path,
+    writable_tx: &watch::Sender<bool>,
+    written_tx: &watch::Sender<u64>,
+    metrics: &AuditMetrics,
+) {
+    let (lock, wake) = shared;
+    let mut commits = lock.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        while commits.waiting.is_empty() && !commits.closed {
+            commits = wake.wait(commits).unwrap_or_else(PoisonError::into_inner);
+        }
+        if commits.waiting.is_empty() {
+            return;
+        }
+        // Everything written so far; what is handed over from now on waits for the next sync.
+        let answers = std::mem::take(&mut commits.waiting);
+        let since = commits.waiting_since.take();
+        let head = commits.head.clone();
+        let file = commits.file.clone();
+        commits.syncing = true;
+        drop(commits);
+
+        #[cfg(test)]
+        let held = test_gate::before_commit(path);
+        #[cfg(not(test))]
+        let held = Ok(());
+        let synced = match &file {
+            Some(file) => held.and_then(|()| file.sync_data()).and_then(|()| {
+                // Removed while these records were written: they are in no file, so they
+                // are not acknowledged (the writer starts a new file).
+                if deleted(file) {
+                    Err(io::Error::other(
+                        "the audit log was deleted while records were written to it",
+                    ))
+                } else {
+                    Ok(())
+                }
+            }),
+            None => Err(io::Error::other("no file")),
+        };
+
+        commits = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        commits.syncing = false;
+        match synced {
+            Ok(()) => {
+                commits.durable = head.clone();
+                drop(commits);
+                let count = answers.len() as u64;
+                metrics.records_written.inc_by(count);
+                metrics.batch_records.observe(count as f64);
+                if let Some(since) = since {
+                    metrics.write_seconds.observe(since.elapsed().as_secs_f64());
+                }
+                written_tx.send_replace(head.next_seq - 1);
+                for (done, seq) in answers {
+                    let _ = done.send(Ok(Written { seq }));
+                }
+            }
+            Err(e) => {
+                // Refused: these, and whatever was written after them.
+                let error = AuditError::Write {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                };
+                commits.failed = Some(error.clone());
+                let later = std::mem::take(&mut commits.waiting);
+                commits.waiting_since = None;
+                drop(commits);
+                metrics.write_errors.inc();
+                metrics.writable.set(0);
+                writable_tx.send_replace(false);
+                tracing::error!(
+                    path = %path.display(),
+                    "audit log not writable, refusing decisions (UNAVAILABLE) until it is: {e}"
+                );
+                for (done, _) in answers.into_iter().chain(later) {
+                    let _ = done.send(Err(error.clone()));
+                }
+            }
+        }
+        wake.notify_all();
+        commits = lock.lock().unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
 /// A job of the sync thread.
 enum SyncJob {
     /// `write` mode: sync the active file (through the writer's second description).
     WriteBack(Arc<File>),
     /// Sync a file just rotated out, then close it.
     Retire {
-        file: File,
+        file: Arc<File>,
         /// Its name now.
         rotated: PathBuf,
         /// Also sync its directory (the rename), in `write` mode.
@@ -892,6 +1247,48 @@ mod test_gate {
             .iter()
             .position(|(dir, _, _)| Some(dir.as_path()) == rotated.parent())?;
         Some(gates.remove(index))
+    }
+
+    /// Per log directory: told when a sync is about to start; then waits for the test's
+    /// verdict (`Err`: the sync fails with that message).
+    type CommitGate = (
+        PathBuf,
+        mpsc::Sender<()>,
+        mpsc::Receiver<Result<(), String>>,
+    );
+
+    static COMMIT_GATES: Mutex<Vec<CommitGate>> = Mutex::new(Vec::new());
+
+    /// Holds the next group commit's sync of a log in `dir`: `entered` hears when it is
+    /// about to sync; the sync runs (or fails) when `release` gets a verdict.
+    pub(super) fn hold_commit(
+        dir: &Path,
+    ) -> (mpsc::Receiver<()>, mpsc::Sender<Result<(), String>>) {
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, verdict) = mpsc::channel();
+        COMMIT_GATES
+            .lock()
+            .unwrap()
+            .push((dir.to_owned(), entered_tx, verdict));
+        (entered, release)
+    }
+
+    pub(super) fn before_commit(log: &Path) -> std::io::Result<()> {
+        let gate = {
+            let mut gates = COMMIT_GATES.lock().unwrap();
+            gates
+                .iter()
+                .position(|(dir, _, _)| Some(dir.as_path()) == log.parent())
+                .map(|index| gates.remove(index))
+        };
+        let Some((_, entered, verdict)) = gate else {
+            return Ok(());
+        };
+        let _ = entered.send(());
+        match verdict.recv() {
+            Ok(Err(message)) => Err(std::io::Error::other(message)),
+            _ => Ok(()),
+        }
     }
 
     thread_local! {
@@ -1291,6 +1688,124 @@ mod tests {
         // The next round is a batch of its own.
         log.append(event(16)).await.unwrap();
         assert_eq!(batches(&metrics), (2, 17));
+    }
+
+    /// Polls (bounded) until the file at `path` holds `lines` complete lines.
+    async fn wait_for_lines(path: &Path, lines: usize, what: &str) {
+        let polled = tokio::time::timeout(Duration::from_secs(30), async {
+            while std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                < lines
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let now = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        assert!(polled.is_ok(), "{what}: {now} lines, expected {lines}");
+    }
+
+    fn spawn_appends(
+        log: &AuditLog,
+        range: std::ops::Range<usize>,
+    ) -> Vec<tokio::task::JoinHandle<Result<Written, AuditError>>> {
+        range
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(event(i)).await })
+            })
+            .collect()
+    }
+
+    /// `fsync` mode pipelines: while one group's sync runs, the next decisions are written
+    /// (not answered), and one more sync covers them all. Nothing is answered before a sync
+    /// that began after its write.
+    #[tokio::test]
+    async fn fsync_mode_writes_the_next_batch_while_a_sync_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let metrics = AuditMetrics::default();
+        let log = AuditLog::open(&AuditConfig::new(&path), metrics.clone()).unwrap();
+        let (entered, release) = test_gate::hold_commit(dir.path());
+        let first = spawn_appends(&log, 0..1);
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("the first record's sync starts");
+        // Sixteen decisions while that sync is held: written, none answered.
+        let next = spawn_appends(&log, 1..17);
+        wait_for_lines(&path, 17, "the next batch is written during the sync").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            first.iter().chain(&next).all(|task| !task.is_finished()),
+            "a record was answered before its sync"
+        );
+        assert_eq!(*log.written().borrow(), 0);
+        release.send(Ok(())).unwrap();
+        let mut seqs = Vec::new();
+        for task in first.into_iter().chain(next) {
+            seqs.push(task.await.unwrap().unwrap().seq);
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=17).collect::<Vec<u64>>());
+        // Two syncs: the held one (1 record) and one for the 16 written meanwhile.
+        assert_eq!(batches(&metrics), (2, 17));
+        assert_eq!(*log.written().borrow(), 17);
+        drop(log);
+        let report = crate::verify::verify(&[path]).unwrap();
+        assert!(report.ok() && report.records == 17, "{report:?}");
+    }
+
+    /// A failed sync refuses its records and every record written after them (their chain
+    /// runs through the refused ones), cuts the file back to the last synced record and
+    /// continues the chain from there.
+    #[tokio::test]
+    async fn a_failed_sync_refuses_everything_unsynced_and_the_chain_goes_on_from_the_last_synced()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let metrics = AuditMetrics::default();
+        let log = AuditLog::open(&AuditConfig::new(&path), metrics.clone()).unwrap();
+        assert_eq!(log.append(event(0)).await.unwrap().seq, 1);
+        let synced_len = std::fs::metadata(&path).unwrap().len();
+        let (entered, release) = test_gate::hold_commit(dir.path());
+        let held = spawn_appends(&log, 1..2);
+        tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .unwrap();
+        let later = spawn_appends(&log, 2..6);
+        wait_for_lines(&path, 6, "written during the held sync").await;
+        release.send(Err("injected sync failure".into())).unwrap();
+        for task in held.into_iter().chain(later) {
+            let result = task.await.unwrap();
+            assert!(
+                matches!(&result, Err(AuditError::Write { reason, .. }) if reason.contains("injected")),
+                "{result:?}"
+            );
+        }
+        assert_eq!(metrics.write_errors.get(), 1);
+        // The next decision goes after the last synced record, in its place.
+        assert_eq!(log.append(event(6)).await.unwrap().seq, 2);
+        tokio::time::timeout(Duration::from_secs(30), log.writable().wait_for(|w| *w))
+            .await
+            .expect("writable again")
+            .unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.len() as u64 > synced_len);
+        assert!(
+            text.lines().nth(1).unwrap().contains("\"id\":\"id-6\""),
+            "{text}"
+        );
+        let report = crate::verify::verify(&[path]).unwrap();
+        assert!(report.ok() && report.records == 2, "{report:?}");
     }
 
     #[tokio::test]
