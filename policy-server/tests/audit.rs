@@ -679,16 +679,7 @@ async fn secrets_and_prompts_never_reach_the_record_or_the_log() {
         &format!("/v1/chat/completions?key={}", secrets[6]),
         &[("route", "chat")],
     );
-    let http = request
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = common::http_mut(&mut request);
     for (name, value) in [
         ("authorization", format!("Bearer {}", secrets[0])),
         ("cookie", format!("session={}", secrets[1])),
@@ -1002,21 +993,10 @@ async fn otlp_export_survives_receiver_and_server_outages() {
     let mut client = AuthorizationClient::new(server.channel().await);
     let mut answered = HashSet::new();
     let mut traced = check_request("", "GET", "/v1/models", &[("route", "models")]);
-    traced
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap()
-        .headers
-        .insert(
-            "traceparent".into(),
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
-        );
+    common::http_mut(&mut traced).headers.insert(
+        "traceparent".into(),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+    );
     answered.insert(audit_id(client.check(traced).await.unwrap().get_ref()));
     for _ in 0..4 {
         let response = client
@@ -1147,16 +1127,7 @@ when { context.route == "batch" && context has max_tokens && context.max_tokens 
 "#;
 
 fn with_body(mut request: CheckRequest, body: Option<&[u8]>, size: i64) -> CheckRequest {
-    let http = request
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = common::http_mut(&mut request);
     http.raw_body = body.unwrap_or_default().to_vec();
     http.size = size;
     request
@@ -1680,16 +1651,7 @@ async fn client_chosen_values_are_recorded_bounded_with_evidence_and_decided_who
     let mut decisions = Vec::new();
     for case in [&long_allowed, &long_denied, &short_allowed, &short_denied] {
         let mut request = check_request(case.principal, "POST", case.path, &[("route", "chat")]);
-        let http = request
-            .attributes
-            .as_mut()
-            .unwrap()
-            .request
-            .as_mut()
-            .unwrap()
-            .http
-            .as_mut()
-            .unwrap();
+        let http = common::http_mut(&mut request);
         http.id = case.id.to_owned();
         http.host = case.host.to_owned();
         let body = serde_json::json!({"model": case.model, "messages": [{"role": "user", "content": "hi"}]})
@@ -1865,16 +1827,7 @@ async fn a_tenant_longer_than_the_recorded_header_is_evidenced_and_not_replayed(
     let long_tenant = format!("acme-{}", "t".repeat(MAX_RECORDED_HEADER_VALUE));
     for tenant in [long_tenant.as_str(), "acme"] {
         let mut request = check_request("", "POST", "/v1/chat/completions", &[("route", "chat")]);
-        let http = request
-            .attributes
-            .as_mut()
-            .unwrap()
-            .request
-            .as_mut()
-            .unwrap()
-            .http
-            .as_mut()
-            .unwrap();
+        let http = common::http_mut(&mut request);
         http.headers.insert("x-tenant-id".into(), tenant.into());
         let response = client.check(request).await.unwrap().into_inner();
         // An anonymous caller naming a tenant: refused by tenant isolation, both times.

@@ -22,16 +22,7 @@ use tonic::Status;
 use common::{check_request, example_bundle, Running};
 
 fn with_body(mut request: CheckRequest, body: &[u8], size: i64, partial: bool) -> CheckRequest {
-    let http = request
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = common::http_mut(&mut request);
     http.raw_body = body.to_vec();
     http.size = size;
     if partial {
@@ -142,16 +133,7 @@ async fn bad_bodies_and_headers_are_decided() {
     // Header values that are not UTF-8 arrive as raw bytes in `header_map`: the tenant
     // (lossily decoded) matches no tenant, the API key (hashed as bytes) no caller.
     let mut request = chat();
-    let http = request
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = common::http_mut(&mut request);
     http.header_map = Some(HeaderMap {
         headers: vec![
             HeaderValue {
@@ -177,16 +159,7 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
 
     // A header value with invalid UTF-8 in a protobuf `string` field.
     let mut request = chat();
-    let http = request
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = common::http_mut(&mut request);
     http.headers.insert("x-tenant-id".into(), "MARKER".into());
     let mut bytes = request.encode_to_vec();
     let at = bytes.windows(6).position(|w| w == b"MARKER").unwrap();
@@ -213,16 +186,7 @@ fn sized(request: &CheckRequest, len: usize) -> CheckRequest {
         if encoded == len {
             return request;
         }
-        let http = request
-            .attributes
-            .as_mut()
-            .unwrap()
-            .request
-            .as_mut()
-            .unwrap()
-            .http
-            .as_mut()
-            .unwrap();
+        let http = common::http_mut(&mut request);
         let body = (http.raw_body.len() + len).saturating_sub(encoded);
         http.raw_body.resize(body, b'a');
     }
@@ -238,16 +202,7 @@ async fn messages_up_to_the_agreed_limit_are_decided_and_larger_ones_refused() {
     // The largest body a route may send (8 MiB, cut, so not parsed) with a header block of
     // almost 8 MiB: decided and recorded.
     let mut request = with_body(chat(), &vec![b'a'; 8 * 1024 * 1024], 20_000_000, true);
-    let http = request
-        .attributes
-        .as_mut()
-        .unwrap()
-        .request
-        .as_mut()
-        .unwrap()
-        .http
-        .as_mut()
-        .unwrap();
+    let http = common::http_mut(&mut request);
     http.id = "big".into();
     for i in 0..63 {
         http.headers

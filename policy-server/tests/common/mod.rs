@@ -19,6 +19,16 @@ pub fn example_bundle() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/ai-gateway/policies")
 }
 
+/// The HTTP request inside `request`, to change it in a test.
+pub fn http_mut(request: &mut CheckRequest) -> &mut HttpRequest {
+    request
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .expect("a CheckRequest with an HTTP request")
+}
+
 /// A CheckRequest as the filter sends it.
 pub fn check_request(
     principal: &str,
