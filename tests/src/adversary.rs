@@ -619,10 +619,22 @@ impl H2Conn {
             .handshake::<_, Bytes>(tcp)
             .await
             .context("HTTP/2 handshake with Envoy")?;
+        let mut connection = connection;
+        let ping_pong = connection.ping_pong();
         let driver = tokio::spawn(async move {
             // Ends when Envoy closes the connection or the client is dropped.
             let _ = connection.await;
         });
+        // Envoy's SETTINGS come before its answer to a PING: once the PONG is here, the
+        // client knows Envoy's `max_concurrent_streams` (100) and waits for a free stream
+        // instead of opening more, which Envoy would refuse (REFUSED_STREAM) — a race the
+        // client lost on a loaded machine when it opened streams right after the handshake.
+        if let Some(mut ping_pong) = ping_pong {
+            tokio::time::timeout(Duration::from_secs(30), ping_pong.ping(h2::Ping::opaque()))
+                .await
+                .context("no PONG from Envoy within 30 s")?
+                .context("HTTP/2 PING to Envoy")?;
+        }
         Ok(H2Conn {
             send,
             driver,
