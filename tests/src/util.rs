@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// The cargo workspace root (the parent of this crate's manifest directory).
 pub fn workspace_root() -> PathBuf {
@@ -50,6 +50,44 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
+}
+
+/// A process stopped with SIGSTOP (wedged: it keeps its sockets but answers nothing), sent
+/// SIGCONT when dropped, so a failing test never leaves it stopped.
+#[derive(Debug)]
+pub struct Stopped(u32);
+
+impl Stopped {
+    /// Stops process `pid`.
+    pub fn stop(pid: u32) -> Result<Stopped> {
+        signal(pid, "STOP")?;
+        Ok(Stopped(pid))
+    }
+
+    /// Resumes it (what dropping does), reporting a failure to signal it.
+    pub fn resume(self) -> Result<()> {
+        let pid = self.0;
+        std::mem::forget(self);
+        signal(pid, "CONT")
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Err(e) = signal(self.0, "CONT") {
+            eprintln!("cannot resume {}: {e:#}", self.0);
+        }
+    }
+}
+
+fn signal(pid: u32, name: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .context("running kill")?;
+    ensure!(status.success(), "kill -{name} {pid} failed: {status}");
+    Ok(())
 }
 
 /// Reserves a free loopback port for a process that must be told its port up front.
