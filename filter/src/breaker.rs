@@ -364,7 +364,11 @@ mod tests {
     /// Admits the probe that follows the cool-down ending at `until`, and fails it at
     /// `failed_at`: the breaker opens again. Returns the new cool-down's end.
     fn fail_probe(b: &mut Breaker, until: u64, failed_at: u64) -> Option<Duration> {
-        assert_eq!(b.admit(t(until - 1), BOUND), Admit::Reject, "open until {until}");
+        assert_eq!(
+            b.admit(t(until - 1), BOUND),
+            Admit::Reject,
+            "open until {until}"
+        );
         assert_eq!(b.admit(t(until), BOUND), Admit::Probe, "probe at {until}");
         assert_eq!(b.on_failure(t(failed_at)), Some(Transition::Reopened));
         b.open_for(t(failed_at))
@@ -400,13 +404,20 @@ mod tests {
     fn lost_or_cancelled_probes_do_not_grow_the_cool_down() {
         let mut b = Breaker::new(backoff(1, 1));
         b.on_failure(t(0));
-        assert_eq!(fail_probe(&mut b, 250, 300), Some(Duration::from_millis(500)));
+        assert_eq!(
+            fail_probe(&mut b, 250, 300),
+            Some(Duration::from_millis(500))
+        );
         // The next probe's client goes away; the one after it never hears back and its
         // slot is handed on at its deadline. Neither is a failure of the server.
         assert_eq!(b.admit(t(800), BOUND), Admit::Probe);
         b.release_probe();
         assert_eq!(b.admit(t(801), BOUND), Admit::Probe);
-        assert_eq!(b.admit(t(1101), BOUND), Admit::Probe, "slot lost at its deadline");
+        assert_eq!(
+            b.admit(t(1101), BOUND),
+            Admit::Probe,
+            "slot lost at its deadline"
+        );
         // The probe that does fail doubles from 500 ms, not from more.
         assert_eq!(b.on_failure(t(1200)), Some(Transition::Reopened));
         assert_eq!(b.open_for(t(1200)), Some(Duration::from_secs(1)));

@@ -640,7 +640,10 @@ mod tests {
         let msg = breaker(r#","breaker_cooldown_max_ms":100"#)
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("(100) must be at least `breaker_cooldown_ms` (250)"), "{msg}");
+        assert!(
+            msg.contains("(100) must be at least `breaker_cooldown_ms` (250)"),
+            "{msg}"
+        );
         // Out of bounds or not a whole number: each reported once, on its own.
         for (json, needle) in [
             (

@@ -745,7 +745,11 @@ fn a_failed_probe_reopens_for_twice_as_long_and_counts_as_a_reopening() {
     assert!(called, "the probe");
     probe.on_check_response(7, 14, 0);
     assert_eq!(metric(&host, Metric::BreakerReopened), 1);
-    assert_eq!(metric(&host, Metric::BreakerOpened), 0, "a re-opening, not an opening");
+    assert_eq!(
+        metric(&host, Metric::BreakerOpened),
+        0,
+        "a re-opening, not an opening"
+    );
     assert!(
         warned(&host).iter().any(|m| m.starts_with(
             "policy server still failing (a probe got no decision): breaker open for 500 ms"

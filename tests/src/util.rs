@@ -58,10 +58,23 @@ where
 pub struct Stopped(u32);
 
 impl Stopped {
-    /// Stops process `pid`.
+    /// Stops process `pid`, and returns once every one of its threads is stopped: the
+    /// signal is only queued when `kill` returns, and on a loaded machine a thread can
+    /// still answer a request before it acts on it.
     pub fn stop(pid: u32) -> Result<Stopped> {
         signal(pid, "STOP")?;
-        Ok(Stopped(pid))
+        let stopped = Stopped(pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let states = thread_states(pid)?;
+            if states.iter().all(|s| *s == 'T' || *s == 't') {
+                return Ok(stopped);
+            }
+            if Instant::now() >= deadline {
+                bail!("process {pid} not stopped 10 s after SIGSTOP: thread states {states:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Resumes it (what dropping does), reporting a failure to signal it.
@@ -78,6 +91,26 @@ impl Drop for Stopped {
             eprintln!("cannot resume {}: {e:#}", self.0);
         }
     }
+}
+
+/// The scheduler state (`R`, `S`, `T`, ...) of each thread of process `pid`.
+fn thread_states(pid: u32) -> Result<Vec<char>> {
+    let dir = format!("/proc/{pid}/task");
+    let mut states = Vec::new();
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = task?.path().join("stat");
+        // A thread that ended in between has no state to wait for.
+        let Ok(stat) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        // `pid (comm) state ...`: the command may hold spaces and parentheses.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .with_context(|| format!("unexpected {}: {stat}", path.display()))?;
+        states.push(state);
+    }
+    Ok(states)
 }
 
 fn signal(pid: u32, name: &str) -> Result<()> {

@@ -150,7 +150,10 @@ async fn after_a_short_stall_the_breaker_lets_decisions_back_after_its_first_coo
     // The breaker is open although the server is back: the closed route refuses (and
     // says it may be retried), the open route lets the request through unchecked, marked.
     let reply = stack.chat(closed).await?;
-    assert_eq!((reply.status, reason(&reply).as_str()), (503, "breaker_open"));
+    assert_eq!(
+        (reply.status, reason(&reply).as_str()),
+        (503, "breaker_open")
+    );
     assert!(reply.header("retry-after").is_some(), "{:?}", reply.headers);
     let seen = stack.primary.requests().len();
     assert_eq!(stack.chat(open).await?.status, 200);
@@ -169,7 +172,10 @@ async fn after_a_short_stall_the_breaker_lets_decisions_back_after_its_first_coo
         if reply.status == 200 {
             break;
         }
-        assert_eq!((reply.status, reason(&reply).as_str()), (503, "breaker_open"));
+        assert_eq!(
+            (reply.status, reason(&reply).as_str()),
+            (503, "breaker_open")
+        );
         refused += 1;
         ensure!(
             resumed.elapsed() < BOUND,
@@ -191,13 +197,10 @@ async fn after_a_short_stall_the_breaker_lets_decisions_back_after_its_first_coo
     assert_eq!(counter(&stats, "breaker.closed"), 1);
     assert_eq!(counter(&stats, "breaker.reopened"), 0);
     assert!(
-        stack
-            .envoy
-            .log()
-            .contains(&format!(
-                "policy server failing: breaker open for {} ms",
-                FIRST.as_millis()
-            )),
+        stack.envoy.log().contains(&format!(
+            "policy server failing: breaker open for {} ms",
+            FIRST.as_millis()
+        )),
         "{}",
         stack.envoy.log()
     );
@@ -210,10 +213,14 @@ async fn after_a_short_stall_the_breaker_lets_decisions_back_after_its_first_coo
         let reply = stack.chat(closed).await?;
         assert_eq!((reply.status, reason(&reply).as_str()), (503, "timeout"));
     }
-    eventually(BOUND, "the probe after the first cool-down to time out", || async {
-        let reply = stack.chat(closed).await.ok()?;
-        (reason(&reply) == "timeout").then_some(())
-    })
+    eventually(
+        BOUND,
+        "the probe after the first cool-down to time out",
+        || async {
+            let reply = stack.chat(closed).await.ok()?;
+            (reason(&reply) == "timeout").then_some(())
+        },
+    )
     .await?;
     let stats = stack.stats().await?;
     assert_eq!(counter(&stats, "breaker.opened"), 2);
