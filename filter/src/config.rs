@@ -51,8 +51,15 @@ pub const DEFAULT_METADATA_NAMESPACE: &str = "arbiter";
 pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
 /// Default consecutive failures that open the breaker.
 pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
-/// Default breaker cool-down.
-pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 2_000;
+/// Default first breaker cool-down: a blip (a pause, a reconnect) is over by then, and an
+/// open breaker costs a route its decisions only this long after the server is back.
+pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 250;
+/// Default longest breaker cool-down (each failed probe doubles it up to this): the cool-down
+/// every opening had before backoff, so a long outage is probed no more often than before
+/// and a route waits at most this long for its decisions after the server recovers.
+pub const DEFAULT_BREAKER_COOLDOWN_MAX_MS: u64 = 2_000;
+/// Longest breaker cool-down accepted (either field).
+pub const MAX_BREAKER_COOLDOWN_MS: u64 = 600_000;
 /// Default probe calls after the cool-down.
 pub const DEFAULT_BREAKER_PROBES: u32 = 1;
 /// Default allow-cache slots.
@@ -131,8 +138,11 @@ impl ClaimFilter {
 pub struct BreakerConfig {
     /// Consecutive failed calls that open the breaker; 0 disables it.
     pub threshold: u32,
-    /// How long an open breaker answers every request with the route's fail mode.
+    /// How long an open breaker answers every request with the route's fail mode, the first
+    /// time it opens; each failed probe doubles it.
     pub cooldown: Duration,
+    /// The longest cool-down the doubling reaches.
+    pub cooldown_max: Duration,
     /// Calls let through at once after the cool-down to test the server.
     pub probes: u32,
 }
@@ -142,6 +152,7 @@ impl Default for BreakerConfig {
         Self {
             threshold: DEFAULT_BREAKER_THRESHOLD,
             cooldown: Duration::from_millis(DEFAULT_BREAKER_COOLDOWN_MS),
+            cooldown_max: Duration::from_millis(DEFAULT_BREAKER_COOLDOWN_MAX_MS),
             probes: DEFAULT_BREAKER_PROBES,
         }
     }
@@ -168,6 +179,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "metadata_namespaces",
     "breaker_threshold",
     "breaker_cooldown_ms",
+    "breaker_cooldown_max_ms",
     "breaker_probes",
     "cache_max_entries",
     "credential_headers",
@@ -323,28 +335,47 @@ impl FilterConfig {
                 },
             }
         };
+        let cooldown_ms = bounded(
+            "breaker_cooldown_ms",
+            DEFAULT_BREAKER_COOLDOWN_MS,
+            1..=MAX_BREAKER_COOLDOWN_MS as i64,
+        );
+        // Unset, the maximum is the default one, or the first cool-down when that is longer:
+        // a configuration written before backoff existed (`breaker_cooldown_ms` alone, say
+        // 60000) keeps a breaker that is never open for less than it says.
+        let cooldown_max_ms = bounded(
+            "breaker_cooldown_max_ms",
+            DEFAULT_BREAKER_COOLDOWN_MAX_MS.max(cooldown_ms),
+            1..=MAX_BREAKER_COOLDOWN_MS as i64,
+        );
         let breaker = BreakerConfig {
             threshold: bounded(
                 "breaker_threshold",
                 u64::from(DEFAULT_BREAKER_THRESHOLD),
                 0..=10_000,
             ) as u32,
-            cooldown: Duration::from_millis(bounded(
-                "breaker_cooldown_ms",
-                DEFAULT_BREAKER_COOLDOWN_MS,
-                1..=600_000,
-            )),
+            cooldown: Duration::from_millis(cooldown_ms),
+            cooldown_max: Duration::from_millis(cooldown_max_ms),
             probes: bounded(
                 "breaker_probes",
                 u64::from(DEFAULT_BREAKER_PROBES),
                 1..=1_000,
             ) as u32,
         };
+
         let cache_max_entries = bounded(
             "cache_max_entries",
             u64::from(DEFAULT_CACHE_MAX_ENTRIES),
             1..=1_000_000,
         ) as u32;
+        // Compared only when both are valid numbers (a bad one is reported on its own).
+        if breaker.cooldown_max < breaker.cooldown
+            && !problems.iter().any(|p| p.starts_with("`breaker_cooldown"))
+        {
+            problems.push(format!(
+                "`breaker_cooldown_max_ms` ({cooldown_max_ms}) must be at least `breaker_cooldown_ms` ({cooldown_ms}): failed probes double the cool-down from the first up to the maximum"
+            ));
+        }
 
         let credential_headers = match map.get("credential_headers") {
             None => DEFAULT_CREDENTIAL_HEADERS
@@ -553,6 +584,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.breaker.threshold, 0);
         assert_eq!(c.breaker.cooldown, Duration::from_millis(500));
+        assert_eq!(
+            c.breaker.cooldown_max,
+            Duration::from_millis(DEFAULT_BREAKER_COOLDOWN_MAX_MS)
+        );
         assert_eq!(c.breaker.probes, 2);
         assert_eq!(c.cache_max_entries, 16);
         assert!(c.metadata_namespaces.is_empty());
@@ -568,6 +603,73 @@ mod tests {
             "`metadata_namespaces` must be a list",
         ] {
             assert!(msg.contains(needle), "{msg} lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn breaker_cooldowns_back_off_from_the_first_to_the_maximum() {
+        let breaker = |json: &str| {
+            FilterConfig::parse(format!(r#"{{"policy_cluster":"p"{json}}}"#).as_bytes())
+                .map(|c| c.breaker)
+        };
+        let ms = Duration::from_millis;
+        let b = breaker("").unwrap();
+        assert_eq!((b.cooldown, b.cooldown_max), (ms(250), ms(2000)));
+        let b = breaker(r#","breaker_cooldown_ms":100,"breaker_cooldown_max_ms":8000"#).unwrap();
+        assert_eq!((b.cooldown, b.cooldown_max), (ms(100), ms(8000)));
+        // Equal: no backoff, every opening lasts the same.
+        let b = breaker(r#","breaker_cooldown_ms":700,"breaker_cooldown_max_ms":700"#).unwrap();
+        assert_eq!((b.cooldown, b.cooldown_max), (ms(700), ms(700)));
+        // A first cool-down longer than the default maximum, written before backoff
+        // existed: the breaker is never open for less than it says.
+        let b = breaker(r#","breaker_cooldown_ms":60000"#).unwrap();
+        assert_eq!((b.cooldown, b.cooldown_max), (ms(60000), ms(60000)));
+        let b = breaker(r#","breaker_cooldown_max_ms":600000"#).unwrap();
+        assert_eq!((b.cooldown, b.cooldown_max), (ms(250), ms(600_000)));
+
+        // A maximum below the first is refused, with both values named.
+        let msg = breaker(r#","breaker_cooldown_ms":1000,"breaker_cooldown_max_ms":999"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(
+                "`breaker_cooldown_max_ms` (999) must be at least `breaker_cooldown_ms` (1000)"
+            ),
+            "{msg}"
+        );
+        let msg = breaker(r#","breaker_cooldown_max_ms":100"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("(100) must be at least `breaker_cooldown_ms` (250)"),
+            "{msg}"
+        );
+        // Out of bounds or not a whole number: each reported once, on its own.
+        for (json, needle) in [
+            (
+                r#","breaker_cooldown_max_ms":0"#,
+                "`breaker_cooldown_max_ms` must be a whole number between 1 and 600000, got `0`",
+            ),
+            (
+                r#","breaker_cooldown_max_ms":600001"#,
+                "`breaker_cooldown_max_ms` must be a whole number between 1 and 600000",
+            ),
+            (
+                r#","breaker_cooldown_max_ms":"2s""#,
+                "`breaker_cooldown_max_ms` must be a whole number",
+            ),
+            (
+                r#","breaker_cooldown_max_ms":1.5"#,
+                "`breaker_cooldown_max_ms` must be a whole number",
+            ),
+            (
+                r#","breaker_cooldown_ms":0,"breaker_cooldown_max_ms":10"#,
+                "`breaker_cooldown_ms` must be a whole number between 1 and 600000, got `0`",
+            ),
+        ] {
+            let msg = breaker(json).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{json}: {msg} lacks {needle}");
+            assert_eq!(msg.matches("breaker_cooldown").count(), 1, "{json}: {msg}");
         }
     }
 

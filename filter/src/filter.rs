@@ -774,16 +774,27 @@ impl<H: Host> Filter<H> {
     }
 
     fn breaker_failure(&self, now: SystemTime) {
-        if self.shared.breaker.borrow_mut().on_failure(now) == Some(Transition::Opened) {
-            self.host.increment(Metric::BreakerOpened);
-            self.host.log(
-                Level::Warn,
-                &format!(
-                    "policy server failing: breaker open for {} ms, routes apply their fail mode with reason `breaker_open`",
-                    self.shared.config.breaker.cooldown.as_millis()
-                ),
-            );
-        }
+        let (transition, open_for) = {
+            let mut breaker = self.shared.breaker.borrow_mut();
+            let transition = breaker.on_failure(now);
+            (transition, breaker.open_for(now).unwrap_or_default())
+        };
+        let (metric, what) = match transition {
+            Some(Transition::Opened) => (Metric::BreakerOpened, "policy server failing"),
+            Some(Transition::Reopened) => (
+                Metric::BreakerReopened,
+                "policy server still failing (a probe got no decision)",
+            ),
+            Some(Transition::Closed) | None => return,
+        };
+        self.host.increment(metric);
+        self.host.log(
+            Level::Warn,
+            &format!(
+                "{what}: breaker open for {} ms, routes apply their fail mode with reason `breaker_open`",
+                open_for.as_millis()
+            ),
+        );
     }
 
     /// No decision, because of the request itself: fail closed whatever the route's mode.

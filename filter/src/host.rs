@@ -82,8 +82,11 @@ pub enum Metric {
     /// `arbiter.override_active_requests`: requests on a route whose `fail_open_until`
     /// override is in force (whether or not the server answers), for "override on" alerts.
     OverrideActive,
-    /// `arbiter.breaker.opened`: a worker's breaker opened.
+    /// `arbiter.breaker.opened`: a worker's closed breaker opened.
     BreakerOpened,
+    /// `arbiter.breaker.reopened`: a probe got no decision and the breaker opened again (not
+    /// counted in `opened`, so opened − closed is the number of open workers).
+    BreakerReopened,
     /// `arbiter.breaker.closed`: a worker's breaker closed after a good probe.
     BreakerClosed,
     /// `arbiter.cache.misses`: cacheable requests that had to ask the server.
@@ -102,6 +105,7 @@ impl Metric {
             Metric::NoDecision(r) => format!("arbiter.no_decision.{}", r.as_str()),
             Metric::OverrideActive => "arbiter.override_active_requests".to_owned(),
             Metric::BreakerOpened => "arbiter.breaker.opened".to_owned(),
+            Metric::BreakerReopened => "arbiter.breaker.reopened".to_owned(),
             Metric::BreakerClosed => "arbiter.breaker.closed".to_owned(),
             Metric::CacheMiss => "arbiter.cache.misses".to_owned(),
             Metric::CacheStore => "arbiter.cache.stores".to_owned(),
@@ -117,6 +121,7 @@ impl Metric {
         v.extend([
             Metric::OverrideActive,
             Metric::BreakerOpened,
+            Metric::BreakerReopened,
             Metric::BreakerClosed,
             Metric::CacheMiss,
             Metric::CacheStore,

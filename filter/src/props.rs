@@ -100,6 +100,7 @@ const PLUGIN_FIELDS: &[&str] = &[
     "metadata_namespaces",
     "breaker_threshold",
     "breaker_cooldown_ms",
+    "breaker_cooldown_max_ms",
     "breaker_probes",
     "cache_max_entries",
     "credential_headers",
@@ -151,6 +152,10 @@ fn prop_plugin_config_is_valid_or_refused() {
                         .contains(&(c.timeout.as_millis() as u64)));
                     prop_assert!((400..=599).contains(&c.status_on_error));
                     prop_assert!(!c.metadata_namespace.is_empty());
+                    let max = Duration::from_millis(crate::config::MAX_BREAKER_COOLDOWN_MS);
+                    prop_assert!(c.breaker.cooldown >= Duration::from_millis(1));
+                    prop_assert!(c.breaker.cooldown <= c.breaker.cooldown_max);
+                    prop_assert!(c.breaker.cooldown_max <= max);
                     for h in &c.credential_headers {
                         prop_assert!(!h.is_empty() && !is_reserved_header(h));
                         prop_assert_eq!(h, &h.to_ascii_lowercase());
@@ -844,6 +849,109 @@ fn prop_cache_entry_round_trips_and_garbage_misses() {
                 );
             }
             let _ = Entry::lookup(&garbage, &digest, Some(&version), before);
+            Ok(())
+        },
+    );
+}
+
+/// What happens to a breaker at one moment, in [`prop_breaker_backs_off_from_first_to_max`].
+#[derive(Debug, Clone, Copy)]
+enum BreakerEvent {
+    /// A request arrives; a call it makes fails or is answered later.
+    Request,
+    /// The oldest call in flight got no decision.
+    Failure,
+    /// The oldest call in flight got an answer.
+    Success,
+    /// The oldest call in flight was cancelled by its client.
+    Cancel,
+}
+
+#[test]
+fn prop_breaker_backs_off_from_first_to_max() {
+    use crate::breaker::{Admit, Breaker, Transition};
+    use crate::config::BreakerConfig;
+
+    let event = prop_oneof![
+        Just(BreakerEvent::Request),
+        Just(BreakerEvent::Failure),
+        Just(BreakerEvent::Success),
+        Just(BreakerEvent::Cancel),
+    ];
+    check(
+        "prop_breaker_backs_off_from_first_to_max",
+        (
+            1u32..4,
+            1u32..3,
+            1u64..2_000,
+            1u64..20_000,
+            vec((event, 0u64..3_000), 0..64),
+        ),
+        |(threshold, probes, first_ms, max_ms, events)| {
+            let first = Duration::from_millis(first_ms);
+            let max = Duration::from_millis(max_ms).max(first);
+            let mut b = Breaker::new(BreakerConfig {
+                threshold,
+                cooldown: first,
+                cooldown_max: max,
+                probes,
+            });
+            let mut now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+            // Calls in flight: whether each is a probe.
+            let mut in_flight: std::collections::VecDeque<bool> = Default::default();
+            // The cool-down of the current opening.
+            let mut cooldown: Option<Duration> = None;
+            for (event, step_ms) in events {
+                now += Duration::from_millis(step_ms);
+                let transition = match event {
+                    BreakerEvent::Request => {
+                        let open = b.is_open(now);
+                        match b.admit(now, Duration::from_millis(500)) {
+                            Admit::Call => {
+                                prop_assert!(!open, "a call while open");
+                                in_flight.push_back(false);
+                            }
+                            Admit::Probe => {
+                                prop_assert!(!open, "a probe while open");
+                                in_flight.push_back(true);
+                            }
+                            Admit::Reject => {}
+                        }
+                        None
+                    }
+                    BreakerEvent::Failure => {
+                        in_flight.pop_front();
+                        b.on_failure(now)
+                    }
+                    BreakerEvent::Success => {
+                        in_flight.pop_front();
+                        b.on_success()
+                    }
+                    BreakerEvent::Cancel => {
+                        if in_flight.pop_front() == Some(true) {
+                            b.release_probe();
+                        }
+                        None
+                    }
+                };
+                match transition {
+                    Some(Transition::Opened) => {
+                        prop_assert_eq!(b.open_for(now), Some(first), "an opening is short");
+                        cooldown = Some(first);
+                    }
+                    Some(Transition::Reopened) => {
+                        let previous = cooldown.unwrap_or(first);
+                        let expected = previous.saturating_mul(2).min(max);
+                        prop_assert_eq!(b.open_for(now), Some(expected), "doubled, capped");
+                        cooldown = Some(expected);
+                    }
+                    Some(Transition::Closed) => cooldown = None,
+                    None => {}
+                }
+                if let Some(left) = b.open_for(now) {
+                    prop_assert!(left <= max);
+                }
+            }
             Ok(())
         },
     );

@@ -707,6 +707,67 @@ fn breaker_opens_after_threshold_and_probes_after_cooldown() {
 }
 
 #[test]
+fn a_failed_probe_reopens_for_twice_as_long_and_counts_as_a_reopening() {
+    let shared = shared_with(
+        r#"{"policy_cluster":"p","breaker_threshold":1,"breaker_cooldown_ms":250,"breaker_cooldown_max_ms":2000}"#,
+    );
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let warned = |host: &MockHost| {
+        host.0
+            .borrow()
+            .logs
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect::<Vec<_>>()
+    };
+    // Calls at `ms`: whether it went out, and its host.
+    let call = |ms: u64| {
+        let (mut f, host) = request_with(Rc::clone(&shared), "chat", None, &[]);
+        host.0.borrow_mut().now = Some(at(ms));
+        f.on_request_headers(true);
+        let called = !host.0.borrow().dispatched.is_empty();
+        (f, host, called)
+    };
+    let (mut f, host, _) = call(0);
+    f.on_check_response(7, 14, 0);
+    assert_eq!(metric(&host, Metric::BreakerOpened), 1);
+    assert!(
+        warned(&host)
+            .iter()
+            .any(|m| m.starts_with("policy server failing: breaker open for 250 ms")),
+        "{:?}",
+        warned(&host)
+    );
+
+    assert!(!call(249).2, "open for the first, short cool-down");
+    let (mut probe, host, called) = call(250);
+    assert!(called, "the probe");
+    probe.on_check_response(7, 14, 0);
+    assert_eq!(metric(&host, Metric::BreakerReopened), 1);
+    assert_eq!(
+        metric(&host, Metric::BreakerOpened),
+        0,
+        "a re-opening, not an opening"
+    );
+    assert!(
+        warned(&host).iter().any(|m| m.starts_with(
+            "policy server still failing (a probe got no decision): breaker open for 500 ms"
+        )),
+        "{:?}",
+        warned(&host)
+    );
+
+    assert!(!call(749).2, "open for twice as long");
+    let (mut probe, host, called) = call(750);
+    assert!(called, "the next probe");
+    host.0.borrow_mut().response_body = Some(ok_response());
+    probe.on_check_response(7, 0, 1);
+    assert_eq!(metric(&host, Metric::BreakerClosed), 1);
+    assert!(call(751).2, "closed");
+}
+
+#[test]
 fn cache_serves_allows_only_and_follows_the_policy_version() {
     let shared = shared_with(r#"{"policy_cluster":"p"}"#);
     let store: Rc<RefCell<HashMap<String, Vec<u8>>>> = Rc::default();

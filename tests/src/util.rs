@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// The cargo workspace root (the parent of this crate's manifest directory).
 pub fn workspace_root() -> PathBuf {
@@ -50,6 +50,77 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
+}
+
+/// A process stopped with SIGSTOP (wedged: it keeps its sockets but answers nothing), sent
+/// SIGCONT when dropped, so a failing test never leaves it stopped.
+#[derive(Debug)]
+pub struct Stopped(u32);
+
+impl Stopped {
+    /// Stops process `pid`, and returns once every one of its threads is stopped: the
+    /// signal is only queued when `kill` returns, and on a loaded machine a thread can
+    /// still answer a request before it acts on it.
+    pub fn stop(pid: u32) -> Result<Stopped> {
+        signal(pid, "STOP")?;
+        let stopped = Stopped(pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let states = thread_states(pid)?;
+            if states.iter().all(|s| *s == 'T' || *s == 't') {
+                return Ok(stopped);
+            }
+            if Instant::now() >= deadline {
+                bail!("process {pid} not stopped 10 s after SIGSTOP: thread states {states:?}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Resumes it (what dropping does), reporting a failure to signal it.
+    pub fn resume(self) -> Result<()> {
+        let pid = self.0;
+        std::mem::forget(self);
+        signal(pid, "CONT")
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Err(e) = signal(self.0, "CONT") {
+            eprintln!("cannot resume {}: {e:#}", self.0);
+        }
+    }
+}
+
+/// The scheduler state (`R`, `S`, `T`, ...) of each thread of process `pid`.
+fn thread_states(pid: u32) -> Result<Vec<char>> {
+    let dir = format!("/proc/{pid}/task");
+    let mut states = Vec::new();
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = task?.path().join("stat");
+        // A thread that ended in between has no state to wait for.
+        let Ok(stat) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        // `pid (comm) state ...`: the command may hold spaces and parentheses.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .with_context(|| format!("unexpected {}: {stat}", path.display()))?;
+        states.push(state);
+    }
+    Ok(states)
+}
+
+fn signal(pid: u32, name: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .context("running kill")?;
+    ensure!(status.success(), "kill -{name} {pid} failed: {status}");
+    Ok(())
 }
 
 /// Reserves a free loopback port for a process that must be told its port up front.

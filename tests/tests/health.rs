@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use arbiter_e2e::stack::{PolicyServer, Stack};
-use arbiter_e2e::util::eventually;
+use arbiter_e2e::util::{eventually, Stopped};
 
 /// Envoy's health-check interval for the policy cluster in these tests (the template's
 /// timeout is 250 ms, two failures take a host out, one success brings it back).
@@ -269,34 +269,6 @@ async fn an_instance_that_cannot_write_its_audit_log_leaves_rotation_and_returns
         "{log}"
     );
     assert!(log.contains("health SERVING again"), "{log}");
-    Ok(())
-}
-
-/// Sends SIGCONT to the process when dropped, so a failing test never leaves it stopped.
-struct Stopped(u32);
-
-impl Stopped {
-    fn stop(pid: u32) -> Result<Stopped> {
-        signal(pid, "STOP")?;
-        Ok(Stopped(pid))
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        if let Err(e) = signal(self.0, "CONT") {
-            eprintln!("cannot resume {}: {e:#}", self.0);
-        }
-    }
-}
-
-fn signal(pid: u32, name: &str) -> Result<()> {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .context("running kill")?;
-    ensure!(status.success(), "kill -{name} {pid} failed: {status}");
     Ok(())
 }
 

@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use arbiter_e2e::fault::Fault;
-use arbiter_e2e::stack::{chat_body, Stack};
-use arbiter_e2e::util::eventually;
+use arbiter_e2e::stack::{chat_body, PolicyServer, Reply, Stack};
+use arbiter_e2e::util::{eventually, Stopped};
 use serde_json::{json, Value};
 
 fn counter(stats: &HashMap<String, u64>, name: &str) -> u64 {
@@ -24,11 +24,13 @@ async fn breaker_stops_waiting_probes_and_recovers() -> Result<()> {
     // One worker, so one breaker (it is per worker VM). The probe after the cool-down is
     // the first call on a new connection to the policy server: on a loaded 2-core CI box
     // that alone has taken over 200 ms, timing the probe out and opening the breaker a
-    // second time. The routes get 1 s, which this test's mechanics do not depend on.
+    // second time. The routes get 1 s, which this test's mechanics do not depend on. The
+    // cool-down stays at 1 s (no backoff: the maximum equals it), as this test's bounds
+    // were written for; backoff has its own test below.
     let stack = Stack::builder()
         .concurrency(1)
         .var("TIMEOUT_MS", "1000")
-        .plugin_config(r#"{"policy_cluster":"arbiter_policy","timeout_ms":1000,"breaker_threshold":3,"breaker_cooldown_ms":1000}"#)
+        .plugin_config(r#"{"policy_cluster":"arbiter_policy","timeout_ms":1000,"breaker_threshold":3,"breaker_cooldown_ms":1000,"breaker_cooldown_max_ms":1000}"#)
         .start()
         .await?;
     assert_eq!(
@@ -87,6 +89,162 @@ async fn breaker_stops_waiting_probes_and_recovers() -> Result<()> {
     assert_eq!(counter(&stats, "no_decision.timeout"), 3);
     let log = stack.envoy.log();
     assert!(log.contains("breaker open for 1000 ms"), "{log}");
+    Ok(())
+}
+
+/// The reason of a fail-closed answer.
+fn reason(reply: &Reply) -> String {
+    reply
+        .json()
+        .ok()
+        .and_then(|body| body["error"]["reason"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("(no reason: {} {})", reply.status, reply.text()))
+}
+
+/// The policy server stalls (SIGSTOP: it keeps its connection and answers nothing) just
+/// long enough to open the breaker. Once the stall is over the breaker answers with the
+/// fail mode only for its first, short cool-down: requests are decided again long before
+/// the maximum cool-down (a minute here, so the two cannot be confused on a loaded machine;
+/// before backoff, the breaker stayed open for its one cool-down whatever the stall). Then
+/// a stall that outlasts a probe: the failed probe opens the breaker again for twice as
+/// long, counted as a re-opening, so opened − closed is 0 again once it recovers.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_short_stall_the_breaker_lets_decisions_back_after_its_first_cool_down(
+) -> Result<()> {
+    const THRESHOLD: usize = 2;
+    // Long enough for the `breaker_open` answers below to be seen on a loaded machine
+    // before the cool-down ends.
+    const FIRST: Duration = Duration::from_secs(2);
+    const MAX: Duration = Duration::from_secs(60);
+    // Generous for a loaded 2-core machine, still a quarter of the maximum.
+    const BOUND: Duration = Duration::from_secs(15);
+    // One worker, so one breaker (it is per worker VM); the policy calls get 1 s, so a
+    // decision that is slow because the machine is loaded is still a decision.
+    let stack = Stack::builder()
+        .concurrency(1)
+        .var("TIMEOUT_MS", "1000")
+        .plugin_config(format!(
+            r#"{{"policy_cluster":"arbiter_policy","timeout_ms":1000,"breaker_threshold":{THRESHOLD},"breaker_cooldown_ms":{},"breaker_cooldown_max_ms":{}}}"#,
+            FIRST.as_millis(),
+            MAX.as_millis()
+        ))
+        .start()
+        .await?;
+    let closed = "/t/closed/v1/chat/completions";
+    let open = "/t/open/v1/chat/completions";
+    assert_eq!(stack.chat(closed).await?.status, 200);
+    let pid = stack
+        .policy
+        .as_ref()
+        .and_then(PolicyServer::pid)
+        .context("the policy server is not running")?;
+
+    // The stall: THRESHOLD calls time out and open the breaker; then it is over.
+    let stalled = Stopped::stop(pid)?;
+    for _ in 0..THRESHOLD {
+        let reply = stack.chat(closed).await?;
+        assert_eq!((reply.status, reason(&reply).as_str()), (503, "timeout"));
+    }
+    stalled.resume()?;
+    let resumed = Instant::now();
+    // The breaker is open although the server is back: the closed route refuses (and
+    // says it may be retried), the open route lets the request through unchecked, marked.
+    let reply = stack.chat(closed).await?;
+    assert_eq!(
+        (reply.status, reason(&reply).as_str()),
+        (503, "breaker_open")
+    );
+    assert!(reply.header("retry-after").is_some(), "{:?}", reply.headers);
+    let seen = stack.primary.requests().len();
+    assert_eq!(stack.chat(open).await?.status, 200);
+    let passed = stack.primary.requests();
+    assert_eq!(passed.len(), seen + 1);
+    assert_eq!(
+        passed.last().unwrap().header("x-arbiter-fail-open"),
+        Some("breaker_open")
+    );
+
+    // After the first cool-down a probe is decided and closes the breaker: the closed
+    // route is decided again, refusing only with `breaker_open` until then ...
+    let mut refused = 0;
+    loop {
+        let reply = stack.chat(closed).await?;
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(
+            (reply.status, reason(&reply).as_str()),
+            (503, "breaker_open")
+        );
+        refused += 1;
+        ensure!(
+            resumed.elapsed() < BOUND,
+            "still `breaker_open` {:?} after the stall ended ({refused} refusals); the maximum cool-down is {MAX:?}",
+            resumed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recovered = resumed.elapsed();
+    // ... and so is the open route: the upstream sees a decided request, not a marked one.
+    assert_eq!(stack.chat(open).await?.status, 200);
+    let last = stack.primary.requests().pop().unwrap();
+    assert!(
+        last.has_header("x-arbiter-audit-id") && !last.has_header("x-arbiter-fail-open"),
+        "{last:?}"
+    );
+    let stats = stack.stats().await?;
+    assert_eq!(counter(&stats, "breaker.opened"), 1);
+    assert_eq!(counter(&stats, "breaker.closed"), 1);
+    assert_eq!(counter(&stats, "breaker.reopened"), 0);
+    assert!(
+        stack.envoy.log().contains(&format!(
+            "policy server failing: breaker open for {} ms",
+            FIRST.as_millis()
+        )),
+        "{}",
+        stack.envoy.log()
+    );
+    eprintln!("decided again {recovered:?} after the stall ended ({refused} refusals)");
+
+    // A stall that outlasts the first cool-down: the probe gets no decision either, and
+    // the breaker opens again for twice as long.
+    let stalled = Stopped::stop(pid)?;
+    for _ in 0..THRESHOLD {
+        let reply = stack.chat(closed).await?;
+        assert_eq!((reply.status, reason(&reply).as_str()), (503, "timeout"));
+    }
+    eventually(
+        BOUND,
+        "the probe after the first cool-down to time out",
+        || async {
+            let reply = stack.chat(closed).await.ok()?;
+            (reason(&reply) == "timeout").then_some(())
+        },
+    )
+    .await?;
+    let stats = stack.stats().await?;
+    assert_eq!(counter(&stats, "breaker.opened"), 2);
+    assert_eq!(counter(&stats, "breaker.reopened"), 1);
+    assert!(
+        stack.envoy.log().contains(&format!(
+            "policy server still failing (a probe got no decision): breaker open for {} ms",
+            (2 * FIRST).as_millis()
+        )),
+        "{}",
+        stack.envoy.log()
+    );
+    stalled.resume()?;
+    eventually(BOUND, "decisions after the longer stall", || async {
+        let reply = stack.chat(closed).await.ok()?;
+        (reply.status == 200).then_some(())
+    })
+    .await?;
+    // Every opening was closed again: no worker counts as open (what `arbiter probe`, the
+    // shipped alert and dashboard compute as opened − closed).
+    let stats = stack.stats().await?;
+    assert_eq!(counter(&stats, "breaker.opened"), 2);
+    assert_eq!(counter(&stats, "breaker.closed"), 2);
+    assert!(counter(&stats, "breaker.reopened") >= 1);
     Ok(())
 }
 
